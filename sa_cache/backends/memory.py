@@ -1,0 +1,75 @@
+"""The embedded default: dogpile.cache's in-process memory backend, with the conditional fill done
+under a lock. Entries carry their own expiry time, because dogpile's memory backend has none."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from dogpile.cache.api import NO_VALUE
+
+from ..backend import Fill, Write
+
+
+class MemoryStore:
+    """A :class:`~sa_cache.backend.Store` over a dogpile ``dogpile.cache.memory`` backend."""
+
+    def __init__(self, backend: Any, entries: dict[str, Any] | None = None) -> None:
+        self._backend = backend
+        self._entries = entries  # the backend's dict, when we created it (lets delete_prefix work)
+        self._lock = threading.Lock()
+
+    def _read(self, key: str, now: float) -> bytes | None:
+        stored = self._backend.get(key)
+        if stored is NO_VALUE:
+            return None
+        expires_at, value = stored
+        if expires_at is not None and expires_at <= now:
+            self._backend.delete(key)
+            return None
+        return value  # type: ignore[no-any-return]
+
+    def _put(self, key: str, value: bytes, ttl: float | None, now: float) -> None:
+        self._backend.set(key, (None if ttl is None else now + ttl, value))
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        now = time.monotonic()
+        with self._lock:
+            return [self._read(key, now) for key in keys]
+
+    def fill_many(self, fills: Sequence[Fill]) -> list[bool]:
+        now = time.monotonic()
+        results = []
+        with self._lock:
+            for fill in fills:
+                stored = fill.expected == self._read(fill.key, now)
+                if stored:
+                    self._put(fill.key, fill.value, fill.ttl, now)
+                results.append(stored)
+        return results
+
+    def write_many(self, writes: Sequence[Write]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for write in writes:
+                self._put(write.key, write.value, write.ttl, now)
+
+    def init_generation(self, key: str, token: bytes) -> bytes:
+        now = time.monotonic()
+        with self._lock:
+            current = self._read(key, now)
+            if current is None:
+                self._put(key, token, None, now)
+                return token
+            return current
+
+    def delete_prefix(self, prefix: str) -> int:
+        if self._entries is None:
+            raise NotImplementedError("delete_prefix needs a memory region created by sa_cache")
+        with self._lock:
+            doomed = [key for key in list(self._entries) if key.startswith(prefix)]
+            for key in doomed:
+                self._backend.delete(key)
+        return len(doomed)

@@ -1,0 +1,89 @@
+"""dogpile.cache's Redis backend, driven through its redis-py client with the commands the
+protocol needs: MGET for reads, ``SET NX`` and a compare-and-set script for fills, pipelines so a
+batch costs one round trip.
+
+Reads go to the backend's writer client on purpose: a replica may lag behind an eviction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ..backend import Fill, Write
+
+# Replace the value only if it is still byte-for-byte what the miss observed.
+_COMPARE_AND_SET = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+"""
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
+class RedisStore:
+    """A :class:`~sa_cache.backend.Store` over a dogpile ``dogpile.cache.redis`` backend."""
+
+    def __init__(self, backend: Any) -> None:
+        self.client = backend.writer_client
+        options = self.client.connection_pool.connection_kwargs
+        if options.get("decode_responses"):
+            raise ValueError("sa_cache needs a Redis client with decode_responses=False")
+        self._cas = self.client.register_script(_COMPARE_AND_SET)
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        return self.client.mget(keys)  # type: ignore[no-any-return]
+
+    def _queue_fill(self, target: Any, fill: Fill) -> None:
+        if fill.expected is None:
+            target.set(fill.key, fill.value, px=_ms(fill.ttl), nx=True)
+        else:
+            target.evalsha(self._cas.sha, 1, fill.key, fill.expected, fill.value, _ms(fill.ttl))
+
+    def fill_many(self, fills: Sequence[Fill]) -> list[bool]:
+        from redis.exceptions import NoScriptError
+
+        for attempt in (1, 2):
+            pipe = self.client.pipeline(transaction=False)
+            for fill in fills:
+                self._queue_fill(pipe, fill)
+            replies = pipe.execute(raise_on_error=False)
+            if attempt == 1 and any(isinstance(r, NoScriptError) for r in replies):
+                self.client.script_load(_COMPARE_AND_SET)  # Redis restarted, or SCRIPT FLUSH
+                continue
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            return [bool(reply) for reply in replies]
+        raise AssertionError("unreachable")
+
+    def write_many(self, writes: Sequence[Write]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for write in writes:
+            pipe.set(write.key, write.value, px=None if write.ttl is None else _ms(write.ttl))
+        pipe.execute()
+
+    def init_generation(self, key: str, token: bytes) -> bytes:
+        previous = self.client.set(key, token, nx=True, get=True)
+        return token if previous is None else previous
+
+    def delete_prefix(self, prefix: str) -> int:
+        removed = 0
+        batch: list[bytes] = []
+        for key in self.client.scan_iter(match=_glob_escape(prefix) + "*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                removed += self.client.unlink(*batch)
+                batch = []
+        if batch:
+            removed += self.client.unlink(*batch)
+        return removed
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)

@@ -1,0 +1,386 @@
+"""The front users hold: :class:`IdentityCache`, which owns the store, the registered models, the
+read / fill / evict protocol and the counters. Sessions call into it; it never holds a session.
+
+The protocol, per row key (see docs/protocol.md for the races it closes):
+
+- read: one MGET of the row key and its model's generation key;
+- a row whose generation and schema hash match is a hit; anything else is a miss, and the miss
+  remembers the exact bytes it saw (an :class:`Observation`);
+- fill: store the loaded row only if the key still holds exactly those bytes (SET NX when it was
+  absent, compare-and-set otherwise) and only if the load finished well inside the tombstone TTL;
+- evict: overwrite the key with a fresh random tombstone, so any fill that observed the old value
+  fails; a whole model is evicted by replacing its generation token.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple, TypeVar, overload
+
+from dogpile.cache.region import CacheRegion
+from sqlalchemy import inspect
+from sqlalchemy.exc import NoInspectionAvailable
+from sqlalchemy.orm import Mapper
+from sqlalchemy.schema import Table
+
+from . import codec
+from .backend import Fill, Store, Write
+from .backends import REDIS_SCHEMES, memory_region, redis_region, store_for
+from .models import CachedModel, RowShape
+
+log = logging.getLogger("sa_cache")
+
+T = TypeVar("T")
+
+_JOURNAL_LIMIT = 10_000
+_CREDENTIALS = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+
+
+class CacheError(Exception):
+    """Base class of the errors sa_cache raises on purpose."""
+
+
+class NotRegistered(CacheError, LookupError):
+    """The model was never passed to :meth:`IdentityCache.register`."""
+
+
+class Observation(NamedTuple):
+    """What a miss saw in the store: the fill may replace exactly this, and nothing newer."""
+
+    model: CachedModel
+    key: str
+    raw: bytes | None
+    generation: bytes
+    observed_at: float
+    negative_ok: bool
+
+
+class Hit(NamedTuple):
+    shape: RowShape
+    values: dict[str, Any]
+
+
+ABSENT = "absent"
+
+
+def redact(text: str) -> str:
+    """``text`` with any password in a URL replaced, for logs and reprs."""
+    return _CREDENTIALS.sub(r"\1***@", text)
+
+
+class IdentityCache:
+    """A shared cache of ORM rows by primary key, in front of any :class:`CachingSession`.
+
+    :param backend: None for the in-process backend (the embedded default, one process only);
+        a ``redis://``, ``rediss://`` or ``unix://`` URL for dogpile.cache's Redis backend; or a
+        configured :class:`dogpile.cache.region.CacheRegion`, used as it is.
+    :param prefix: the first part of every key, so several applications can share one Redis.
+    :param ttl: seconds a cached row lives unless its model was registered with its own.
+    :param negative_ttl: seconds "this primary key does not exist" is remembered.
+    :param tombstone_ttl: seconds an eviction marker lives; a fill whose load took longer than a
+        quarter of this is dropped, so no fill can outlive the marker that should stop it.
+    :param socket_timeout: Redis connect and read timeout in seconds (URL backends only).
+    :param retries: Redis retries per command (URL backends only).
+    """
+
+    def __init__(
+        self,
+        backend: str | CacheRegion | None = None,
+        *,
+        prefix: str = "sa_cache",
+        ttl: float = 3600,
+        negative_ttl: float = 60,
+        tombstone_ttl: float = 300,
+        socket_timeout: float = 0.25,
+        retries: int = 1,
+    ) -> None:
+        entries: dict[str, Any] | None = None
+        if backend is None:
+            region, entries = memory_region()
+        elif isinstance(backend, str):
+            if not backend.startswith(REDIS_SCHEMES):
+                raise ValueError(
+                    f"unsupported cache URL {redact(backend)!r}: expected one of "
+                    + ", ".join(REDIS_SCHEMES)
+                )
+            region = redis_region(backend, socket_timeout, retries)
+        elif isinstance(backend, CacheRegion):
+            region = backend
+        else:
+            raise TypeError(f"backend must be None, a URL or a CacheRegion, not {backend!r}")
+        self.region = region
+        self.store: Store = store_for(region, entries)
+        self._mangle: Callable[[str], str] | None = region.key_mangler
+        self.prefix = prefix
+        self.ttl = ttl
+        self.negative_ttl = negative_ttl
+        self.tombstone_ttl = tombstone_ttl
+        self.max_fill_age = tombstone_ttl / 4
+        self._models: dict[Mapper[Any], CachedModel] = {}
+        self._by_table: dict[Table, CachedModel] = {}
+        self._healthy = True
+        self._lock = threading.Lock()
+        self._journal: dict[str, CachedModel] = {}
+        self._journal_models: set[CachedModel] = set()
+        self.errors = 0
+
+    def __repr__(self) -> str:
+        backend = type(self.store).__name__
+        return f"<IdentityCache prefix={self.prefix!r} store={backend} models={len(self._models)}>"
+
+    # -- registration -------------------------------------------------------------------------
+
+    @overload
+    def register(self, model: type[T], *, ttl: float | None = None) -> type[T]: ...
+
+    @overload
+    def register(
+        self, model: None = None, *, ttl: float | None = None
+    ) -> Callable[[type[T]], type[T]]: ...
+
+    def register(
+        self, model: type[T] | None = None, *, ttl: float | None = None
+    ) -> type[T] | Callable[[type[T]], type[T]]:
+        """Opt a mapped class in (usable as a class decorator). Registering any class of an
+        inheritance hierarchy caches the whole hierarchy, because identity keys name the base."""
+        if model is None:
+            return lambda cls: self.register(cls, ttl=ttl)
+        base = _mapper_of(model).base_mapper
+        cached = CachedModel(base, self.prefix, self.ttl if ttl is None else ttl)
+        self._models[base] = cached
+        for mapper in base.self_and_descendants:
+            for table in mapper.tables:
+                self._by_table[table] = cached  # type: ignore[index]
+        from .session import listen_for_loads
+
+        listen_for_loads(base.class_)
+        return model
+
+    def model_for(self, mapper: Mapper[Any]) -> CachedModel | None:
+        return self._models.get(mapper.base_mapper)
+
+    def models_for_table(self, table: Any) -> CachedModel | None:
+        return self._by_table.get(table)
+
+    def _registered(self, target: Any) -> CachedModel:
+        cached = self._models.get(_mapper_of(target).base_mapper)
+        if cached is None:
+            raise NotRegistered(f"{target!r} is not registered with this IdentityCache")
+        return cached
+
+    # -- the protocol ---------------------------------------------------------------------------
+
+    def _k(self, key: str) -> str:
+        return key if self._mangle is None else self._mangle(key)
+
+    def read(
+        self, models: Sequence[CachedModel], keys: Sequence[str]
+    ) -> tuple[dict[CachedModel, bytes], list[bytes | None]] | None:
+        """Generations of ``models`` and raw values of ``keys``, in one round trip (two the first
+        time a model's generation is created). None if the store failed."""
+        if (self._journal or self._journal_models) and not self._replay_journal():
+            return None
+        gen_keys = [self._k(m.keys.generation_key) for m in models]
+        try:
+            raws = self.store.get_many(gen_keys + [self._k(k) for k in keys])
+            generations: dict[CachedModel, bytes] = {}
+            for model, gen_key, raw in zip(models, gen_keys, raws, strict=False):
+                if raw is None:
+                    raw = self.store.init_generation(gen_key, codec.new_generation())
+                generations[model] = raw
+        except Exception as exc:
+            self.failed(exc, models)
+            return None
+        self._succeeded()
+        return generations, raws[len(models) :]
+
+    def classify(
+        self, model: CachedModel, generation: bytes, raw: bytes | None, pk: tuple[Any, ...]
+    ) -> Hit | str | None:
+        """A :class:`Hit`, :data:`ABSENT`, or None for a miss."""
+        if raw is None:
+            return None
+        entry = codec.decode(raw)
+        kind = entry[1] if entry is not codec.CORRUPT else None
+        if kind == codec.ROW and len(entry) == 6:
+            if entry[3] != generation:
+                return None
+            shape = model.shape_for_tag(entry[4])
+            values = entry[5]
+            if (
+                shape is not None
+                and entry[2] == shape.schema_hash
+                and type(values) is list
+                and len(values) == len(shape.attrs)
+            ):
+                try:
+                    hydrated = shape.hydrate(values)
+                except Exception:
+                    hydrated = None
+                if hydrated is not None and pk == tuple(
+                    [hydrated[shape.attrs[i]] for i in shape.pk_positions]
+                ):
+                    return Hit(shape, hydrated)
+        elif kind == codec.ABSENT and len(entry) == 3:
+            return ABSENT if entry[2] == generation else None
+        elif kind == codec.TOMBSTONE:
+            return None
+        model.stats.rejected += 1
+        return None
+
+    def row_fill(
+        self, observation: Observation, shape: RowShape, state_dict: dict[str, Any]
+    ) -> Fill | None:
+        """The conditional write that caches a freshly loaded row, or None if it must not be."""
+        if time.monotonic() - observation.observed_at > self.max_fill_age:
+            return None
+        values = shape.dehydrate(state_dict)
+        if values is None:
+            return None  # not fully loaded (load_only, a subclass loaded through its base...)
+        try:
+            value = codec.encode_row(
+                shape.schema_hash, observation.generation, shape.class_tag, values
+            )
+        except (TypeError, ValueError, OverflowError) as exc:
+            log.warning("sa_cache: not caching %s: %s", observation.model.name, exc)
+            return None
+        return Fill(self._k(observation.key), observation.raw, value, observation.model.ttl)
+
+    def absent_fill(self, observation: Observation) -> Fill | None:
+        if time.monotonic() - observation.observed_at > self.max_fill_age:
+            return None
+        value = codec.encode_absent(observation.generation)
+        return Fill(self._k(observation.key), observation.raw, value, self.negative_ttl)
+
+    def fill(self, fills: Sequence[tuple[CachedModel, Fill]]) -> None:
+        """Apply conditional fills in one round trip; failures are counted, never raised."""
+        try:
+            stored = self.store.fill_many([fill for _, fill in fills])
+        except Exception as exc:
+            self.failed(exc, [model for model, _ in fills])
+            return
+        self._succeeded()
+        for (model, _), ok in zip(fills, stored, strict=True):
+            if ok:
+                model.stats.fills += 1
+
+    def evict_keys(self, keys: dict[str, CachedModel], models: Iterable[CachedModel] = ()) -> bool:
+        """Tombstone ``keys`` and replace the generation of ``models``, in one round trip.
+
+        If the store fails, the evictions are journaled and replayed before the next read, so
+        a row changed during an outage is never served from an entry written before it."""
+        models = set(models)
+        writes = [Write(self._k(k), codec.new_tombstone(), self.tombstone_ttl) for k in keys]
+        writes += [
+            Write(self._k(m.keys.generation_key), codec.new_generation(), None) for m in models
+        ]
+        if not writes:
+            return True
+        try:
+            self.store.write_many(writes)
+        except Exception as exc:
+            self.failed(exc, list(keys.values()) + list(models))
+            self._journal_evictions(keys, models)
+            return False
+        self._succeeded()
+        for model in keys.values():
+            model.stats.evictions += 1
+        for model in models:
+            model.stats.evictions += 1
+        return True
+
+    def _journal_evictions(self, keys: dict[str, CachedModel], models: set[CachedModel]) -> None:
+        with self._lock:
+            self._journal.update(keys)
+            self._journal_models.update(models)
+            if len(self._journal) > _JOURNAL_LIMIT:
+                self._journal_models.update(self._journal.values())
+                self._journal.clear()
+
+    def _replay_journal(self) -> bool:
+        with self._lock:
+            keys, models = dict(self._journal), set(self._journal_models)
+        if not self.evict_keys(keys, models):
+            return False
+        with self._lock:
+            for key in keys:
+                self._journal.pop(key, None)
+            self._journal_models.difference_update(models)
+        return True
+
+    # -- errors -----------------------------------------------------------------------------
+
+    def failed(self, exc: BaseException, models: Iterable[CachedModel] = ()) -> None:
+        """Count a store error; log the first of an outage only."""
+        self.errors += 1
+        for model in set(models):
+            model.stats.errors += 1
+        if self._healthy:
+            self._healthy = False
+            log.warning(
+                "sa_cache: cache backend unavailable, serving from the database (%s: %s)",
+                type(exc).__name__,
+                redact(str(exc)),
+            )
+
+    def _succeeded(self) -> None:
+        if not self._healthy:
+            self._healthy = True
+            log.warning("sa_cache: cache backend available again")
+
+    # -- public API ------------------------------------------------------------------------------
+
+    def evict(self, target: Any, pk: Any = None) -> None:
+        """Evict one row now: ``evict(instance)`` or ``evict(Model, pk)``.
+
+        For changes sa_cache cannot see: ``text()`` SQL, other applications, triggers. Changes
+        made through a :class:`CachingSession` are evicted at commit without this call."""
+        if isinstance(target, type):
+            cached = self._registered(target)
+            ident = tuple(pk) if isinstance(pk, tuple | list) else (pk,)
+            normalised = cached.normalise(ident)
+            if normalised is None:
+                raise ValueError(f"{pk!r} is not a valid primary key of {cached.name}")
+            key = cached.keys.row_key(normalised)
+        else:
+            if pk is not None:
+                raise TypeError("evict(instance) takes no primary key")
+            try:
+                state = inspect(target)
+            except NoInspectionAvailable:
+                raise TypeError(
+                    f"{target!r} is neither a mapped instance nor a mapped class"
+                ) from None
+            if state.key is None:
+                raise ValueError(f"{target!r} is transient or pending: it has no row to evict")
+            cached = self._registered(type(target))
+            key = cached.keys.row_key(state.key[1], state.key[2])
+        self.evict_keys({key: cached})
+
+    def evict_model(self, model: type[Any]) -> None:
+        """Evict every cached row of ``model`` (its whole hierarchy) in O(1)."""
+        self.evict_keys({}, [self._registered(model)])
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of this process: totals and per model."""
+        per_model = {m.name: m.stats.as_dict() for m in self._models.values()}
+        totals = {name: sum(s[name] for s in per_model.values()) for name in _STAT_NAMES}
+        totals["errors"] = max(totals["errors"], self.errors)
+        return {**totals, "models": per_model}
+
+
+_STAT_NAMES = ("hits", "misses", "fills", "evictions", "errors", "rejected")
+
+
+def _mapper_of(target: Any) -> Mapper[Any]:
+    try:
+        mapper = inspect(target)
+    except NoInspectionAvailable:
+        raise TypeError(f"{target!r} is not a mapped class") from None
+    if not isinstance(mapper, Mapper):
+        raise TypeError(f"{target!r} is not a mapped class")
+    return mapper

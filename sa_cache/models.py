@@ -1,0 +1,138 @@
+"""What the cache knows about each registered model: its key space, how its primary keys are
+normalised, and the shape of its cached rows (which attributes, in which order, with which
+schema hash). Built once at registration and on first use of each concrete mapper, so the hot path
+only indexes tuples."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy.orm import Mapper
+from sqlalchemy.schema import Column
+
+from . import codec
+from .keys import Coercer, KeySpace, coercer_for, normalise
+
+
+class ModelStats:
+    """Counters for one model; read through :meth:`sa_cache.IdentityCache.stats`."""
+
+    __slots__ = ("hits", "misses", "fills", "evictions", "errors", "rejected")
+
+    def __init__(self) -> None:
+        self.hits = self.misses = self.fills = self.evictions = self.errors = self.rejected = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class RowShape:
+    """The cached form of one concrete mapper: its plain column attributes, in a fixed order.
+
+    Deferred columns are left out (absent after a hit, so access loads just them, as after a real
+    load). ``column_property`` expressions and columns of other tables are never cached, because
+    their values depend on other rows; they are expired on a hit, so access reloads them.
+    """
+
+    __slots__ = (
+        "mapper",
+        "class_tag",
+        "attrs",
+        "to_store",
+        "from_store",
+        "expire_on_hit",
+        "schema_hash",
+        "pk_positions",
+        "cacheable",
+    )
+
+    def __init__(self, mapper: Mapper[Any]) -> None:
+        self.mapper = mapper
+        self.class_tag = mapper.polymorphic_identity
+        tables = set(mapper.tables)
+        cached: list[tuple[str, Column[Any]]] = []
+        expire: list[str] = []
+        for prop in mapper.column_attrs:
+            plain = all(isinstance(c, Column) and c.table in tables for c in prop.columns)
+            if plain and not prop.deferred:
+                cached.append((prop.key, prop.columns[0]))  # type: ignore[arg-type]
+            elif not prop.deferred:
+                expire.append(prop.key)
+        self.attrs = tuple(attr for attr, _ in cached)
+        adapters = [codec.column_adapters(column) for _, column in cached]
+        self.to_store = tuple(a[0] for a in adapters)
+        self.from_store = tuple(a[1] for a in adapters)
+        self.expire_on_hit = frozenset(expire)
+        cls = mapper.class_
+        self.schema_hash = codec.schema_hash(f"{cls.__module__}.{cls.__qualname__}", cached)
+        pk_attrs = [mapper.get_property_by_column(col).key for col in mapper.primary_key]
+        self.pk_positions = tuple(self.attrs.index(attr) for attr in pk_attrs)
+        self.cacheable = all(attr in self.attrs for attr in pk_attrs)
+
+    def dehydrate(self, state_dict: dict[str, Any]) -> list[Any] | None:
+        """Column values from a loaded instance's ``__dict__``; None if any is not loaded."""
+        values = []
+        for attr, to_store in zip(self.attrs, self.to_store, strict=True):
+            if attr not in state_dict:
+                return None
+            value = state_dict[attr]
+            values.append(value if to_store is None else to_store(value))
+        return values
+
+    def hydrate(self, values: list[Any]) -> dict[str, Any]:
+        return {
+            attr: value if from_store is None else from_store(value)
+            for attr, from_store, value in zip(self.attrs, self.from_store, values, strict=True)
+        }
+
+
+class CachedModel:
+    """One registered mapper hierarchy (identity keys always name the base mapper)."""
+
+    def __init__(self, base_mapper: Mapper[Any], prefix: str, ttl: float) -> None:
+        self.base_mapper = base_mapper
+        self.name = base_mapper.class_.__name__
+        self.ttl = ttl
+        self.keys = KeySpace(prefix, base_mapper.local_table)  # type: ignore[arg-type]
+        self.coercers: tuple[Coercer, ...] = tuple(coercer_for(c) for c in base_mapper.primary_key)
+        self.stats = ModelStats()
+        self._shapes: dict[Mapper[Any], RowShape] = {}
+        self._by_tag: dict[Any, RowShape] = {}
+        self._lock = threading.Lock()
+
+    def shape(self, mapper: Mapper[Any]) -> RowShape:
+        shape = self._shapes.get(mapper)
+        if shape is None:
+            with self._lock:
+                shape = RowShape(mapper)
+                self._shapes[mapper] = shape
+                self._by_tag[shape.class_tag] = shape
+        return shape
+
+    def shape_for_tag(self, tag: Any) -> RowShape | None:
+        shape = self._by_tag.get(tag)
+        if shape is None:
+            mapper: Mapper[Any] | None
+            if tag is None:
+                mapper = self.base_mapper
+            else:
+                polymorphic_map = self.base_mapper.polymorphic_map
+                mapper = polymorphic_map.get(tag) if _hashable(tag) else None
+            if mapper is None:
+                return None
+            shape = self.shape(mapper)
+        return shape
+
+    def normalise(self, pk: Sequence[Any]) -> tuple[Any, ...] | None:
+        """Primary-key values coerced through their column types, or None if any cannot be."""
+        return normalise(self.coercers, pk)
+
+
+def _hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
