@@ -107,6 +107,14 @@ class IdentityLookupHooks:
         )
 
 
+def session_populates_existing(session: Any) -> bool:
+    """Whether the session was configured with ``execution_options={"populate_existing": True}``.
+
+    ``Session.execution_options`` exists from SQLAlchemy 2.1; in 2.0 no session has it."""
+    options = getattr(session, "execution_options", None)
+    return bool(options and options.get("populate_existing"))
+
+
 def place_in_session(
     session: Session,
     mapper: Mapper[Any],

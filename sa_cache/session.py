@@ -64,9 +64,7 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
             and model in self._sa_cache_tx.bulk_models
         ):
             return None
-        if execution_options.get("populate_existing") or self.execution_options.get(  # type: ignore[attr-defined]
-            "populate_existing"
-        ):
+        if execution_options.get("populate_existing") or _orm.session_populates_existing(self):
             return None
         if identity_token is not None and type(identity_token) not in (str, int):
             return None

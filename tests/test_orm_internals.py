@@ -1,0 +1,157 @@
+"""Pins every SQLAlchemy behaviour sa_cache/_orm.py and tracking.py rely on, on a plain Session,
+so an SQLAlchemy upgrade that changes one fails here first, by name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import sqlalchemy
+from sqlalchemy import create_engine, event, inspect, update
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm.base import PassiveFlag
+
+from sa_cache import _orm
+
+from .models import Address, Base, User
+
+
+class RecordingSession(Session):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lookups: list[tuple[Any, ...]] = []
+        self.loads: list[Any] = []
+
+    def _identity_lookup(
+        self, mapper: Any, primary_key_identity: Any, *args: Any, **kw: Any
+    ) -> Any:
+        self.lookups.append((mapper.class_, tuple(primary_key_identity), kw.get("passive")))
+        return super()._identity_lookup(mapper, primary_key_identity, *args, **kw)
+
+    def _get_impl(self, entity: Any, pk: Any, db_load_fn: Any, **kw: Any) -> Any:
+        def load(session: Any, statement: Any, ident: Any, **load_kw: Any) -> Any:
+            result = db_load_fn(session, statement, ident, **load_kw)
+            self.loads.append(result)
+            return result
+
+        return super()._get_impl(entity, pk, load, **kw)
+
+
+@pytest.fixture(scope="module")
+def Sessions() -> Any:  # noqa: N802
+    engine = create_engine("sqlite://")
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add(User(id=1, name="a"))
+        s.add(Address(id=1, user_id=1))
+        s.commit()
+    return sessionmaker(engine, class_=RecordingSession)
+
+
+def test_get_get_one_query_get_and_merge_pass_through_identity_lookup(Sessions):
+    for call in (
+        lambda s: s.get(User, 1),
+        lambda s: s.get_one(User, 1),
+        lambda s: s.query(User).get(1),
+        lambda s: s.merge(User(id=1, name="a")),
+    ):
+        with Sessions() as s:
+            call(s)
+            assert s.lookups[0][:2] == (User, (1,))
+
+
+def test_a_lazy_many_to_one_load_passes_through_identity_lookup_with_sql_allowed(Sessions):
+    with Sessions() as s:
+        address = s.get(Address, 1)
+        s.lookups.clear()
+        assert address.user.name == "a"
+        assert s.lookups[0][:2] == (User, (1,))
+        passive = s.lookups[0][2]
+        assert passive & PassiveFlag.SQL_OK and passive & PassiveFlag.RELATED_OBJECT_OK
+
+
+def test_populate_existing_and_for_update_skip_identity_lookup(Sessions):
+    with Sessions() as s:
+        s.get(User, 1, populate_existing=True)
+        s.get(User, 1, with_for_update=True)
+        assert s.lookups == []
+
+
+def test_the_populate_existing_execution_option_skips_identity_lookup_only_from_2_1(Sessions):
+    with Sessions() as s:
+        s.get(User, 1, execution_options={"populate_existing": True})
+        # CachingSession checks the option itself, so both behaviours are safe
+        assert bool(s.lookups) == sqlalchemy.__version__.startswith("2.0.")
+
+
+@pytest.mark.skipif(
+    sqlalchemy.__version__.startswith("2.0."), reason="Session(execution_options=) is new in 2.1"
+)
+def test_the_session_level_populate_existing_option_does_not_skip_identity_lookup(Sessions):
+    with Sessions(execution_options={"populate_existing": True}) as s:
+        s.get(User, 1)
+        assert s.lookups  # which is why CachingSession checks session.execution_options itself
+
+
+def test_get_impl_calls_the_load_function_only_after_a_miss_and_it_returns_none_for_no_row(
+    Sessions,
+):
+    with Sessions() as s:
+        s.get(User, 404)
+        s.get(User, 1)
+        s.get(User, 1)
+        assert s.loads[0] is None and isinstance(s.loads[1], User) and len(s.loads) == 2
+
+
+def test_place_in_session_makes_a_persistent_clean_instance_and_fires_load(Sessions):
+    loads = []
+
+    def on_load(target: Any, context: Any) -> None:
+        loads.append(context)
+
+    event.listen(User, "load", on_load)
+    try:
+        with Sessions() as s:
+            mapper = inspect(User)
+            key = mapper.identity_key_from_primary_key((5,))
+            values = {"id": 5, "name": "n", "email": None, "active": True, "version": 1}
+            user = _orm.place_in_session(s, mapper, key, values, frozenset())
+            state = inspect(user)
+            assert state.persistent and state.key == key and s.identity_map[key] is user
+            assert not state.modified and user not in s.dirty
+            assert user.loaded_by_reconstructor is True
+            assert loads == [None]
+    finally:
+        event.remove(User, "load", on_load)
+
+
+def test_after_commit_fires_for_a_savepoint_release_inside_a_nested_transaction(Sessions):
+    seen = []
+    with Sessions() as s:
+        event.listen(s, "after_commit", lambda sess: seen.append(sess.in_nested_transaction()))
+        s.get(User, 1)
+        with s.begin_nested():
+            pass
+        s.commit()
+    assert seen == [True, False]
+
+
+def test_fetch_synchronization_reports_matched_primary_keys_through_returning(Sessions):
+    with Sessions() as s:
+        engine_dialect = s.get_bind().dialect
+        if not engine_dialect.update_returning:
+            pytest.skip("this SQLite has no UPDATE .. RETURNING")
+        captured = []
+
+        @event.listens_for(s, "do_orm_execute")
+        def capture(state: Any) -> Any:
+            if state.is_update:
+                state.update_execution_options(synchronize_session="fetch")
+                result = state.invoke_statement()
+                captured.append([tuple(r) for r in result.returned_defaults_rows])
+                return result
+            return None
+
+        s.execute(update(User).where(User.id == 1).values(name="b"))
+        assert captured == [[(1,)]]
+        s.rollback()

@@ -1,0 +1,130 @@
+"""Behaviour 10: Redis down or slow. Every lookup still returns the right answer from the database,
+a cache error never reaches the caller, and it is counted in stats() and logged once per outage.
+
+These tests start their own redis-server on a spare loopback port; the shared one is never
+killed or paused.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy.orm import sessionmaker
+
+from sa_cache import CachingSession, IdentityCache
+
+from .conftest import require_service
+from .models import CACHED, User
+from .redis_server import RedisServer, free_port
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    require_service("redis", 6379)
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+def make_cache(url: str) -> IdentityCache:
+    cache = IdentityCache(url, socket_timeout=0.2, retries=1)
+    for model in CACHED:
+        cache.register(model)
+    return cache
+
+
+@pytest.fixture
+def users(engine) -> None:
+    with sessionmaker(engine)() as s:
+        s.add_all([User(id=i, name=f"u{i}") for i in range(1, 4)])
+        s.commit()
+
+
+def sa_cache_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "sa_cache"]
+
+
+@pytest.mark.usefixtures("users")
+def test_with_nothing_listening_every_lookup_is_answered_by_the_database(engine, sql, caplog):
+    cache = make_cache(f"redis://127.0.0.1:{free_port()}/0")
+    Session = sessionmaker(engine, class_=CachingSession, cache=cache)
+    caplog.set_level(logging.WARNING, logger="sa_cache")
+    for _ in range(3):
+        with Session() as s:
+            assert s.get(User, 1).name == "u1"
+            assert [u.id for u in s.get_many(User, [2, 3])] == [2, 3]
+            assert s.get(User, 404) is None
+            s.get(User, 2).name = "changed"
+            s.commit()  # the eviction fails too, and is journaled
+    with Session() as s:
+        assert s.get(User, 2).name == "changed"
+    assert sql.selects() >= 10
+    stats = cache.stats()
+    assert stats["errors"] >= 10 and stats["hits"] == 0
+    assert len(sa_cache_warnings(caplog)) == 1  # once per outage, not per call
+
+
+@pytest.mark.usefixtures("users")
+def test_a_hung_redis_costs_a_bounded_timeout_and_never_an_error(engine, server, sql):
+    cache = make_cache(server.url)
+    Session = sessionmaker(engine, class_=CachingSession, cache=cache)
+    with Session() as s:
+        s.get(User, 1)
+    server.pause()
+    try:
+        started = time.monotonic()
+        with Session() as s:
+            assert s.get(User, 1).name == "u1"
+        assert time.monotonic() - started < 2.0  # not redis-py's default 5 s x 10 retries
+    finally:
+        server.resume()
+    assert cache.stats()["errors"] >= 1
+
+
+@pytest.mark.usefixtures("users")
+def test_a_row_changed_while_redis_was_unreachable_is_never_served_stale(engine, server, caplog):
+    cache = make_cache(server.url)
+    Session = sessionmaker(engine, class_=CachingSession, cache=cache)
+    caplog.set_level(logging.WARNING, logger="sa_cache")
+    with Session() as s:
+        assert s.get(User, 1).name == "u1"  # cached
+    server.pause()
+    try:
+        with Session() as s:
+            s.get(User, 1).name = "during the outage"
+            s.commit()  # the eviction times out: journaled
+    finally:
+        server.resume()
+    with Session() as s:  # the journal is replayed before the cache is read
+        assert s.get(User, 1).name == "during the outage"
+    with Session() as s:
+        assert s.get(User, 1).name == "during the outage"
+    messages = sa_cache_warnings(caplog)
+    assert messages[0].startswith("sa_cache: cache backend unavailable")
+    assert messages[-1] == "sa_cache: cache backend available again"
+
+
+@pytest.mark.usefixtures("users")
+def test_a_killed_and_restarted_redis_is_used_again(engine, server, sql):
+    cache = make_cache(server.url)
+    Session = sessionmaker(engine, class_=CachingSession, cache=cache)
+    with Session() as s:
+        s.get(User, 1)
+    server.kill()
+    with Session() as s:
+        assert s.get(User, 1).name == "u1"
+    restarted = RedisServer()
+    restarted.port = server.port
+    restarted.start()
+    try:
+        with Session() as s:
+            assert s.get(User, 1).name == "u1"  # a miss on the empty server: fills again
+        sql.reset()
+        with Session() as s:
+            assert s.get(User, 1).name == "u1"
+        assert sql.count == 0
+    finally:
+        restarted.stop()
