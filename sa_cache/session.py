@@ -112,7 +112,7 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
             return [None] * len(wanted)
         generations, raws = read
         generation = generations[model]
-        may_fill = not self._sa_cache_tx.wrote
+        may_fill = not self._sa_cache_tx.wrote and _orm.next_load_sees_fresh_snapshot(self)  # type: ignore[arg-type]
         answers: list[Any] = []
         stats = model.stats
         for (key, pk, token), raw in zip(wanted, raws, strict=True):

@@ -155,3 +155,12 @@ def test_fetch_synchronization_reports_matched_primary_keys_through_returning(Se
         s.execute(update(User).where(User.id == 1).values(name="b"))
         assert captured == [[(1,)]]
         s.rollback()
+
+
+def test_a_session_transaction_lists_its_connections_once_it_has_read(Sessions):
+    with Sessions() as s:
+        assert s.get_transaction() is None
+        s.get(User, 1)
+        connections = s.get_transaction()._connections
+        assert connections and all(entry[0] is s.connection() for entry in connections.values())
+        assert connections[s.connection()][0].default_isolation_level
