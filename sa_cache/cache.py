@@ -30,13 +30,16 @@ from sqlalchemy.schema import Table
 from . import codec
 from .backend import Fill, Store, Write
 from .backends import REDIS_SCHEMES, memory_region, redis_region, store_for
+from .breaker import CircuitBreaker
 from .models import CachedModel, RowShape
+from .signing import Signer
 
 log = logging.getLogger("sa_cache")
 
 T = TypeVar("T")
 
 _JOURNAL_LIMIT = 10_000
+_FORGERY_LOG_INTERVAL = 60.0
 _CREDENTIALS = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
 
 
@@ -84,7 +87,13 @@ class IdentityCache:
     :param tombstone_ttl: seconds an eviction marker lives; a fill whose load took longer than a
         quarter of this is dropped, so no fill can outlive the marker that should stop it.
     :param socket_timeout: Redis connect and read timeout in seconds (URL backends only).
-    :param retries: Redis retries per command (URL backends only).
+    :param retries: Redis retries per command after a connection error (URL backends only);
+        a timeout is never retried.
+    :param signing_key: a secret, or several (the first signs, all verify), to HMAC-sign every
+        value, so entries written by anyone without the secret are rejected as misses.
+    :param breaker_threshold: consecutive store errors after which the store is bypassed (a
+        timeout opens the breaker at once).
+    :param breaker_cooldown: seconds the store is bypassed before one probe call is let through.
     """
 
     def __init__(
@@ -97,6 +106,9 @@ class IdentityCache:
         tombstone_ttl: float = 300,
         socket_timeout: float = 0.25,
         retries: int = 1,
+        signing_key: str | bytes | Sequence[str | bytes] | None = None,
+        breaker_threshold: int = 3,
+        breaker_cooldown: float = 5.0,
     ) -> None:
         entries: dict[str, Any] | None = None
         if backend is None:
@@ -127,6 +139,10 @@ class IdentityCache:
         self._journal: dict[str, CachedModel] = {}
         self._journal_models: set[CachedModel] = set()
         self.errors = 0
+        self.bypassed = 0
+        self.breaker = CircuitBreaker(breaker_threshold, breaker_cooldown)
+        self._signer = None if signing_key is None else Signer(signing_key)
+        self._forgery_logged_at = -_FORGERY_LOG_INTERVAL
 
     def __repr__(self) -> str:
         backend = type(self.store).__name__
@@ -182,6 +198,9 @@ class IdentityCache:
     ) -> tuple[dict[CachedModel, bytes], list[bytes | None]] | None:
         """Generations of ``models`` and raw values of ``keys``, in one round trip (two the first
         time a model's generation is created). None if the store failed."""
+        if not self.breaker.allow():
+            self.bypassed += 1
+            return None
         if (self._journal or self._journal_models) and not self._replay_journal():
             return None
         gen_keys = [self._k(m.keys.generation_key) for m in models]
@@ -199,11 +218,22 @@ class IdentityCache:
         return generations, raws[len(models) :]
 
     def classify(
-        self, model: CachedModel, generation: bytes, raw: bytes | None, pk: tuple[Any, ...]
+        self,
+        model: CachedModel,
+        key: str,
+        generation: bytes,
+        raw: bytes | None,
+        pk: tuple[Any, ...],
     ) -> Hit | str | None:
         """A :class:`Hit`, :data:`ABSENT`, or None for a miss."""
         if raw is None:
             return None
+        if self._signer is not None:
+            opened = self._signer.verify(key, raw)
+            if opened is None:
+                self._forgery(model, key)
+                return None
+            raw = opened
         entry = codec.decode(raw)
         kind = entry[1] if entry is not codec.CORRUPT else None
         if kind == codec.ROW and len(entry) == 6:
@@ -248,16 +278,34 @@ class IdentityCache:
         except (TypeError, ValueError, OverflowError) as exc:
             log.warning("sa_cache: not caching %s: %s", observation.model.name, exc)
             return None
-        return Fill(self._k(observation.key), observation.raw, value, observation.model.ttl)
+        ttl = observation.model.ttl
+        return Fill(
+            self._k(observation.key), observation.raw, self._seal(observation.key, value, ttl), ttl
+        )
 
     def absent_fill(self, observation: Observation) -> Fill | None:
         if time.monotonic() - observation.observed_at > self.max_fill_age:
             return None
-        value = codec.encode_absent(observation.generation)
+        value = self._seal(
+            observation.key, codec.encode_absent(observation.generation), self.negative_ttl
+        )
         return Fill(self._k(observation.key), observation.raw, value, self.negative_ttl)
+
+    def _seal(self, key: str, value: bytes, ttl: float | None) -> bytes:
+        return value if self._signer is None else self._signer.sign(key, value, ttl)
+
+    def _forgery(self, model: CachedModel, key: str) -> None:
+        model.stats.rejected += 1
+        now = time.monotonic()
+        if now - self._forgery_logged_at >= _FORGERY_LOG_INTERVAL:
+            self._forgery_logged_at = now
+            log.warning("sa_cache: rejected an entry with a bad or missing signature at %s", key)
 
     def fill(self, fills: Sequence[tuple[CachedModel, Fill]]) -> None:
         """Apply conditional fills in one round trip; failures are counted, never raised."""
+        if not self.breaker.allow():
+            self.bypassed += 1
+            return
         try:
             stored = self.store.fill_many([fill for _, fill in fills])
         except Exception as exc:
@@ -274,7 +322,15 @@ class IdentityCache:
         If the store fails, the evictions are journaled and replayed before the next read, so
         a row changed during an outage is never served from an entry written before it."""
         models = set(models)
-        writes = [Write(self._k(k), codec.new_tombstone(), self.tombstone_ttl) for k in keys]
+        if not self.breaker.allow():
+            self.bypassed += 1
+            self._journal_evictions(keys, models)
+            return False
+        return self._write_evictions(keys, models)
+
+    def _write_evictions(self, keys: dict[str, CachedModel], models: set[CachedModel]) -> bool:
+        ttl = self.tombstone_ttl
+        writes = [Write(self._k(k), self._seal(k, codec.new_tombstone(), ttl), ttl) for k in keys]
         writes += [
             Write(self._k(m.keys.generation_key), codec.new_generation(), None) for m in models
         ]
@@ -304,7 +360,7 @@ class IdentityCache:
     def _replay_journal(self) -> bool:
         with self._lock:
             keys, models = dict(self._journal), set(self._journal_models)
-        if not self.evict_keys(keys, models):
+        if not self._write_evictions(keys, models):
             return False
         with self._lock:
             for key in keys:
@@ -317,6 +373,7 @@ class IdentityCache:
     def failed(self, exc: BaseException, models: Iterable[CachedModel] = ()) -> None:
         """Count a store error; log the first of an outage only."""
         self.errors += 1
+        self.breaker.failed(exc)
         for model in set(models):
             model.stats.errors += 1
         if self._healthy:
@@ -328,6 +385,7 @@ class IdentityCache:
             )
 
     def _succeeded(self) -> None:
+        self.breaker.succeeded()
         if not self._healthy:
             self._healthy = True
             log.warning("sa_cache: cache backend available again")
@@ -370,6 +428,7 @@ class IdentityCache:
         per_model = {m.name: m.stats.as_dict() for m in self._models.values()}
         totals = {name: sum(s[name] for s in per_model.values()) for name in _STAT_NAMES}
         totals["errors"] = max(totals["errors"], self.errors)
+        totals["bypassed"] = self.bypassed
         return {**totals, "models": per_model}
 
 

@@ -116,7 +116,7 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         answers: list[Any] = []
         stats = model.stats
         for (key, pk, token), raw in zip(wanted, raws, strict=True):
-            outcome = cache.classify(model, generation, raw, pk)
+            outcome = cache.classify(model, key, generation, raw, pk)
             identity_key = mapper.identity_key_from_primary_key(pk, token)
             if type(outcome) is Hit:
                 stats.hits += 1

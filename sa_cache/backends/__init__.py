@@ -24,6 +24,7 @@ def redis_region(url: str, socket_timeout: float, retries: int) -> CacheRegion:
     """dogpile's Redis backend with short timeouts and a bounded retry, not redis-py's defaults
     (5 s timeouts and ten retries: a dead Redis would stall every request for seconds)."""
     from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.retry import Retry
 
     return make_region().configure(
@@ -32,7 +33,10 @@ def redis_region(url: str, socket_timeout: float, retries: int) -> CacheRegion:
             "url": url,
             "socket_timeout": socket_timeout,
             "socket_connect_timeout": socket_timeout,
-            "connection_kwargs": {"retry": Retry(NoBackoff(), retries)},
+            # retry a dropped connection (Redis restarted), never a timeout (Redis hung)
+            "connection_kwargs": {
+                "retry": Retry(NoBackoff(), retries, supported_errors=(RedisConnectionError,))
+            },
         },
     )
 
