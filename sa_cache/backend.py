@@ -38,11 +38,18 @@ class Store(Protocol):
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         """The raw values of ``keys`` (None where absent), in one round trip."""
 
-    def fill_many(self, fills: Sequence[Fill]) -> list[bool]:
-        """Apply each conditional fill atomically per key; one round trip for the batch."""
+    def fill_many(self, fills: Sequence[Fill], release: Sequence[str] = ()) -> list[bool]:
+        """Apply each conditional fill atomically per key, then delete the ``release`` keys (the
+        leases the fills were waited on for); one round trip for the batch."""
 
     def write_many(self, writes: Sequence[Write]) -> None:
         """Apply unconditional writes (tombstones, generation bumps) in one round trip."""
+
+    def acquire(
+        self, key: str, token: bytes, ttl: float, read: Sequence[str]
+    ) -> tuple[bool, list[bytes | None]]:
+        """Set ``key`` (a lease) unless it exists, and read ``read`` after that, in one round
+        trip: whether this call set it, and the values read."""
 
     def init_generation(self, key: str, token: bytes) -> bytes:
         """Set ``key`` to ``token`` unless it exists; return whichever value it holds after."""

@@ -60,6 +60,7 @@ class Observation(NamedTuple):
     generation: bytes
     observed_at: float
     negative_ok: bool
+    leased: bool = False
 
 
 class Hit(NamedTuple):
@@ -94,6 +95,9 @@ class IdentityCache:
     :param breaker_threshold: consecutive store errors after which the store is bypassed (a
         timeout opens the breaker at once).
     :param breaker_cooldown: seconds the store is bypassed before one probe call is let through.
+    :param lease_wait: seconds a lookup that misses waits for another caller already loading the
+        same row (the thundering herd) before reading the database itself, without filling;
+        0 turns leases off.
     """
 
     def __init__(
@@ -109,6 +113,7 @@ class IdentityCache:
         signing_key: str | bytes | Sequence[str | bytes] | None = None,
         breaker_threshold: int = 3,
         breaker_cooldown: float = 5.0,
+        lease_wait: float = 1.0,
     ) -> None:
         entries: dict[str, Any] | None = None
         if backend is None:
@@ -132,6 +137,8 @@ class IdentityCache:
         self.negative_ttl = negative_ttl
         self.tombstone_ttl = tombstone_ttl
         self.max_fill_age = tombstone_ttl / 4
+        self.lease_wait = lease_wait
+        self.lease_ttl = max(2 * lease_wait, 1.0)
         self._models: dict[Mapper[Any], CachedModel] = {}
         self._by_table: dict[Table, CachedModel] = {}
         self._healthy = True
@@ -301,13 +308,43 @@ class IdentityCache:
             self._forgery_logged_at = now
             log.warning("sa_cache: rejected an entry with a bad or missing signature at %s", key)
 
-    def fill(self, fills: Sequence[tuple[CachedModel, Fill]]) -> None:
+    @staticmethod
+    def lease_key(key: str) -> str:
+        """The lease on a row: inside the row's hash tag, so in the row's cluster slot."""
+        return key + ":lease"
+
+    def acquire_lease(
+        self, model: CachedModel, key: str
+    ) -> tuple[bool, bytes | None, bytes | None] | None:
+        """Try to become the one caller that loads this row; in the same round trip, read the
+        row again (another caller may have filled it since our miss).
+
+        Returns (acquired, generation, raw row), or None if the store failed."""
+        if not self.breaker.allow():
+            self.bypassed += 1
+            return None
+        try:
+            acquired, (generation, raw) = self.store.acquire(
+                self._k(self.lease_key(key)),
+                b"1",
+                self.lease_ttl,
+                [self._k(model.keys.generation_key), self._k(key)],
+            )
+        except Exception as exc:
+            self.failed(exc, [model])
+            return None
+        self._succeeded()
+        return acquired, generation, raw
+
+    def fill(self, fills: Sequence[tuple[CachedModel, Fill]], release: Sequence[str] = ()) -> None:
         """Apply conditional fills in one round trip; failures are counted, never raised."""
         if not self.breaker.allow():
             self.bypassed += 1
             return
         try:
-            stored = self.store.fill_many([fill for _, fill in fills])
+            stored = self.store.fill_many(
+                [fill for _, fill in fills], [self._k(key) for key in release]
+            )
         except Exception as exc:
             self.failed(exc, [model for model, _ in fills])
             return

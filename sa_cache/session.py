@@ -17,7 +17,7 @@ from sqlalchemy.orm.state import InstanceState
 
 from . import _orm, tracking
 from .backend import Fill
-from .cache import ABSENT, Hit, IdentityCache, Observation
+from .cache import Hit, IdentityCache, Observation
 from .keys import coercer_for, normalise
 from .models import CachedModel
 
@@ -90,9 +90,98 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         key = model.keys.row_key(pk, identity_token)
         if key in self._sa_cache_tx.keys:
             return None  # this transaction wrote the row: read our own write from the database
-        assert self.cache is not None
+        cache = self.cache
+        assert cache is not None
         answer = self._read_and_place(model, mapper, [(key, pk, identity_token)])[0]
+        if answer is None and cache.lease_wait > 0:
+            identity_key = mapper.identity_key_from_primary_key(pk, identity_token)
+            observation = self._sa_cache_pending.get(identity_key)
+            if observation is not None:
+                return self._lease_or_wait(model, mapper, pk, identity_key)
         return answer
+
+    def _lease_or_wait(
+        self, model: CachedModel, mapper: Mapper[Any], pk: tuple[Any, ...], identity_key: Any
+    ) -> Any:
+        """After a miss: take the row's lease and load it, or wait for the caller who has it.
+
+        Taking the lease re-reads the row in the same round trip, so a caller whose miss came
+        just before another caller's fill is answered by that fill, not by a second load."""
+        cache = self.cache
+        assert cache is not None
+        observation = self._sa_cache_pending[identity_key]
+        lease = cache.acquire_lease(model, observation.key)
+        if lease is None:
+            return None  # the store failed: load (the fill will most likely fail too)
+        acquired, generation, raw = lease
+        if generation is not None and (raw, generation) != (
+            observation.raw,
+            observation.generation,
+        ):
+            outcome = cache.classify(model, observation.key, generation, raw, pk)
+            if outcome is not None:
+                del self._sa_cache_pending[identity_key]
+                if acquired:
+                    cache.fill([], [cache.lease_key(observation.key)])
+                model.stats.misses -= 1  # answered from the cache after all
+                model.stats.hits += 1
+                return self._place(outcome, mapper, identity_key)
+            observation = observation._replace(
+                raw=raw, generation=generation, observed_at=time.monotonic()
+            )
+        if acquired:
+            self._sa_cache_pending[identity_key] = observation._replace(leased=True)
+            return None
+        self._sa_cache_pending[identity_key] = observation
+        return self._wait_for_fill(model, mapper, pk, identity_key)
+
+    def _wait_for_fill(
+        self, model: CachedModel, mapper: Mapper[Any], pk: tuple[Any, ...], identity_key: Any
+    ) -> Any:
+        """Another caller holds the lease on this row and is loading it: poll the cache for its
+        fill. If the lease goes away without a fill, try to take it; if the wait times out, read
+        the database without filling (the thundering herd costs one load, not one per caller)."""
+        cache = self.cache
+        assert cache is not None
+        observation = self._sa_cache_pending[identity_key]
+        key, lease_key = observation.key, cache.lease_key(observation.key)
+        deadline = time.monotonic() + cache.lease_wait
+        delay = 0.001
+        while time.monotonic() < deadline:
+            time.sleep(delay)
+            delay = min(delay * 2, 0.025)
+            read = cache.read([model], [key, lease_key])
+            if read is None:
+                break
+            generations, (raw, lease) = read
+            outcome = cache.classify(model, key, generations[model], raw, pk)
+            if outcome is not None:
+                del self._sa_cache_pending[identity_key]
+                model.stats.misses -= 1  # answered from the cache after all
+                model.stats.hits += 1
+                return self._place(outcome, mapper, identity_key)
+            if lease is None:  # released without a fill: take it over
+                self._sa_cache_pending[identity_key] = observation._replace(
+                    raw=raw, generation=generations[model], observed_at=time.monotonic()
+                )
+                return self._lease_or_wait(model, mapper, pk, identity_key)
+        self._sa_cache_pending.pop(identity_key, None)  # timed out: load without filling
+        return None
+
+    def _place(self, outcome: Hit | str, mapper: Mapper[Any], identity_key: Any) -> Any:
+        """The session's answer for a cache hit: the instance, or :data:`_orm.KNOWN_ABSENT`."""
+        if type(outcome) is Hit:
+            shape = outcome.shape
+            if not shape.mapper.isa(mapper):
+                return _orm.KNOWN_ABSENT  # a row of another class: SQLAlchemy answers None
+            return _orm.place_in_session(
+                self,  # type: ignore[arg-type]
+                shape.mapper,
+                identity_key,
+                outcome.values,
+                shape.expire_on_hit,
+            )
+        return _orm.KNOWN_ABSENT
 
     def _read_and_place(
         self,
@@ -118,24 +207,9 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         for (key, pk, token), raw in zip(wanted, raws, strict=True):
             outcome = cache.classify(model, key, generation, raw, pk)
             identity_key = mapper.identity_key_from_primary_key(pk, token)
-            if type(outcome) is Hit:
+            if outcome is not None:
                 stats.hits += 1
-                shape = outcome.shape
-                if shape.mapper.isa(mapper):
-                    answers.append(
-                        _orm.place_in_session(
-                            self,  # type: ignore[arg-type]
-                            shape.mapper,
-                            identity_key,
-                            outcome.values,
-                            shape.expire_on_hit,
-                        )
-                    )
-                else:
-                    answers.append(_orm.KNOWN_ABSENT)  # a row of another class: SQLAlchemy's None
-            elif outcome is ABSENT:
-                stats.hits += 1
-                answers.append(_orm.KNOWN_ABSENT)
+                answers.append(self._place(outcome, mapper, identity_key))
             else:
                 stats.misses += 1
                 if may_fill:
@@ -155,9 +229,17 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
             return
         observation = self._sa_cache_pending.pop(mapper.identity_key_from_primary_key(pk), None)
         if observation is not None and self.cache is not None:
-            fills = self._absent_fills([observation])
-            if fills:
-                self.cache.fill(fills)
+            self._write_back(self._absent_fills([observation]), observation)
+
+    def _write_back(
+        self, fills: list[tuple[CachedModel, Fill]], observation: Observation | None = None
+    ) -> None:
+        """Apply fills in one round trip, releasing the lease the observation held, if any."""
+        cache = self.cache
+        assert cache is not None
+        release = [cache.lease_key(observation.key)] if observation and observation.leased else []
+        if fills or release:
+            cache.fill(fills, release)
 
     def _absent_fills(self, observations: Iterable[Observation]) -> list[tuple[CachedModel, Fill]]:
         cache = self.cache
@@ -174,16 +256,17 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
     def fill_from_load(self, state: InstanceState[Any]) -> None:
         """Called for every instance a query loads: write it back if a miss was waiting for it."""
         observation = self._sa_cache_pending.pop(state.key, None)
-        if observation is None or self._sa_cache_tx.wrote or self.cache is None:
+        if observation is None or self.cache is None:
             return
         model = observation.model
-        fill = self.cache.row_fill(observation, model.shape(state.mapper), state.dict)
-        if fill is None:
-            return
+        fill = None
+        if not self._sa_cache_tx.wrote:
+            fill = self.cache.row_fill(observation, model.shape(state.mapper), state.dict)
         if self._sa_cache_batch is not None:
-            self._sa_cache_batch.append((model, fill))
+            if fill is not None:
+                self._sa_cache_batch.append((model, fill))
         else:
-            self.cache.fill([(model, fill)])
+            self._write_back([] if fill is None else [(model, fill)], observation)
 
     # -- get_many -------------------------------------------------------------------------------
 
@@ -272,8 +355,8 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
             if instance is None and observation is not None:
                 absent.append(observation)
         fills = batch + self._absent_fills(absent)
-        if fills and self.cache is not None:
-            self.cache.fill(fills)  # every write-back of this call in one round trip
+        if fills:
+            self._write_back(fills)  # every write-back of this call in one round trip
 
 
 class CachingSession(CachingSessionMixin, Session):  # type: ignore[misc]

@@ -234,7 +234,7 @@ def cache(backend: str, redis_counter: RedisCounter) -> Iterator[IdentityCache]:
     cache = new_cache(backend, redis_counter)
     yield cache
     if backend == "redis":
-        cache.store.delete_prefix(cache.prefix)
+        cache.store.delete_prefix(cache.prefix + ":")
 
 
 @pytest.fixture

@@ -74,14 +74,18 @@ def test_a_lazy_many_to_one_load_is_served_from_the_cache(Session, sql):
 
 
 @pytest.mark.usefixtures("alice")
-def test_a_lazy_load_miss_fills_the_cache(Session, sql, cache):
+def test_a_lazy_load_miss_fills_the_cache_unless_the_snapshot_may_be_old(Session, sql, engine, db):
     with Session() as s:
-        address = s.get(Address, 10)
+        address = s.get(Address, 10)  # the transaction has read: its snapshot has begun
         assert address.user.name == "alice"
     sql.reset()
     with Session() as s:
         assert s.get(User, 1).name == "alice"
-    assert sql.count == 0
+    # under REPEATABLE READ (MariaDB's default) the lazy load read from a snapshot that may
+    # predate the cache's state, so it was not written back (see docs/protocol.md)
+    level = engine.dialect.default_isolation_level
+    snapshot = db != "sqlite" and level in ("REPEATABLE READ", "SERIALIZABLE")
+    assert sql.count == (1 if snapshot else 0)
 
 
 @pytest.mark.usefixtures("alice")

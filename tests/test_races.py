@@ -7,7 +7,7 @@ callback run at the critical point, between the reader's database read and its c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -16,6 +16,7 @@ from sqlalchemy.orm import sessionmaker
 from sa_cache import CachingSession, IdentityCache, codec
 from sa_cache.backend import Fill
 
+from .conftest import new_cache
 from .models import User
 
 
@@ -29,10 +30,20 @@ class HookedStore:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    def fill_many(self, fills: Sequence[Fill]) -> list[bool]:
+    def fill_many(self, fills: Sequence[Fill], release: Sequence[str] = ()) -> list[bool]:
         if self.before_fill:
             self.before_fill.pop()()
-        return self._inner.fill_many(fills)  # type: ignore[no-any-return]
+        return self._inner.fill_many(fills, release)  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def cache(backend: str, redis_counter: Any) -> Iterator[IdentityCache]:
+    """Leases off: these tests are about the fill protocol itself (tests/test_herd.py covers the
+    leases; with them on, a writer inside the hook would wait for the reader's lease)."""
+    cache = new_cache(backend, redis_counter, lease_wait=0)
+    yield cache
+    if backend == "redis":
+        cache.store.delete_prefix(cache.prefix + ":")
 
 
 @pytest.fixture
@@ -146,8 +157,6 @@ def test_a_rollback_after_flush_leaves_the_cache_as_it_was(Session, cache, sql):
 def test_a_fill_slower_than_a_quarter_of_the_tombstone_ttl_is_dropped(
     engine, backend, redis_counter
 ):
-    from .conftest import new_cache
-
     cache = new_cache(backend, redis_counter, tombstone_ttl=1e-9)
     Session = sessionmaker(engine, class_=CachingSession, cache=cache)
     with Session() as s:

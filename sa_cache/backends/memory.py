@@ -39,7 +39,7 @@ class MemoryStore:
         with self._lock:
             return [self._read(key, now) for key in keys]
 
-    def fill_many(self, fills: Sequence[Fill]) -> list[bool]:
+    def fill_many(self, fills: Sequence[Fill], release: Sequence[str] = ()) -> list[bool]:
         now = time.monotonic()
         results = []
         with self._lock:
@@ -48,7 +48,19 @@ class MemoryStore:
                 if stored:
                     self._put(fill.key, fill.value, fill.ttl, now)
                 results.append(stored)
+            for key in release:
+                self._backend.delete(key)
         return results
+
+    def acquire(
+        self, key: str, token: bytes, ttl: float, read: Sequence[str]
+    ) -> tuple[bool, list[bytes | None]]:
+        now = time.monotonic()
+        with self._lock:
+            acquired = self._read(key, now) is None
+            if acquired:
+                self._put(key, token, ttl, now)
+            return acquired, [self._read(k, now) for k in read]
 
     def write_many(self, writes: Sequence[Write]) -> None:
         now = time.monotonic()

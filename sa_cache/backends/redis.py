@@ -45,14 +45,16 @@ class RedisStore:
         else:
             target.evalsha(self._cas.sha, 1, fill.key, fill.expected, fill.value, _ms(fill.ttl))
 
-    def fill_many(self, fills: Sequence[Fill]) -> list[bool]:
+    def fill_many(self, fills: Sequence[Fill], release: Sequence[str] = ()) -> list[bool]:
         from redis.exceptions import NoScriptError
 
         for attempt in (1, 2):
             pipe = self.client.pipeline(transaction=False)
             for fill in fills:
                 self._queue_fill(pipe, fill)
-            replies = pipe.execute(raise_on_error=False)
+            if release:
+                pipe.delete(*release)
+            replies = pipe.execute(raise_on_error=False)[: len(fills)]
             if attempt == 1 and any(isinstance(r, NoScriptError) for r in replies):
                 self.client.script_load(_COMPARE_AND_SET)  # Redis restarted, or SCRIPT FLUSH
                 continue
@@ -67,6 +69,15 @@ class RedisStore:
         for write in writes:
             pipe.set(write.key, write.value, px=None if write.ttl is None else _ms(write.ttl))
         pipe.execute()
+
+    def acquire(
+        self, key: str, token: bytes, ttl: float, read: Sequence[str]
+    ) -> tuple[bool, list[bytes | None]]:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(key, token, px=_ms(ttl), nx=True)
+        pipe.mget(read)
+        acquired, values = pipe.execute()
+        return bool(acquired), values
 
     def init_generation(self, key: str, token: bytes) -> bytes:
         previous = self.client.set(key, token, nx=True, get=True)

@@ -1,0 +1,138 @@
+"""The thundering herd: when many callers miss the same cold key at once, one of them loads it
+from the database and the others are answered by its fill; a waiter that times out reads the
+database without filling."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, event
+from sqlalchemy.orm import sessionmaker
+
+from sa_cache import CachingSession, IdentityCache
+
+from .conftest import REDIS_URL, require_service
+from .models import User
+
+THREADS = 50
+PROCESSES = 4
+THREADS_PER_PROCESS = 5
+
+
+def _count_user_loads(engine: Any) -> list[str]:
+    loads: list[str] = []
+
+    def on_execute(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "FROM users" in statement:
+            loads.append(statement)
+
+    event.listen(engine, "before_cursor_execute", on_execute)
+    return loads
+
+
+def _stampede(Session: Any, threads: int, start: Any) -> list[str]:
+    names: list[str] = []
+    errors: list[BaseException] = []
+
+    def lookup() -> None:
+        try:
+            start.wait()
+            with Session() as s:
+                names.append(s.get(User, 1).name)
+        except BaseException as exc:  # reported to the test, never swallowed
+            errors.append(exc)
+
+    workers = [threading.Thread(target=lookup) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    if errors:
+        raise errors[0]
+    return names
+
+
+def _process_main(db_url: str, prefix: str, ready: Any, start: Any, results: Any) -> None:
+    engine = create_engine(db_url)
+    loads = _count_user_loads(engine)
+    cache = IdentityCache(REDIS_URL, prefix=prefix, lease_wait=5.0)
+    cache.register(User)
+    Session = sessionmaker(engine, class_=CachingSession, cache=cache)
+    ready.put(True)
+    names = _stampede(Session, THREADS_PER_PROCESS, start)
+    results.put((len(loads), names))
+    engine.dispose()
+
+
+def test_one_cold_key_missed_by_50_threads_and_4_processes_is_loaded_at_most_twice(engine, sql):
+    require_service("redis", 6379)
+    cache = IdentityCache(
+        REDIS_URL, prefix=f"herd_{id(engine)}_{threading.get_ident()}", lease_wait=5.0
+    )
+    cache.register(User)
+    Session = sessionmaker(engine, class_=CachingSession, cache=cache)
+    with sessionmaker(engine)() as s:
+        s.add(User(id=1, name="cold"))
+        s.commit()
+    cache.evict_model(User)
+    loads = _count_user_loads(engine)
+
+    context = multiprocessing.get_context("spawn")
+    ready, results, start = context.Queue(), context.Queue(), context.Event()
+    db_url = engine.url.render_as_string(hide_password=False)
+    processes = [
+        context.Process(target=_process_main, args=(db_url, cache.prefix, ready, start, results))
+        for _ in range(PROCESSES)
+    ]
+    for process in processes:
+        process.start()
+    try:
+        for _ in processes:
+            ready.get(timeout=60)
+        local_start = threading.Event()
+        collected: list[list[str]] = []
+        local = threading.Thread(
+            target=lambda: collected.append(_stampede(Session, THREADS, local_start))
+        )
+        local.start()
+        start.set()
+        local_start.set()
+        local.join(timeout=60)
+        remote = [results.get(timeout=60) for _ in processes]
+    finally:
+        for process in processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+    names = collected[0] + [name for _, process_names in remote for name in process_names]
+    assert names == ["cold"] * (THREADS + PROCESSES * THREADS_PER_PROCESS)
+    database_loads = len(loads) + sum(count for count, _ in remote)
+    assert 1 <= database_loads <= 2, (database_loads, cache.stats())
+    cache.store.delete_prefix(cache.prefix + ":")
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_a_waiter_that_times_out_reads_the_database_without_filling(engine, backend, sql):
+    if backend == "redis":
+        require_service("redis", 6379)
+    cache = IdentityCache(
+        REDIS_URL if backend == "redis" else None, prefix=f"herd_t_{id(sql)}", lease_wait=0.05
+    )
+    cache.register(User)
+    Session = sessionmaker(engine, class_=CachingSession, cache=cache)
+    with sessionmaker(engine)() as s:
+        s.add(User(id=1, name="cold"))
+        s.commit()
+    key = cache.model_for(User.__mapper__).keys.row_key((1,))
+    assert cache.acquire_lease(cache.model_for(User.__mapper__), key)  # a loader that never fills
+    sql.reset()
+    with Session() as s:
+        assert s.get(User, 1).name == "cold"
+    assert sql.selects() == 1
+    assert cache.stats()["fills"] == 0
+    assert cache.store.get_many([key]) == [None]
+    if backend == "redis":
+        cache.store.delete_prefix(cache.prefix + ":")
