@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 import sqlalchemy
-from sqlalchemy import event, select
+from sqlalchemy import Integer, event, select
 from sqlalchemy.exc import NoResultFound
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, scoped_session, sessionmaker
 from sqlalchemy.orm import Session as PlainSession
-from sqlalchemy.orm import sessionmaker
 
+import sa_cache
 from sa_cache import CachingSession, IdentityCache
 
 from .models import Address, User
@@ -245,3 +246,50 @@ def test_a_cache_shared_by_two_factories(engine, cache: IdentityCache, sql):
     with b() as s:
         assert s.get(User, 1).name == "alice"
     assert sql.count == 0
+
+
+class AuditedSession(PlainSession):
+    """An application's own Session subclass, which the mixin is added to."""
+
+    def audit(self) -> str:
+        return "audited"
+
+
+class CachedAuditedSession(sa_cache.CachingSessionMixin, AuditedSession):
+    pass
+
+
+@pytest.mark.usefixtures("alice")
+def test_the_mixin_adds_caching_and_eviction_to_an_existing_session_subclass(engine, cache, sql):
+    Session = scoped_session(sessionmaker(engine, class_=CachedAuditedSession, cache=cache))
+    Session().get(User, 1)
+    Session.remove()
+    sql.reset()
+    assert Session().get(User, 1).name == "alice"
+    assert Session().audit() == "audited"
+    assert sql.count == 0
+    Session().get(User, 1).name = "changed"
+    Session().commit()
+    Session.remove()
+    assert Session().get(User, 1).name == "changed"
+    Session.remove()
+
+
+def test_register_works_as_a_decorator_with_and_without_arguments():
+    cache = IdentityCache()
+
+    class LocalBase(DeclarativeBase):
+        pass
+
+    @cache.register
+    class A(LocalBase):
+        __tablename__ = "a"
+        id: Mapped[int] = mapped_column(Integer, primary_key=True)
+
+    @cache.register(ttl=5)
+    class B(LocalBase):
+        __tablename__ = "b"
+        id: Mapped[int] = mapped_column(Integer, primary_key=True)
+
+    assert cache.model_for(A.__mapper__).ttl == cache.ttl
+    assert cache.model_for(B.__mapper__).ttl == 5
