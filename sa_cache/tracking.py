@@ -23,6 +23,7 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session, SessionTransaction, UOWTransaction
 from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.sql.elements import TextClause
 
 from .models import CachedModel
 
@@ -70,7 +71,7 @@ def _after_flush(session: Session, flush_context: UOWTransaction) -> None:
         model = cache.model_for(state.mapper)
         if model is not None:
             identity = state.mapper.identity_key_from_instance(obj)
-            keys[model.keys.row_key(identity[1], identity[2])] = model
+            keys[_row_key(model, identity)] = model
     for obj in session.dirty:
         state = instance_state(obj)
         model = cache.model_for(state.mapper)
@@ -78,15 +79,24 @@ def _after_flush(session: Session, flush_context: UOWTransaction) -> None:
             continue
         if not session.is_modified(obj, include_collections=False):
             continue
-        keys[model.keys.row_key(state.key[1], state.key[2])] = model
+        keys[_row_key(model, state.key)] = model
         identity = state.mapper.identity_key_from_instance(obj)
         if identity != state.key:  # primary key changed: the new identity may be negatively cached
-            keys[model.keys.row_key(identity[1], identity[2])] = model
-    for obj in session.deleted:
-        state = instance_state(obj)
+            keys[_row_key(model, identity)] = model
+    # every row the flush deleted: session.deleted lacks the orphans the flush itself removed
+    for state, (isdelete, listonly) in flush_context.states.items():
+        if not isdelete or listonly or state.key is None:
+            continue
         model = cache.model_for(state.mapper)
-        if model is not None and state.key is not None:
-            keys[model.keys.row_key(state.key[1], state.key[2])] = model
+        if model is not None:
+            keys[_row_key(model, state.key)] = model
+
+
+def _row_key(model: CachedModel, identity_key: Any) -> str:
+    """The cache key of a row the flush touched, its primary key normalised as a lookup's is: an
+    instance may hold ``"09"`` (or a UUID in capitals) for the row a lookup calls ``9``."""
+    pk = model.normalise(identity_key[1])
+    return model.keys.row_key(identity_key[1] if pk is None else pk, identity_key[2])
 
 
 def _after_commit(session: Session) -> None:
@@ -106,8 +116,16 @@ def _after_transaction_end(session: Session, transaction: SessionTransaction) ->
             session._sa_cache_pending.clear()  # type: ignore[attr-defined]
 
 
+_READ_ONLY_SQL = ("SELECT", "WITH", "SHOW", "EXPLAIN", "VALUES")
+
+
 def _do_orm_execute(state: ORMExecuteState) -> Any:
     if not (state.is_update or state.is_delete or state.is_insert):
+        if isinstance(state.statement, TextClause):
+            changes = _changes(state.session)
+            sql = state.statement.text.lstrip().upper()
+            if changes is not None and not sql.startswith(_READ_ONLY_SQL):
+                changes.wrote = True  # rows unknown: at least never publish what it wrote
         return None
     session = state.session
     changes = _changes(session)
@@ -121,7 +139,11 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
     changes.wrote = True
     mapper = state.bind_mapper if state.is_orm_statement else None
     if state.is_insert:
-        keys = _keys_from_parameters(model, mapper, state.parameters)
+        # an upsert or INSERT OR REPLACE may change or delete rows its parameters do not name
+        if statement._post_values_clause is not None or statement._prefixes:
+            keys = None
+        else:
+            keys = _keys_from_parameters(model, mapper, state.parameters)
     elif mapper is not None and _returning_matches_rows(state, mapper, statement):
         state.update_execution_options(synchronize_session="fetch")
         result: Any = state.invoke_statement()

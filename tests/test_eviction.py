@@ -1,0 +1,399 @@
+"""Behaviour 5: eviction. Changes are collected at flush (net changes only; old and new identity
+when a primary key changes), kept across savepoints, discarded on rollback, and evicted when the
+transaction commits, before the user's own ``after_commit`` listeners run. One commit costs at
+most one cache round trip however many rows changed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import event, select
+from sqlalchemy.orm import Session as PlainSession
+from sqlalchemy.orm import sessionmaker
+
+from sa_cache import CachingSession, CachingSessionMixin, IdentityCache, codec
+
+from .extra_models import Account, Login, ensure_tables
+from .models import Address, User
+
+
+def evictions(cache: IdentityCache) -> int:
+    return int(cache.stats()["evictions"])
+
+
+def entry_kind(cache: IdentityCache, model: type[Any], pk: int) -> Any:
+    """What the store holds for one row: None, or codec.ROW / ABSENT / TOMBSTONE."""
+    key = cache.model_for(model.__mapper__).keys.row_key((pk,))  # type: ignore[union-attr]
+    raw = cache.store.get_many([key])[0]
+    return None if raw is None else codec.decode(raw)[1]
+
+
+def warm(Session: sessionmaker[CachingSession], *pks: int) -> None:
+    """Cache ``pks`` (one session each: a REPEATABLE READ session fills only its first load)."""
+    for pk in pks:
+        with Session() as s:
+            s.get(User, pk)
+
+
+@pytest.fixture
+def users(Session: sessionmaker[CachingSession]) -> None:
+    with Session() as s:
+        s.add_all([User(id=i, name=f"u{i}") for i in (1, 2, 3)])
+        s.commit()
+    warm(Session, 1, 2, 3)
+
+
+@pytest.mark.usefixtures("users")
+def test_an_update_is_evicted_at_commit_and_the_next_lookup_loads_and_caches_the_new_row(
+    Session, sql, cache, backend, redis_counter
+):
+    before = evictions(cache)
+    with Session() as s:
+        s.get(User, 1).name = "new"
+        redis_counter.reset()
+        s.commit()
+    assert evictions(cache) == before + 1
+    if backend == "redis":
+        assert redis_counter.commands == {"SET": 1}
+        assert redis_counter.round_trips == 1
+    sql.reset()
+    with Session() as s:
+        assert s.get(User, 1).name == "new"
+    assert sql.selects() == 1
+    with Session() as s:
+        assert s.get(User, 1).name == "new"
+    assert sql.selects() == 1
+
+
+@pytest.mark.usefixtures("users")
+def test_a_rolled_back_update_never_reaches_the_cache_and_evicts_nothing(
+    Session, sql, cache, backend, redis_counter
+):
+    before = evictions(cache)
+    redis_counter.reset()
+    with Session() as s:
+        user = s.get(User, 1)
+        user.name = "discarded"
+        s.flush()
+        s.rollback()
+    assert evictions(cache) == before
+    if backend == "redis":
+        assert redis_counter.commands == {"MGET": 1}  # the get; nothing written
+    sql.reset()
+    hits = cache.stats()["hits"]
+    with Session() as s:
+        assert s.get(User, 1).name == "u1"
+    assert sql.count == 0
+    assert cache.stats()["hits"] == hits + 1
+
+
+@pytest.mark.usefixtures("users")
+def test_setting_an_attribute_to_its_current_value_evicts_nothing(
+    Session, sql, cache, backend, redis_counter
+):
+    before = evictions(cache)
+    with Session() as s:
+        user = s.get(User, 1)
+        user.name = "u1"
+        assert user in s.dirty and not s.is_modified(user)
+        redis_counter.reset()
+        s.commit()
+    assert evictions(cache) == before
+    if backend == "redis":
+        assert redis_counter.total == 0
+    sql.reset()
+    with Session() as s:
+        assert s.get(User, 1).name == "u1"
+    assert sql.count == 0
+
+
+@pytest.mark.usefixtures("users")
+def test_a_primary_key_change_evicts_both_the_old_and_the_new_identity(
+    Session, sql, cache, backend, redis_counter
+):
+    with Session() as s:
+        assert s.get(User, 7) is None  # the new identity is negatively cached
+    assert entry_kind(cache, User, 7) == codec.ABSENT
+    before = evictions(cache)
+    with Session() as s:
+        s.get(User, 1).id = 7
+        redis_counter.reset()
+        s.commit()
+    assert evictions(cache) == before + 2
+    if backend == "redis":
+        assert redis_counter.commands == {"SET": 2}
+        assert redis_counter.round_trips == 1
+    assert entry_kind(cache, User, 1) == codec.TOMBSTONE
+    assert entry_kind(cache, User, 7) == codec.TOMBSTONE
+    sql.reset()
+    with Session() as s:
+        assert s.get(User, 1) is None
+    with Session() as s:
+        assert s.get(User, 7).name == "u1"
+    assert sql.selects() == 2
+
+
+@pytest.mark.usefixtures("users")
+def test_a_delete_is_evicted_and_the_next_lookup_returns_none(Session, sql, cache):
+    before = evictions(cache)
+    with Session() as s:
+        s.delete(s.get(User, 2))
+        s.commit()
+    assert evictions(cache) == before + 1
+    sql.reset()
+    with Session() as s:
+        assert s.get(User, 2) is None
+    with Session() as s:
+        assert s.get(User, 2) is None  # now from the negative entry
+    assert sql.selects() == 1
+
+
+@pytest.mark.usefixtures("users")
+def test_an_insert_evicts_the_negative_entry_for_its_primary_key(Session, sql, cache):
+    with Session() as s:
+        assert s.get(User, 9) is None
+    assert entry_kind(cache, User, 9) == codec.ABSENT
+    with Session() as s:
+        s.add(User(id=9, name="nine"))
+        s.commit()
+    assert entry_kind(cache, User, 9) == codec.TOMBSTONE
+    sql.reset()
+    with Session() as s:
+        assert s.get(User, 9).name == "nine"
+    assert sql.selects() == 1
+
+
+@pytest.mark.usefixtures("users")
+def test_a_change_made_in_a_released_savepoint_is_evicted_when_the_outer_transaction_commits(
+    Session, sql, cache
+):
+    with Session() as s:
+        user = s.get(User, 1)
+        with s.begin_nested():
+            user.name = "in savepoint"
+        s.commit()
+    sql.reset()
+    with Session() as s:
+        assert s.get(User, 1).name == "in savepoint"
+    assert sql.selects() == 1
+
+
+@pytest.mark.usefixtures("users")
+def test_a_rolled_back_savepoint_keeps_the_evictions_of_earlier_flushes(Session, sql, cache):
+    with Session() as s:
+        s.get(User, 1).name = "outer"
+        s.flush()
+        savepoint = s.begin_nested()
+        s.get(User, 2).name = "inner"
+        s.flush()
+        savepoint.rollback()
+        s.commit()
+    sql.reset()
+    with Session() as s:
+        assert s.get(User, 1).name == "outer"
+    with Session() as s:
+        assert s.get(User, 2).name == "u2"  # evicting a row the savepoint undid is harmless
+    with Session() as s:
+        assert s.get(User, 3).name == "u3"
+    assert sql.selects() == 2
+
+
+@pytest.mark.usefixtures("users")
+def test_releasing_a_savepoint_evicts_nothing_before_the_outer_commit(
+    Session, sql, cache, backend, redis_counter
+):
+    before = evictions(cache)
+    with Session() as s:
+        user = s.get(User, 1)
+        redis_counter.reset()
+        with s.begin_nested():
+            user.name = "released"
+        assert evictions(cache) == before
+        if backend == "redis":
+            assert redis_counter.total == 0
+        sql.reset()
+        with Session() as other:
+            assert other.get(User, 1).name == "u1"  # the committed row, from the cache
+        assert sql.count == 0
+        s.commit()
+    assert evictions(cache) == before + 1
+    with Session() as s:
+        assert s.get(User, 1).name == "released"
+
+
+@pytest.mark.usefixtures("users")
+def test_commit_with_a_savepoint_still_open_evicts_once_at_the_outermost_commit(
+    Session, sql, cache, backend, redis_counter
+):
+    before = evictions(cache)
+    with Session() as s:
+        user = s.get(User, 1)
+        s.begin_nested()
+        user.name = "nested"
+        redis_counter.reset()
+        s.commit()  # releases the savepoint and commits the transaction
+    assert evictions(cache) == before + 1
+    if backend == "redis":
+        assert redis_counter.commands == {"SET": 1}
+        assert redis_counter.round_trips == 1
+    sql.reset()
+    with Session() as s:
+        assert s.get(User, 1).name == "nested"
+    assert sql.selects() == 1
+
+
+@pytest.mark.usefixtures("users")
+def test_a_released_savepoint_whose_transaction_rolls_back_evicts_nothing(
+    Session, sql, cache, backend, redis_counter
+):
+    before = evictions(cache)
+    with Session() as s:
+        user = s.get(User, 1)
+        redis_counter.reset()
+        with s.begin_nested():
+            user.name = "released"
+        s.rollback()
+    assert evictions(cache) == before
+    if backend == "redis":
+        assert redis_counter.total == 0
+    sql.reset()
+    with Session() as s:
+        assert s.get(User, 1).name == "u1"
+    assert sql.count == 0
+
+
+@pytest.mark.usefixtures("users")
+@pytest.mark.parametrize("where", ["session_class", "sessionmaker", "instance"])
+def test_an_after_commit_listener_of_the_application_reads_the_new_row_not_the_cached_one(
+    engine, cache, where
+):
+    class AppSession(CachingSession):
+        pass
+
+    factory = sessionmaker(engine, class_=AppSession, cache=cache)
+    seen: list[str] = []
+
+    def enqueue_job(session: Any) -> None:
+        with factory() as fresh:
+            seen.append(fresh.get(User, 1).name)
+
+    with factory() as s:
+        target = {"session_class": AppSession, "sessionmaker": factory, "instance": s}[where]
+        event.listen(target, "after_commit", enqueue_job)
+        s.get(User, 1).name = "committed"
+        s.commit()
+    assert seen == ["committed"]
+
+
+@pytest.mark.usefixtures("users")
+def test_an_after_commit_listener_on_the_base_session_registered_before_the_mixin_runs_after(
+    engine, cache
+):
+    seen: list[str] = []
+
+    def enqueue_job(session: Any) -> None:
+        if isinstance(session, AppSession) and not seen:
+            with AppSession(engine, cache=cache) as fresh:
+                seen.append(fresh.get(User, 1).name)
+
+    event.listen(PlainSession, "after_commit", enqueue_job)
+    try:
+
+        class AppSession(CachingSessionMixin, PlainSession):  # defined after the listener
+            pass
+
+        with AppSession(engine, cache=cache) as s:
+            s.get(User, 1).name = "committed"
+            s.commit()
+    finally:
+        event.remove(PlainSession, "after_commit", enqueue_job)
+    assert seen == ["committed"]
+
+
+def test_fifty_rows_changed_in_one_commit_cost_one_round_trip(
+    Session, sql, cache, backend, redis_counter
+):
+    with Session() as s:
+        s.add_all([User(id=i, name=f"u{i}") for i in range(1, 51)])
+        s.commit()
+    with Session() as s:
+        s.get_many(User, range(1, 51))
+    before = evictions(cache)
+    with Session() as s:
+        for user in s.scalars(select(User)):
+            user.name = user.name.upper()
+        redis_counter.reset()
+        s.commit()
+    assert evictions(cache) == before + 50
+    if backend == "redis":
+        assert redis_counter.commands == {"SET": 50}
+        assert redis_counter.round_trips == 1
+    sql.reset()
+    with Session() as s:
+        assert [u.name for u in s.get_many(User, [1, 50])] == ["U1", "U50"]
+    assert sql.selects() == 1
+
+
+def test_a_foreign_key_changed_through_a_relationship_evicts_the_registered_row(
+    Session, sql, cache
+):
+    cache.register(Address)
+    with Session() as s:
+        s.add_all([User(id=1, name="a"), User(id=2, name="b")])
+        s.add(Address(id=10, user_id=1, city="Oslo"))
+        s.commit()
+    with Session() as s:
+        assert s.get(Address, 10).user_id == 1
+    sql.reset()
+    with Session() as s:
+        address = s.get(Address, 10)
+        assert sql.count == 0  # from the cache
+        address.user = s.get(User, 2)
+        s.commit()
+    sql.reset()
+    with Session() as s:
+        assert s.get(Address, 10).user_id == 2
+    assert sql.selects() == 1
+
+
+def test_moving_a_registered_child_between_parent_collections_evicts_it(Session, sql, cache):
+    cache.register(Address)
+    with Session() as s:
+        s.add_all([User(id=1, name="a"), User(id=2, name="b")])
+        s.add(Address(id=10, user_id=1, city="Oslo"))
+        s.commit()
+    with Session() as s:
+        s.get(Address, 10)
+    with Session() as s:
+        address = s.get(Address, 10)
+        old, new = s.get(User, 1), s.get(User, 2)
+        old.addresses.remove(address)
+        new.addresses.append(address)
+        s.commit()
+    sql.reset()
+    with Session() as s:
+        assert s.get(Address, 10).user_id == 2
+    assert sql.selects() == 1
+
+
+def test_a_row_the_flush_deletes_as_an_orphan_is_evicted(engine, Session, sql, cache):
+    ensure_tables(engine)
+    cache.register(Account)
+    cache.register(Login)
+    with Session() as s:
+        s.add(Account(id=1, email="a@x", name="a", logins=[Login(id=1), Login(id=2)]))
+        s.commit()
+    for pk in (1, 2):
+        with Session() as s:
+            s.get(Login, pk)
+    with Session() as s:
+        account = s.get(Account, 1)
+        account.logins.remove(s.get(Login, 1))  # not in session.deleted: the flush orphans it
+        s.commit()
+    sql.reset()
+    with Session() as s:
+        assert s.get(Login, 1) is None
+    with Session() as s:
+        assert s.get(Login, 2) is not None
+    assert sql.selects() == 1
