@@ -49,6 +49,8 @@ class IdentityLookupHooks:
     """
 
     _sa_cache_last_absent: Any = None
+    #: the normalised primary key the cache was asked for during the current ``get``
+    _sa_cache_lookup_pk: Any = None
 
     def cache_lookup(
         self,
@@ -60,6 +62,10 @@ class IdentityLookupHooks:
         return None
 
     def loaded_nothing(self, mapper: Mapper[Any], primary_key_identity: Any) -> None:
+        return None
+
+    def lookup_done(self) -> None:
+        """Called when a ``get`` returns or raises, whatever happened in between."""
         return None
 
     def identity_map_lookup(self, mapper: Mapper[Any], primary_key_identity: Any) -> Any:
@@ -94,19 +100,26 @@ class IdentityLookupHooks:
         self, entity: Any, primary_key_identity: Any, db_load_fn: Callable[..., Any], **kw: Any
     ) -> Any:
         self._sa_cache_last_absent = None
+        self._sa_cache_lookup_pk = None
 
         def load_unless_known_absent(session: Any, statement: Any, pk: Any, **load_kw: Any) -> Any:
             if self._sa_cache_last_absent is not None:
                 self._sa_cache_last_absent = None
                 return None
+            if self._sa_cache_lookup_pk is not None:
+                # load what the cache was asked for, so a cold and a warm cache agree
+                pk = list(self._sa_cache_lookup_pk)
             result = db_load_fn(session, statement, pk, **load_kw)
             if result is None:
                 self.loaded_nothing(inspect(entity), pk)
             return result
 
-        return super()._get_impl(  # type: ignore[misc]
-            entity, primary_key_identity, load_unless_known_absent, **kw
-        )
+        try:
+            return super()._get_impl(  # type: ignore[misc]
+                entity, primary_key_identity, load_unless_known_absent, **kw
+            )
+        finally:
+            self.lookup_done()
 
 
 _STATEMENT_SNAPSHOTS: Final = frozenset({"READ COMMITTED", "READ UNCOMMITTED", "AUTOCOMMIT"})

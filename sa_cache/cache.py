@@ -145,6 +145,7 @@ class IdentityCache:
         self._lock = threading.Lock()
         self._journal: dict[str, CachedModel] = {}
         self._journal_models: set[CachedModel] = set()
+        self._journal_writes = 0  # bumped by every journaling: a replay forgets only what it sent
         self.errors = 0
         self.bypassed = 0
         self.breaker = CircuitBreaker(breaker_threshold, breaker_cooldown)
@@ -243,9 +244,10 @@ class IdentityCache:
             raw = opened
         entry = codec.decode(raw)
         kind = entry[1] if entry is not codec.CORRUPT else None
-        if kind == codec.ROW and len(entry) == 6:
-            if entry[3] != generation:
-                return None
+        if kind == codec.ROW and len(entry) == 6 and entry[3] != generation:
+            if type(entry[3]) is bytes:
+                return None  # written under an earlier generation: a plain miss
+        elif kind == codec.ROW and len(entry) == 6:
             shape = model.shape_for_tag(entry[4])
             values = entry[5]
             if (
@@ -258,11 +260,11 @@ class IdentityCache:
                     hydrated = shape.hydrate(values)
                 except Exception:
                     hydrated = None
-                if hydrated is not None and pk == tuple(
-                    [hydrated[shape.attrs[i]] for i in shape.pk_positions]
+                if hydrated is not None and _same_key(
+                    pk, [hydrated[shape.attrs[i]] for i in shape.pk_positions]
                 ):
                     return Hit(shape, hydrated)
-        elif kind == codec.ABSENT and len(entry) == 3:
+        elif kind == codec.ABSENT and len(entry) == 3 and type(entry[2]) is bytes:
             return ABSENT if entry[2] == generation else None
         elif kind == codec.TOMBSTONE:
             return None
@@ -388,6 +390,7 @@ class IdentityCache:
 
     def _journal_evictions(self, keys: dict[str, CachedModel], models: set[CachedModel]) -> None:
         with self._lock:
+            self._journal_writes += 1
             self._journal.update(keys)
             self._journal_models.update(models)
             if len(self._journal) > _JOURNAL_LIMIT:
@@ -397,9 +400,12 @@ class IdentityCache:
     def _replay_journal(self) -> bool:
         with self._lock:
             keys, models = dict(self._journal), set(self._journal_models)
+            writes = self._journal_writes
         if not self._write_evictions(keys, models):
             return False
         with self._lock:
+            if writes != self._journal_writes:
+                return True  # journaled again meanwhile (maybe the same keys): replay it all later
             for key in keys:
                 self._journal.pop(key, None)
             self._journal_models.difference_update(models)
@@ -470,6 +476,14 @@ class IdentityCache:
 
 
 _STAT_NAMES = ("hits", "misses", "fills", "evictions", "errors", "rejected")
+
+
+def _same_key(pk: tuple[Any, ...], values: list[Any]) -> bool:
+    """Whether a cached row's primary-key values are ``pk`` exactly: equal and of the same types,
+    so a row stored with ``id=True`` or ``id=1.0`` is no row of ``get(Model, 1)``."""
+    return len(pk) == len(values) and all(
+        type(a) is type(b) and a == b for a, b in zip(pk, values, strict=True)
+    )
 
 
 def _mapper_of(target: Any) -> Mapper[Any]:

@@ -122,6 +122,8 @@ def decode(raw: bytes) -> Any:
     if (
         type(entry) is not list
         or len(entry) < 3
+        or type(entry[0]) is not int  # True == 1 and 1.0 == 1: not our version or kind
+        or type(entry[1]) is not int
         or entry[0] != FORMAT_VERSION
         or entry[1] not in (ROW, ABSENT, TOMBSTONE)
     ):

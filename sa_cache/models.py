@@ -9,6 +9,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from sqlalchemy import types as sqltypes
 from sqlalchemy.orm import Mapper
 from sqlalchemy.schema import Column
 
@@ -97,6 +98,7 @@ class CachedModel:
         self.ttl = ttl
         self.keys = KeySpace(prefix, base_mapper.local_table)  # type: ignore[arg-type]
         self.coercers: tuple[Coercer, ...] = tuple(coercer_for(c) for c in base_mapper.primary_key)
+        self.string_pk = any(isinstance(c.type, sqltypes.String) for c in base_mapper.primary_key)
         self.stats = ModelStats()
         self._shapes: dict[Mapper[Any], RowShape] = {}
         self._by_tag: dict[Any, RowShape] = {}
@@ -112,14 +114,13 @@ class CachedModel:
         return shape
 
     def shape_for_tag(self, tag: Any) -> RowShape | None:
+        if not _hashable(tag):
+            return None  # decoded from the store: a list or a map is no class of ours
         shape = self._by_tag.get(tag)
         if shape is None:
-            mapper: Mapper[Any] | None
-            if tag is None:
-                mapper = self.base_mapper
-            else:
-                polymorphic_map = self.base_mapper.polymorphic_map
-                mapper = polymorphic_map.get(tag) if _hashable(tag) else None
+            mapper: Mapper[Any] | None = (
+                self.base_mapper if tag is None else self.base_mapper.polymorphic_map.get(tag)
+            )
             if mapper is None:
                 return None
             shape = self.shape(mapper)

@@ -39,6 +39,7 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         self._sa_cache_tx = tracking.TransactionChanges()
         self._sa_cache_pending: dict[Any, Observation] = {}
         self._sa_cache_batch: list[tuple[CachedModel, Fill]] | None = None
+        self._sa_cache_current: Any = None
         super().__init__(*args, **kwargs)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -87,18 +88,30 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
             found = Session._identity_lookup(self, mapper, pk, identity_token)  # type: ignore[arg-type]
             if found is not None:
                 return found
+        self._sa_cache_lookup_pk = pk
         key = model.keys.row_key(pk, identity_token)
         if key in self._sa_cache_tx.keys:
             return None  # this transaction wrote the row: read our own write from the database
         cache = self.cache
         assert cache is not None
         answer = self._read_and_place(model, mapper, [(key, pk, identity_token)])[0]
-        if answer is None and cache.lease_wait > 0:
+        if answer is None:
             identity_key = mapper.identity_key_from_primary_key(pk, identity_token)
-            observation = self._sa_cache_pending.get(identity_key)
-            if observation is not None:
-                return self._lease_or_wait(model, mapper, pk, identity_key)
+            if identity_key in self._sa_cache_pending:
+                self._sa_cache_current = identity_key
+                if cache.lease_wait > 0:
+                    return self._lease_or_wait(model, mapper, pk, identity_key)
         return answer
+
+    def lookup_done(self) -> None:
+        """A ``get`` ended: drop its observation if no load consumed it (the load raised, or
+        loaded nothing cacheable), releasing its lease so waiters need not time out."""
+        identity_key, self._sa_cache_current = self._sa_cache_current, None
+        if identity_key is None:
+            return
+        observation = self._sa_cache_pending.pop(identity_key, None)
+        if observation is not None and observation.leased and self.cache is not None:
+            self.cache.fill([], [self.cache.lease_key(observation.key)])
 
     def _lease_or_wait(
         self, model: CachedModel, mapper: Mapper[Any], pk: tuple[Any, ...], identity_key: Any
@@ -202,6 +215,9 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         generations, raws = read
         generation = generations[model]
         may_fill = not self._sa_cache_tx.wrote and _orm.next_load_sees_fresh_snapshot(self)  # type: ignore[arg-type]
+        negative_ok = mapper is model.base_mapper and (
+            not model.string_pk or self._exact_string_comparison(mapper)
+        )
         answers: list[Any] = []
         stats = model.stats
         for (key, pk, token), raw in zip(wanted, raws, strict=True):
@@ -214,10 +230,18 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
                 stats.misses += 1
                 if may_fill:
                     self._sa_cache_pending[identity_key] = Observation(
-                        model, key, raw, generation, now, mapper is model.base_mapper
+                        model, key, raw, generation, now, negative_ok
                     )
                 answers.append(None)
         return answers
+
+    def _exact_string_comparison(self, mapper: Mapper[Any]) -> bool:
+        """Whether the database compares string keys exactly. MySQL/MariaDB (and SQL Server)
+        collations are case- and trailing-space-insensitive by default: ``get(M, "ACME")`` may
+        find the row stored as "acme", so an absence cached under "ACME" would outlive the
+        insert of "acme", which evicts only its own key. No negative caching there."""
+        dialect = self.get_bind(mapper=mapper).dialect.name  # type: ignore[attr-defined]
+        return dialect in ("postgresql", "sqlite", "oracle")
 
     def loaded_nothing(self, mapper: Mapper[Any], primary_key_identity: Any) -> None:
         """A ``get`` went to the database and found no row: remember that (negative caching)."""

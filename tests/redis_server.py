@@ -12,6 +12,9 @@ import socket
 import subprocess
 import tempfile
 import time
+from typing import Any
+
+import redis
 
 
 def free_port() -> int:
@@ -20,59 +23,91 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def redis_binary() -> str:
+    return shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
 class RedisServer:
-    def __init__(self) -> None:
+    """``extra_args`` are passed to ``redis-server`` as they are (``--maxmemory``, ``--requirepass``
+    ...). With ``tls_dir`` (holding ``ca.crt``, ``server.crt``, ``server.key``) the server listens
+    for TLS only, on ``port``."""
+
+    def __init__(self, *extra_args: str, tls_dir: str | None = None) -> None:
         self.port = free_port()
         self.folder = tempfile.mkdtemp(prefix="sa_cache_redis_")
+        self.extra_args = list(extra_args)
+        self.tls_dir = tls_dir
         self.process: subprocess.Popen[bytes] | None = None
+        self.paused = False
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    def _command(self) -> list[str]:
+        command = [redis_binary(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        command += ["--dir", self.folder, "--logfile", os.path.join(self.folder, "redis.log")]
+        if self.tls_dir is None:
+            command += ["--port", str(self.port)]
+        else:
+            files = {name: os.path.join(self.tls_dir, name) for name in ("ca.crt", "server.crt")}
+            command += ["--port", "0", "--tls-port", str(self.port)]
+            command += ["--tls-cert-file", files["server.crt"]]
+            command += ["--tls-key-file", os.path.join(self.tls_dir, "server.key")]
+            command += ["--tls-ca-cert-file", files["ca.crt"], "--tls-auth-clients", "no"]
+        return command + self.extra_args
+
     def start(self) -> RedisServer:
-        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         self.process = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                self.folder,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            self._command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited at start: {self.log()[-2000:]}")
             with socket.socket() as sock:
                 if sock.connect_ex(("127.0.0.1", self.port)) == 0:
                     return self
             time.sleep(0.02)
         raise RuntimeError(f"redis-server did not start on port {self.port}")
 
+    def log(self) -> str:
+        try:
+            with open(os.path.join(self.folder, "redis.log")) as handle:
+                return handle.read()
+        except OSError:
+            return ""
+
+    def client(self, **options: Any) -> redis.Redis:
+        """A client of its own (not the cache's), for injecting faults and looking inside."""
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, **options)
+
     def kill(self) -> None:
+        """SIGKILL: the process and everything in its memory are gone at once."""
         if self.process is not None:
             self.process.kill()
             self.process.wait(timeout=10)
             self.process = None
+            self.paused = False
+
+    def restart(self) -> None:
+        """SIGKILL, then a new process on the same port, with empty memory."""
+        self.kill()
+        self.start()
 
     def pause(self) -> None:
+        """SIGSTOP: the port still accepts connections (the kernel's backlog), nothing answers."""
         assert self.process is not None
         os.kill(self.process.pid, signal.SIGSTOP)
+        self.paused = True
 
     def resume(self) -> None:
         assert self.process is not None
         os.kill(self.process.pid, signal.SIGCONT)
+        self.paused = False
 
     def stop(self) -> None:
-        if self.process is not None:
+        if self.process is not None and self.paused:
             self.resume()
         self.kill()
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -136,3 +136,30 @@ def test_a_waiter_that_times_out_reads_the_database_without_filling(engine, back
     assert cache.store.get_many([key]) == [None]
     if backend == "redis":
         cache.store.delete_prefix(cache.prefix + ":")
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_a_load_that_raises_releases_its_lease(engine, backend):
+    if backend == "redis":
+        require_service("redis", 6379)
+    cache = IdentityCache(
+        REDIS_URL if backend == "redis" else None, prefix=f"herd_r_{id(engine)}", lease_wait=5.0
+    )
+    cache.register(User)
+    Session = sessionmaker(engine, class_=CachingSession, cache=cache)
+    key = cache.model_for(User.__mapper__).keys.row_key((1,))
+
+    class LoadFailed(Exception):
+        pass
+
+    with Session() as s:
+
+        @event.listens_for(s, "do_orm_execute")
+        def fail(state: Any) -> None:
+            raise LoadFailed
+
+        with pytest.raises(LoadFailed):
+            s.get(User, 1)
+    assert cache.store.get_many([cache.lease_key(key)]) == [None]
+    if backend == "redis":
+        cache.store.delete_prefix(cache.prefix + ":")

@@ -215,12 +215,15 @@ def test_get_many_caches_the_absence_of_every_missing_row_in_one_write(
     assert sql.count == 0
 
 
-def test_a_composite_primary_key_caches_its_absence(Session, sql, cache):
+def test_a_composite_primary_key_caches_its_absence_where_strings_compare_exactly(
+    Session, sql, cache, db
+):
     sql.reset()
     for _ in range(2):
         with Session() as s:
             assert s.get(Membership, ("acme", 1)) is None
-    assert sql.selects() == 1
+    # MariaDB's default collation matches "ACME" to "acme": no negative entries for string keys
+    assert sql.selects() == (2 if db == "mariadb" else 1)
     with Session() as s:
         s.add(Membership(org="acme", member=1, role="owner"))
         s.commit()

@@ -137,3 +137,18 @@ def test_the_secret_never_appears_in_reprs_or_stats(cache):
 def test_an_empty_secret_is_refused():
     with pytest.raises(ValueError):
         IdentityCache(signing_key="")
+
+
+def test_the_flask_extension_reads_the_signing_key_from_config():
+    from flask import Flask
+    from flask_sqlalchemy import SQLAlchemy
+    from sa_cache.integrations.flask import SACache
+
+    app = Flask(__name__)
+    app.config.update(SQLALCHEMY_DATABASE_URI="sqlite://", SA_CACHE_SIGNING_KEY=["new", "old"])
+    db = SQLAlchemy(**SACache.sqlalchemy_options())
+    db.init_app(app)
+    sacache = SACache(app, db)
+    with app.app_context():
+        assert sacache.cache._signer is not None
+        assert "new" not in repr(sacache.cache) and "old" not in repr(sacache.cache._signer)

@@ -1,0 +1,169 @@
+"""Fixtures for the Flask tests: the example application on a real database (its own database per
+run, apart from the core tests' tables) and a real cache, with SQL counted per request."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from sa_cache.integrations import example_app
+from sa_cache.integrations.example_app import db as example_db
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+from .conftest import (
+    MARIADB_SERVER,
+    PG_SERVER,
+    REDIS_URL,
+    RUN_ID,
+    _create_database,
+    _drop_database,
+    require_service,
+)
+
+FLASK_DB = f"{RUN_ID}_flask"
+FAST_HASH = "pbkdf2:sha256:1000"  # the example defaults to scrypt; tests log in a lot
+PASSWORDS = {email: password for email, _, password, _ in example_app.DEMO_USERS}
+
+_urls: dict[str, str] = {}
+
+
+@pytest.fixture(scope="session", name="flask_databases")
+def flask_databases_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    yield _urls
+    if "postgresql" in _urls:
+        _drop_database(PG_SERVER, FLASK_DB)
+    if "mariadb" in _urls:
+        _drop_database(MARIADB_SERVER, FLASK_DB)
+
+
+def flask_database_url(kind: str, urls: dict[str, str], tmp_root: str) -> str:
+    if kind not in urls:
+        if kind == "sqlite":
+            urls[kind] = f"sqlite:///{tmp_root}/{FLASK_DB}.sqlite"
+        elif kind == "postgresql":
+            urls[kind] = _create_database(PG_SERVER, 5432, FLASK_DB)
+        else:
+            urls[kind] = _create_database(MARIADB_SERVER, 3306, FLASK_DB)
+    return urls[kind]
+
+
+def new_prefix() -> str:
+    return f"{RUN_ID}_flask_{uuid.uuid4().hex[:8]}"
+
+
+def cache_config(backend: str, prefix: str | None = None) -> dict[str, Any]:
+    config: dict[str, Any] = {"SA_CACHE_PREFIX": prefix or new_prefix()}
+    if backend == "redis":
+        require_service("redis", 6379)
+        config["SA_CACHE_URL"] = REDIS_URL
+    return config
+
+
+def make_example_app(url: str, **config: Any) -> Flask:
+    return example_app.create_app(
+        {
+            "TESTING": True,
+            "SECRET_KEY": "test",
+            "SQLALCHEMY_DATABASE_URI": url,
+            "PASSWORD_HASH_METHOD": FAST_HASH,
+            **config,
+        }
+    )
+
+
+def reset_database(app: Flask) -> None:
+    with app.app_context():
+        example_db.create_all()
+        with example_db.engine.begin() as conn:
+            for table in reversed(example_db.metadata.sorted_tables):
+                conn.execute(table.delete())
+        example_app.seed()
+
+
+def close_app(app: Flask) -> None:
+    from sa_cache.integrations.flask import EXTENSION_KEY
+
+    state = app.extensions[EXTENSION_KEY]
+    if state.publisher is not None:
+        state.publisher.stop(final=False)
+    if hasattr(state.cache.store, "client"):
+        state.cache.store.delete_prefix(state.cache.prefix + ":")
+    with app.app_context():
+        for engine in example_db.engines.values():
+            engine.dispose()
+
+
+class SQLLog:
+    """Statements the app's engine sent, per request."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.statements: list[str] = []
+        event.listen(engine, "before_cursor_execute", self)
+
+    def __call__(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        self.statements.append(statement)
+
+    def user_selects(self) -> list[str]:
+        return [
+            s
+            for s in self.statements
+            if s.lstrip().upper().startswith("SELECT") and "FROM users" in s
+        ]
+
+
+class Browser:
+    """A test client that logs in and records the SQL each request sent."""
+
+    def __init__(self, app: Flask, sql: SQLLog) -> None:
+        self.app = app
+        self.client: FlaskClient = app.test_client()
+        self.sql = sql
+        self.last: list[str] = []
+
+    def _track(self, method: str, path: str, **kwargs: Any) -> Any:
+        start = len(self.sql.statements)
+        response = getattr(self.client, method)(path, **kwargs)
+        self.last = self.sql.statements[start:]
+        assert response.status_code < 500, response.get_data(as_text=True)
+        return response
+
+    def get(self, path: str, **kwargs: Any) -> Any:
+        return self._track("get", path, **kwargs)
+
+    def post(self, path: str, **kwargs: Any) -> Any:
+        return self._track("post", path, **kwargs)
+
+    def login(self, email: str) -> Browser:
+        response = self.post("/login", data={"email": email, "password": PASSWORDS[email]})
+        assert response.status_code == 302, response.get_data(as_text=True)
+        return self
+
+    @property
+    def statements(self) -> int:
+        return len(self.last)
+
+
+@pytest.fixture(name="example")
+def example_fixture(
+    db: str,
+    backend: str,
+    flask_databases: dict[str, str],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Flask, SQLLog]]:
+    url = flask_database_url(db, flask_databases, str(tmp_path_factory.getbasetemp()))
+    app = make_example_app(url, **cache_config(backend))
+    reset_database(app)
+    with app.app_context():
+        sql = SQLLog(db_engine(app))
+    yield app, sql
+    close_app(app)
+
+
+def db_engine(app: Flask) -> Engine:
+    with app.app_context():
+        return example_db.engine

@@ -1,0 +1,367 @@
+"""The Flask extension itself: the three-line setup, configuration, the incoherence warning, plain
+SQLAlchemy ``scoped_session`` apps, the Flask-Login helper, the CLI and the shared counters."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import uuid
+import warnings
+
+import flask_login
+import pytest
+import redis
+from click.testing import CliRunner
+from flask import Flask
+from flask_sqlalchemy import SQLAlchemy
+from sa_cache.integrations import example_app
+from sa_cache.integrations.flask import EXTENSION_KEY, IncoherentCacheWarning, SACache
+from sqlalchemy import String, create_engine, event
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, scoped_session, sessionmaker
+
+from sa_cache import CachingSession, IdentityCache
+from sa_cache.cli import main
+from sa_cache.shared_stats import StatsPublisher, read_shared_stats, stats_key
+
+from .conftest import REDIS_URL, require_service
+from .flask_support import (  # noqa: F401 - fixtures
+    Browser,
+    SQLLog,
+    cache_config,
+    close_app,
+    db_engine,
+    flask_databases_fixture,
+    make_example_app,
+    new_prefix,
+    reset_database,
+)
+
+
+def counted(engine):
+    statements: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    return statements
+
+
+@pytest.fixture
+def redis_client():
+    require_service("redis", 6379)
+    client = redis.Redis.from_url(REDIS_URL)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def sqlite_app(tmp_path, redis_client):
+    """The example app on a SQLite file with Redis, for the CLI tests."""
+    app = make_example_app(f"sqlite:///{tmp_path}/cli.sqlite", **cache_config("redis"))
+    reset_database(app)
+    yield app
+    close_app(app)
+
+
+# -- the three lines ----------------------------------------------------------------------------
+
+
+def test_three_lines_make_db_session_and_model_query_cached(tmp_path):
+    class Base(DeclarativeBase):
+        pass
+
+    app = Flask(__name__)
+    app.config["SQLALCHEMY_DATABASE_URI"] = f"sqlite:///{tmp_path}/three.sqlite"
+    db = SQLAlchemy(app, model_class=Base, **SACache.sqlalchemy_options())  # line 2 (edited)
+    sacache = SACache(app, db)  # line 3 (line 1 is the import)
+
+    class Thing(db.Model):  # mapped after init_app: still cached
+        id: Mapped[int] = mapped_column(primary_key=True)
+        label: Mapped[str] = mapped_column(String(20))
+
+    with app.app_context():
+        db.create_all()
+        db.session.add(Thing(id=1, label="one"))
+        db.session.commit()
+        statements = counted(db.engine)
+    with app.app_context():
+        assert db.session.get(Thing, 1).label == "one"
+    assert len(statements) == 1
+    with app.app_context():
+        assert db.session.get(Thing, 1).label == "one"
+        assert Thing.query.get(1).label == "one"
+        assert db.get_or_404(Thing, 1).label == "one"
+    with app.app_context():
+        assert Thing.query.get(1).label == "one"
+        assert Thing.query.get_many([1]) == [db.session.get(Thing, 1)]
+    assert len(statements) == 1  # only the first, cold lookup
+    with app.app_context():  # the rest of Flask-SQLAlchemy's Query still works
+        assert Thing.query.filter_by(label="one").paginate(page=1, per_page=5).total == 1
+    assert sacache.cache.stats()["models"]["Thing"]["hits"] >= 4
+
+
+def test_init_app_refuses_a_db_whose_session_would_not_be_cached():
+    app = Flask(__name__)
+    app.config["SQLALCHEMY_DATABASE_URI"] = "sqlite://"
+    db = SQLAlchemy(app)
+    with pytest.raises(TypeError, match="sqlalchemy_options"):
+        SACache(app, db)
+
+
+def test_session_options_keep_your_own_options_and_session_class():
+    import flask_sqlalchemy.session
+
+    class MySession(flask_sqlalchemy.session.Session):
+        pass
+
+    options = SACache.session_options(class_=MySession, expire_on_commit=False)
+    assert options["expire_on_commit"] is False
+    assert issubclass(options["class_"], MySession)
+    assert SACache.session_options(class_=MySession)["class_"] is options["class_"]
+
+
+def test_config_keys_are_applied(redis_client):
+    app = Flask(__name__)
+    prefix = new_prefix()
+    app.config.update(
+        SA_CACHE_URL=REDIS_URL,
+        SA_CACHE_PREFIX=prefix,
+        SA_CACHE_DEFAULT_TTL=120,
+        SA_CACHE_SOCKET_TIMEOUT=0.5,
+    )
+    sacache = SACache(app)
+    cache = sacache.cache
+    assert cache.prefix == prefix and cache.ttl == 120
+    options = cache.store.client.connection_pool.connection_kwargs
+    assert options["socket_timeout"] == 0.5
+    assert app.extensions[EXTENSION_KEY].publisher is not None
+
+
+def test_in_process_backend_warns_when_workers_cannot_share_it(monkeypatch):
+    monkeypatch.delenv("WEB_CONCURRENCY", raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", IncoherentCacheWarning)
+        SACache(Flask(__name__))  # one process: no warning
+    monkeypatch.setenv("WEB_CONCURRENCY", "4")
+    with pytest.warns(IncoherentCacheWarning, match="SA_CACHE_URL"):
+        SACache(Flask(__name__))
+    app = Flask(__name__)
+    app.config["SA_CACHE_URL"] = "redis://127.0.0.1:6379/0"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", IncoherentCacheWarning)
+        SACache(app)  # Redis: coherent, no warning
+
+
+# -- plain SQLAlchemy ---------------------------------------------------------------------------
+
+
+def test_a_plain_scoped_session_app_with_flask_login(tmp_path):
+    class Base(DeclarativeBase):
+        pass
+
+    class Account(flask_login.UserMixin, Base):
+        __tablename__ = "accounts"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        email: Mapped[str] = mapped_column(String(50))
+
+    engine = create_engine(f"sqlite:///{tmp_path}/plain.sqlite")
+    Base.metadata.create_all(engine)
+    app = Flask(__name__)
+    app.config["SECRET_KEY"] = "test"
+    sacache = SACache(app, models=Base)
+    Session = scoped_session(sessionmaker(engine, class_=CachingSession, cache=sacache.cache))  # noqa: N806
+    app.teardown_appcontext(lambda exc: Session.remove())
+    login_manager = flask_login.LoginManager(app)
+    sacache.user_loader(login_manager, Account, session=Session)
+
+    @app.post("/login/<int:pk>")
+    def login(pk):
+        flask_login.login_user(Session.get(Account, pk))
+        return "ok"
+
+    @app.get("/me")
+    @flask_login.login_required
+    def me():
+        return flask_login.current_user.email
+
+    with Session() as s:
+        s.add(Account(id=1, email="plain@example.com"))
+        s.commit()
+    Session.remove()
+    statements = counted(engine)
+    client = app.test_client()
+    client.post("/login/1")
+    assert client.get("/me").get_data(as_text=True) == "plain@example.com"
+    statements.clear()
+    assert client.get("/me").get_data(as_text=True) == "plain@example.com"
+    assert statements == []
+    with client.session_transaction() as session:
+        session["_user_id"] = "nope"
+    assert client.get("/me").status_code == 401
+
+
+# -- the CLI ------------------------------------------------------------------------------------
+
+
+def test_flush_removes_only_this_caches_keys(sqlite_app, redis_client):
+    prefix = sqlite_app.config["SA_CACHE_PREFIX"]
+    browser = Browser(sqlite_app, SQLLog(db_engine(sqlite_app))).login("bob@example.com")
+    browser.get("/me")
+    neighbours = [f"{prefix}_other:x", f"{prefix}x", f"other:{prefix}:x", f"{prefix}"]
+    for key in neighbours:
+        redis_client.set(key, b"keep", ex=60)
+    try:
+        assert redis_client.keys(f"{prefix}:*")
+        result = CliRunner().invoke(main, ["flush", "--redis-url", REDIS_URL, "--prefix", prefix])
+        assert result.exit_code == 0, result.output
+        assert redis_client.keys(f"{prefix}:*") == []
+        assert all(redis_client.get(key) == b"keep" for key in neighbours)
+        browser.get("/me")  # the app carries on: a miss, refilled
+        assert browser.get("/me").status_code == 200 and browser.statements == 0
+        result = sqlite_app.test_cli_runner().invoke(args=["sa-cache", "flush"])
+        assert result.exit_code == 0 and "removed" in result.output
+        assert redis_client.keys(f"{prefix}:*") == []
+    finally:
+        redis_client.delete(*neighbours)
+
+
+@pytest.mark.parametrize("model", ["users", "sa_cache.integrations.example_app:User"])
+def test_console_evict_makes_the_next_request_a_miss(sqlite_app, model):
+    prefix = sqlite_app.config["SA_CACHE_PREFIX"]
+    browser = Browser(sqlite_app, SQLLog(db_engine(sqlite_app))).login("bob@example.com")
+    browser.get("/me")
+    assert browser.get("/me").status_code == 200 and browser.statements == 0
+    bob_id = str(browser.get("/me").json["id"])
+    args = ["evict", "--redis-url", REDIS_URL, "--prefix", prefix, model, bob_id]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    browser.get("/me")
+    assert browser.statements == 1  # evicted: loaded again
+    assert browser.get("/me").status_code == 200 and browser.statements == 0
+
+
+def test_flask_evict_resolves_class_and_table_names(sqlite_app):
+    browser = Browser(sqlite_app, SQLLog(db_engine(sqlite_app))).login("bob@example.com")
+    bob_id = str(browser.get("/me").json["id"])
+    runner = sqlite_app.test_cli_runner()
+    for name in ("User", "users"):
+        browser.get("/me")
+        assert browser.statements == 0
+        result = runner.invoke(args=["sa-cache", "evict", name, bob_id])
+        assert result.exit_code == 0, result.output
+        browser.get("/me")
+        assert browser.statements == 1
+    result = runner.invoke(args=["sa-cache", "evict", "Nothing", "1"])
+    assert result.exit_code != 0 and "no cached model" in result.output
+    result = runner.invoke(args=["sa-cache", "evict", "User", "abc"])
+    assert result.exit_code != 0 and "not a valid primary key" in result.output
+
+
+def test_stats_sums_every_process(sqlite_app, redis_client):
+    """Two application instances stand for two worker processes: each publishes its own deltas,
+    and both the console script and ``flask sa-cache stats`` report the sum."""
+    prefix = sqlite_app.config["SA_CACHE_PREFIX"]
+    other = make_example_app(
+        sqlite_app.config["SQLALCHEMY_DATABASE_URI"], **cache_config("redis", prefix)
+    )
+    try:
+        for app in (sqlite_app, other):
+            browser = Browser(app, SQLLog(db_engine(app))).login("bob@example.com")
+            for _ in range(3):
+                browser.get("/me")
+        caches = [app.extensions[EXTENSION_KEY].cache for app in (sqlite_app, other)]
+        expected = {k: sum(c.stats()[k] for c in caches) for k in ("hits", "misses", "fills")}
+        assert expected["hits"] >= 4
+        for app in (sqlite_app, other):
+            assert app.extensions[EXTENSION_KEY].publisher.publish()
+            assert app.extensions[EXTENSION_KEY].publisher.publish()  # no deltas: adds nothing
+        args = ["stats", "--json", "--redis-url", REDIS_URL, "--prefix", prefix]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        shared = json.loads(result.output)
+        assert {k: shared[k] for k in expected} == expected
+        assert shared["models"]["User"]["hits"] == expected["hits"]
+        assert shared["processes"] == 1  # two apps, one pid: one process field
+        result = other.test_cli_runner().invoke(args=["sa-cache", "stats"])
+        assert result.exit_code == 0, result.output
+        assert "all processes" in result.output
+        assert f"{expected['hits']:>11}" in result.output.splitlines()[-2]
+    finally:
+        close_app(other)
+
+
+def test_the_publisher_thread_publishes_within_its_interval(redis_client):
+    cache = IdentityCache(REDIS_URL, prefix=new_prefix())
+    cache.register(example_app.User)
+    publisher = StatsPublisher(cache, interval=0.05)
+    try:
+        cache._models[example_app.User.__mapper__].stats.hits += 7
+        publisher.ensure_running()
+        deadline = time.monotonic() + 5
+        while read_shared_stats(redis_client, cache.prefix)["hits"] != 7:
+            assert time.monotonic() < deadline, "not published within 5 s"
+            time.sleep(0.01)
+        assert read_shared_stats(redis_client, cache.prefix, interval=0.05)["processes"] == 1
+    finally:
+        publisher.stop()
+        assert read_shared_stats(redis_client, cache.prefix)["processes"] == 0
+        redis_client.delete(stats_key(cache.prefix))
+
+
+def test_a_dead_redis_never_breaks_publishing_or_leaks_the_password(caplog):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"redis://:hunter2secret@127.0.0.1:{port}/0"
+    cache = IdentityCache(url, prefix="p")
+    publisher = StatsPublisher(cache, interval=60)
+    assert publisher.publish() is False
+    result = CliRunner().invoke(main, ["stats", "--redis-url", url, "--prefix", "p"])
+    assert result.exit_code != 0
+    assert "hunter2secret" not in result.output + caplog.text
+    result = CliRunner().invoke(main, ["flush", "--redis-url", url, "--prefix", "p"])
+    assert result.exit_code != 0 and "hunter2secret" not in result.output
+    result = CliRunner().invoke(main, ["evict", "--redis-url", url, "--prefix", "p", "users", "1"])
+    assert result.exit_code != 0 and "hunter2secret" not in result.output + caplog.text
+
+
+def test_the_flask_cli_on_the_in_process_backend_says_what_it_sees(tmp_path):
+    app = make_example_app(f"sqlite:///{tmp_path}/mem.sqlite", SA_CACHE_PREFIX=uuid.uuid4().hex)
+    reset_database(app)
+    result = app.test_cli_runner().invoke(args=["sa-cache", "stats"])
+    assert result.exit_code == 0 and "this process only" in result.output
+    close_app(app)
+
+
+def test_models_chooses_what_is_cached_and_register_adds_to_it():
+    class Base(DeclarativeBase):
+        pass
+
+    app = Flask(__name__)
+    app.config["SQLALCHEMY_DATABASE_URI"] = "sqlite://"
+    db = SQLAlchemy(app, model_class=Base, **SACache.sqlalchemy_options())
+
+    class Cached(db.Model):
+        id: Mapped[int] = mapped_column(primary_key=True)
+
+    class Uncached(db.Model):
+        id: Mapped[int] = mapped_column(primary_key=True)
+
+    class Later(db.Model):
+        id: Mapped[int] = mapped_column(primary_key=True)
+
+    sacache = SACache(app, db, models=[Cached])
+    with app.app_context():
+        db.create_all()
+        db.session.add_all([Cached(id=1), Uncached(id=1), Later(id=1)])
+        db.session.commit()
+        sacache.register(Later, ttl=30)
+        sacache.register(Cached, ttl=40)  # already cached: the TTL still applies
+        statements = counted(db.engine)
+        for _ in range(2):
+            db.session.remove()
+            for model in (Cached, Uncached, Later):
+                assert db.session.get(model, 1) is not None
+        # Cached and Later: one miss each, then hits; Uncached: a SELECT every time
+        assert len(statements) == 4
+        assert set(sacache.cache.stats()["models"]) == {"Cached", "Later"}
+        assert sacache.cache.model_for(Later.__mapper__).ttl == 30
+        assert sacache.cache.model_for(Cached.__mapper__).ttl == 40
