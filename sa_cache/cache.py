@@ -24,7 +24,7 @@ from typing import Any, NamedTuple, TypeVar, overload
 from dogpile.cache.region import CacheRegion
 from sqlalchemy import inspect
 from sqlalchemy.exc import NoInspectionAvailable
-from sqlalchemy.orm import Mapper
+from sqlalchemy.orm import InstanceState, Mapper
 from sqlalchemy.schema import Table
 
 from . import codec
@@ -97,7 +97,8 @@ class IdentityCache:
     :param breaker_cooldown: seconds the store is bypassed before one probe call is let through.
     :param lease_wait: seconds a lookup that misses waits for another caller already loading the
         same row (the thundering herd) before reading the database itself, without filling;
-        0 turns leases off.
+        0 turns leases off. A lease lives ``max(2 * lease_wait, 1)`` seconds, so one whose holder
+        died (or whose release was lost in an outage) delays that row's lookups at most that long.
     """
 
     def __init__(
@@ -113,7 +114,7 @@ class IdentityCache:
         signing_key: str | bytes | Sequence[str | bytes] | None = None,
         breaker_threshold: int = 3,
         breaker_cooldown: float = 5.0,
-        lease_wait: float = 1.0,
+        lease_wait: float = 0.5,
     ) -> None:
         entries: dict[str, Any] | None = None
         if backend is None:
@@ -448,14 +449,11 @@ class IdentityCache:
                 raise ValueError(f"{pk!r} is not a valid primary key of {cached.name}")
             key = cached.keys.row_key(normalised)
         else:
+            state = inspect(target, raiseerr=False)
+            if not isinstance(state, InstanceState):  # None, an engine, a mapper, a string...
+                raise TypeError(f"{target!r} is neither a mapped instance nor a mapped class")
             if pk is not None:
                 raise TypeError("evict(instance) takes no primary key")
-            try:
-                state = inspect(target)
-            except NoInspectionAvailable:
-                raise TypeError(
-                    f"{target!r} is neither a mapped instance nor a mapped class"
-                ) from None
             if state.key is None:
                 raise ValueError(f"{target!r} is transient or pending: it has no row to evict")
             cached = self._registered(type(target))

@@ -97,6 +97,9 @@ def normalise(coercers: Sequence[Coercer], pk: Sequence[Any]) -> tuple[Any, ...]
     """Primary-key values coerced through their column types, or None if any cannot be."""
     if len(pk) != len(coercers):
         return None
+    if len(coercers) == 1:  # the common case, on every lookup: no generator, no scan
+        value = coercers[0](pk[0])
+        return None if value is UNCACHEABLE else (value,)
     out = tuple([coerce(value) for coerce, value in zip(coercers, pk, strict=True)])
     return None if any(value is UNCACHEABLE for value in out) else out
 

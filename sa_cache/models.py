@@ -47,6 +47,7 @@ class RowShape:
         "schema_hash",
         "pk_positions",
         "cacheable",
+        "plain",
     )
 
     def __init__(self, mapper: Mapper[Any]) -> None:
@@ -65,6 +66,7 @@ class RowShape:
         adapters = [codec.column_adapters(column) for _, column in cached]
         self.to_store = tuple(a[0] for a in adapters)
         self.from_store = tuple(a[1] for a in adapters)
+        self.plain = not any(self.from_store)
         self.expire_on_hit = frozenset(expire)
         cls = mapper.class_
         self.schema_hash = codec.schema_hash(f"{cls.__module__}.{cls.__qualname__}", cached)
@@ -83,6 +85,8 @@ class RowShape:
         return values
 
     def hydrate(self, values: list[Any]) -> dict[str, Any]:
+        if self.plain:  # no column needs an adapter: the common case, at C speed
+            return dict(zip(self.attrs, values, strict=True))
         return {
             attr: value if from_store is None else from_store(value)
             for attr, from_store, value in zip(self.attrs, self.from_store, values, strict=True)

@@ -214,10 +214,8 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
             return [None] * len(wanted)
         generations, raws = read
         generation = generations[model]
-        may_fill = not self._sa_cache_tx.wrote and _orm.next_load_sees_fresh_snapshot(self)  # type: ignore[arg-type]
-        negative_ok = mapper is model.base_mapper and (
-            not model.string_pk or self._exact_string_comparison(mapper)
-        )
+        may_fill: bool | None = None  # decided at the first miss: hits need none of this
+        negative_ok = False
         answers: list[Any] = []
         stats = model.stats
         for (key, pk, token), raw in zip(wanted, raws, strict=True):
@@ -226,13 +224,20 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
             if outcome is not None:
                 stats.hits += 1
                 answers.append(self._place(outcome, mapper, identity_key))
-            else:
-                stats.misses += 1
-                if may_fill:
-                    self._sa_cache_pending[identity_key] = Observation(
-                        model, key, raw, generation, now, negative_ok
-                    )
-                answers.append(None)
+                continue
+            stats.misses += 1
+            if may_fill is None:
+                may_fill = not self._sa_cache_tx.wrote and _orm.next_load_sees_fresh_snapshot(
+                    self  # type: ignore[arg-type]
+                )
+                negative_ok = mapper is model.base_mapper and (
+                    not model.string_pk or self._exact_string_comparison(mapper)
+                )
+            if may_fill:
+                self._sa_cache_pending[identity_key] = Observation(
+                    model, key, raw, generation, now, negative_ok
+                )
+            answers.append(None)
         return answers
 
     def _exact_string_comparison(self, mapper: Mapper[Any]) -> bool:
@@ -300,15 +305,18 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         mapper = inspect(entity)
         if not isinstance(mapper, Mapper):
             raise TypeError(f"{entity!r} is not a mapped class")
-        idents = [tuple(pk) if isinstance(pk, tuple | list) else (pk,) for pk in pks]
+        if isinstance(pks, str | bytes):
+            raise TypeError("get_many takes an iterable of primary keys, not one string")
+        given = list(pks)
+        idents = [tuple(pk) if isinstance(pk, tuple | list) else (pk,) for pk in given]
         results: list[Any] = [None] * len(idents)
         model = self._cacheable(mapper, None, {})
         coercers = model.coercers if model else tuple(coercer_for(c) for c in mapper.primary_key)
         missing: dict[tuple[Any, ...], list[int]] = {}
         for index, ident in enumerate(idents):
             pk = normalise(coercers, ident)
-            if pk is None:
-                results[index] = self.get(entity, ident)  # type: ignore[attr-defined]
+            if pk is None:  # as the caller spelled it: a dict names its columns
+                results[index] = self.get(entity, given[index])  # type: ignore[attr-defined]
                 continue
             if pk in missing:
                 missing[pk].append(index)

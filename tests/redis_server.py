@@ -111,3 +111,36 @@ class RedisServer:
             self.resume()
         self.kill()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def make_tls_files(folder: str) -> None:
+    """A throwaway CA and a server certificate for 127.0.0.1 (``ca.crt``, ``server.crt``,
+    ``server.key`` in ``folder``), made with the ``openssl`` command line."""
+    binary = shutil.which("openssl")
+    if binary is None:
+        raise FileNotFoundError("openssl")
+
+    def run(*args: str) -> None:
+        subprocess.run([binary, *args], cwd=folder, check=True, capture_output=True, timeout=60)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run(
+        "req",
+        "-x509",
+        *ec,
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=sa_cache test CA",
+    )
+    run("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    with open(os.path.join(folder, "san.cnf"), "w") as handle:
+        handle.write("subjectAltName=IP:127.0.0.1\n")
+    run(
+        "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+        "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "san.cnf",
+    )  # fmt: skip

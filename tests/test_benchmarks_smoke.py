@@ -1,0 +1,51 @@
+"""``python -m benchmarks --quick`` completes and writes its results file and chart.
+
+A smoke test of the benchmark harness only: it checks that every path runs, not the numbers."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICK_BUDGET = 60  # seconds --quick is meant to take
+TIMEOUT = 2 * QUICK_BUDGET  # headroom for a loaded machine; a hang still fails
+
+
+def _redis_running() -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", 6379)) == 0
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_results_and_chart(tmp_path: Path) -> None:
+    pytest.importorskip("flask_caching")
+    pytest.importorskip("matplotlib")
+    if not _redis_running():
+        if os.environ.get("CI") == "true":
+            pytest.fail("Redis is not running on 127.0.0.1:6379")
+        pytest.skip("Redis is not running on 127.0.0.1:6379 (scripts/test.sh starts it)")
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--output", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    reports = list(tmp_path.glob("*.md"))
+    charts = list(tmp_path.glob("*.png"))
+    assert len(reports) == 1 and len(charts) == 1, sorted(p.name for p in tmp_path.iterdir())
+    text = reports[0].read_text()
+    assert "## Targets" in text and "## Profile" in text
+    for label in ("(a) no cache", "(b) Flask-Caching", "(c) dogpile", "(d) sa_cache Redis",
+                  "(e) sa_cache in-process", "raw redis-py GET", "identity-map hit"):  # fmt: skip
+        assert label in text
+    assert "Flask-Login request" in text
+    assert charts[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
