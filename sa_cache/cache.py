@@ -257,14 +257,18 @@ class IdentityCache:
                 and type(values) is list
                 and len(values) == len(shape.attrs)
             ):
-                try:
-                    hydrated = shape.hydrate(values)
-                except Exception:
-                    hydrated = None
-                if hydrated is not None and _same_key(
-                    pk, [hydrated[shape.attrs[i]] for i in shape.pk_positions]
-                ):
-                    return Hit(shape, hydrated)
+                if shape.plain:  # stored values are the attribute values: check the key first
+                    if _same_key(pk, [values[i] for i in shape.pk_positions]):
+                        return Hit(shape, dict(zip(shape.attrs, values, strict=True)))
+                else:
+                    try:
+                        hydrated = shape.hydrate(values)
+                    except Exception:
+                        hydrated = None
+                    if hydrated is not None and _same_key(
+                        pk, [hydrated[shape.attrs[i]] for i in shape.pk_positions]
+                    ):
+                        return Hit(shape, hydrated)
         elif kind == codec.ABSENT and len(entry) == 3 and type(entry[2]) is bytes:
             return ABSENT if entry[2] == generation else None
         elif kind == codec.TOMBSTONE:
