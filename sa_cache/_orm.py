@@ -68,9 +68,11 @@ class IdentityLookupHooks:
         """Called when a ``get`` returns or raises, whatever happened in between."""
         return None
 
-    def identity_map_lookup(self, mapper: Mapper[Any], primary_key_identity: Any) -> Any:
+    def identity_map_lookup(
+        self, mapper: Mapper[Any], primary_key_identity: Any, identity_token: Any = None
+    ) -> Any:
         """The identity map alone (expired instances are refreshed, as SQLAlchemy does)."""
-        return Session._identity_lookup(self, mapper, primary_key_identity)  # type: ignore[arg-type]
+        return Session._identity_lookup(self, mapper, primary_key_identity, identity_token)  # type: ignore[arg-type]
 
     def _identity_lookup(
         self,

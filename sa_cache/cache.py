@@ -147,6 +147,8 @@ class IdentityCache:
         self._journal: dict[str, CachedModel] = {}
         self._journal_models: set[CachedModel] = set()
         self._journal_writes = 0  # bumped by every journaling: a replay forgets only what it sent
+        #: evictions kept for replay; past this many keys, their models' generations are bumped
+        self.journal_limit = _JOURNAL_LIMIT
         self.errors = 0
         self.bypassed = 0
         self.breaker = CircuitBreaker(breaker_threshold, breaker_cooldown)
@@ -398,7 +400,7 @@ class IdentityCache:
             self._journal_writes += 1
             self._journal.update(keys)
             self._journal_models.update(models)
-            if len(self._journal) > _JOURNAL_LIMIT:
+            if len(self._journal) > self.journal_limit:
                 self._journal_models.update(self._journal.values())
                 self._journal.clear()
 

@@ -85,7 +85,7 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         if pk is None:
             return None  # SQLAlchemy's own answer for a value we cannot coerce
         if pk != tuple(primary_key_identity):
-            found = Session._identity_lookup(self, mapper, pk, identity_token)  # type: ignore[arg-type]
+            found = self.identity_map_lookup(mapper, pk, identity_token)
             if found is not None:
                 return found
         self._sa_cache_lookup_pk = pk

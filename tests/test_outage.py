@@ -133,3 +133,28 @@ def test_a_killed_and_restarted_redis_is_used_again(engine, server, sql):
         assert sql.count == 0
     finally:
         restarted.stop()
+
+
+@pytest.mark.usefixtures("users")
+def test_an_overflowing_journal_evicts_whole_models_when_redis_is_back(engine, server, sql):
+    cache = make_cache(server.url, breaker_cooldown=0)
+    cache.journal_limit = 2
+    Session = sessionmaker(engine, class_=CachingSession, cache=cache)
+    for pk in (1, 2, 3):
+        with Session() as s:
+            s.get(User, pk)  # cached
+    model = cache.model_for(User.__mapper__)
+    generation = cache.store.get_many([model.keys.generation_key])[0]
+    server.pause()
+    try:
+        for pk in (1, 2, 3):  # three keys journaled: more than the journal keeps
+            with Session() as s:
+                s.get(User, pk).name = f"changed {pk}"
+                s.commit()
+    finally:
+        server.resume()
+    assert cache._journal == {} and cache._journal_models == {model}
+    with Session() as s:  # the replay replaces the generation: every old entry is a miss
+        assert [s.get(User, pk).name for pk in (1, 2, 3)] == [f"changed {pk}" for pk in (1, 2, 3)]
+    assert cache.store.get_many([model.keys.generation_key])[0] != generation
+    assert not cache._journal_models

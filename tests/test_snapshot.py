@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy.orm import sessionmaker
 
-from sa_cache import CachingSession
+from sa_cache import CachingSession, codec
 
 from .models import Address, User
 
@@ -46,6 +46,13 @@ def test_a_reader_with_an_older_snapshot_never_fills_it(engine, db, cache, sql, 
         db == "mariadb" and effective == "SERIALIZABLE"
     )
     assert seen == ("old" if reads_old_version else "new")
+    # the exact cache state: the writer's tombstone untouched, or the new row filled
+    key = cache.model_for(User.__mapper__).keys.row_key((1,))
+    entry = codec.decode(cache.store.get_many([key])[0])
+    if snapshot_per_transaction:
+        assert entry[1] == codec.TOMBSTONE
+    else:
+        assert entry[1] == codec.ROW and "new" in entry[5]
 
     sql.reset()
     with Writer() as s:
