@@ -141,7 +141,7 @@ class IdentityCache:
         self.lease_wait = lease_wait
         self.lease_ttl = max(2 * lease_wait, 1.0)
         self._models: dict[Mapper[Any], CachedModel] = {}
-        self._by_table: dict[Table, CachedModel] = {}
+        self._by_table: dict[Table, CachedModel | None] = {}
         self._healthy = True
         self._lock = threading.Lock()
         self._journal: dict[str, CachedModel] = {}
@@ -179,9 +179,7 @@ class IdentityCache:
         base = _mapper_of(model).base_mapper
         cached = CachedModel(base, self.prefix, self.ttl if ttl is None else ttl)
         self._models[base] = cached
-        for mapper in base.self_and_descendants:
-            for table in mapper.tables:
-                self._by_table[table] = cached  # type: ignore[index]
+        self._by_table.clear()  # filled lazily: subclasses may be mapped after registration
         from .session import listen_for_loads
 
         listen_for_loads(base.class_)
@@ -191,7 +189,16 @@ class IdentityCache:
         return self._models.get(mapper.base_mapper)
 
     def models_for_table(self, table: Any) -> CachedModel | None:
-        return self._by_table.get(table)
+        """The registered model that maps ``table`` (subclasses mapped after registration
+        included), for Core statements that name a table."""
+        if table in self._by_table:
+            return self._by_table[table]
+        cached = None
+        for model in list(self._models.values()):
+            if any(table in mapper.tables for mapper in model.base_mapper.self_and_descendants):
+                cached = model
+        self._by_table[table] = cached  # unregistered tables too: asked on every statement
+        return cached
 
     def _registered(self, target: Any) -> CachedModel:
         cached = self._models.get(_mapper_of(target).base_mapper)

@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from sqlalchemy import delete, insert, text, update
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy import ForeignKey, Integer, String, delete, insert, text, update
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from sa_cache import CachingSession, IdentityCache, codec
 from sa_cache.cache import NotRegistered
@@ -415,3 +415,39 @@ def test_evict_of_a_class_that_is_not_mapped_is_a_clear_error(cache):
 def test_evict_with_an_invalid_primary_key_is_a_clear_error(cache):
     with pytest.raises(ValueError, match="not a valid primary key"):
         cache.evict(User, "one")
+
+
+def test_a_core_statement_on_a_subclass_mapped_after_registration_evicts_the_model(engine):
+    class LocalBase(DeclarativeBase):
+        pass
+
+    class Animal(LocalBase):
+        __tablename__ = "late_animals"
+        id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+        kind: Mapped[str] = mapped_column(String(20))
+        __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "animal"}
+
+    cache = IdentityCache()
+    cache.register(Animal)  # before the subclass exists
+
+    class Dog(Animal):
+        __tablename__ = "late_dogs"
+        id: Mapped[int] = mapped_column(ForeignKey("late_animals.id"), primary_key=True)
+        bark: Mapped[str] = mapped_column(String(20))
+        __mapper_args__ = {"polymorphic_identity": "dog"}
+
+    LocalBase.metadata.create_all(engine)
+    try:
+        Session = sessionmaker(engine, class_=CachingSession, cache=cache)
+        with Session() as s:
+            s.add(Dog(id=1, bark="woof"))
+            s.commit()
+        with Session() as s:
+            assert s.get(Dog, 1).bark == "woof"  # cached
+        with Session() as s:
+            s.execute(update(Dog.__table__).values(bark="WOOF"))
+            s.commit()
+        with Session() as s:
+            assert s.get(Dog, 1).bark == "WOOF"
+    finally:
+        LocalBase.metadata.drop_all(engine)
