@@ -216,6 +216,21 @@ def redis_counter() -> RedisCounter:
     return RedisCounter()
 
 
+def register_all(cache: IdentityCache) -> IdentityCache:
+    """Register every model of tests/models.py that the tests cache."""
+    for model in models.CACHED:
+        cache.register(model)
+    return cache
+
+
+def warm(Session: sessionmaker[CachingSession], *pks: int) -> None:  # noqa: N803
+    """Cache users ``pks``, one session each (a REPEATABLE READ session fills only its first
+    load)."""
+    for pk in pks:
+        with Session() as s:
+            s.get(models.User, pk)
+
+
 def new_cache(backend: str, counter: RedisCounter, **options: Any) -> IdentityCache:
     prefix = f"{RUN_ID}_{uuid.uuid4().hex[:8]}"
     if backend == "redis":
@@ -224,9 +239,7 @@ def new_cache(backend: str, counter: RedisCounter, **options: Any) -> IdentityCa
         counter.reset()
     else:
         cache = IdentityCache(prefix=prefix, **options)
-    for model in models.CACHED:
-        cache.register(model)
-    return cache
+    return register_all(cache)
 
 
 @pytest.fixture

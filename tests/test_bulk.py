@@ -15,6 +15,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sa_cache import CachingSession, IdentityCache, codec
 from sa_cache.cache import NotRegistered
 
+from .conftest import warm
 from .extra_models import Account, ensure_tables
 from .models import Address, Employee, Engineer, User
 
@@ -43,18 +44,12 @@ def cached(Session: sessionmaker[CachingSession], sql: Any, pks: list[int]) -> l
     return hits
 
 
-def warm(Session: sessionmaker[CachingSession], pks: list[int]) -> None:
-    for pk in pks:
-        with Session() as s:
-            s.get(User, pk)
-
-
 @pytest.fixture
 def users(Session: sessionmaker[CachingSession]) -> None:
     with Session() as s:
         s.add_all([User(id=i, name=f"u{i}") for i in (1, 2, 3)])
         s.commit()
-    warm(Session, [1, 2, 3])
+    warm(Session, 1, 2, 3)
 
 
 @pytest.mark.usefixtures("users")

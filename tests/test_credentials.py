@@ -21,8 +21,8 @@ from sqlalchemy.orm import sessionmaker
 
 from sa_cache import CachingSession, IdentityCache
 
-from .conftest import IN_CI, require_service
-from .models import CACHED, User
+from .conftest import IN_CI, register_all, require_service
+from .models import User
 from .redis_server import RedisServer, free_port, make_tls_files
 
 PASSWORD = "pw-Zq7-hunter2"
@@ -76,8 +76,7 @@ def auth_server() -> Iterator[RedisServer]:
 
 def make_cache(url: str, **options: Any) -> IdentityCache:
     cache = IdentityCache(url, socket_timeout=0.5, **options)
-    for model in CACHED:
-        cache.register(model)
+    register_all(cache)
     return cache
 
 

@@ -14,6 +14,7 @@ from sqlalchemy.orm import sessionmaker
 
 from sa_cache import CachingSession, CachingSessionMixin, IdentityCache, codec
 
+from .conftest import warm
 from .extra_models import Account, Login, ensure_tables
 from .models import Address, User
 
@@ -27,13 +28,6 @@ def entry_kind(cache: IdentityCache, model: type[Any], pk: int) -> Any:
     key = cache.model_for(model.__mapper__).keys.row_key((pk,))  # type: ignore[union-attr]
     raw = cache.store.get_many([key])[0]
     return None if raw is None else codec.decode(raw)[1]
-
-
-def warm(Session: sessionmaker[CachingSession], *pks: int) -> None:
-    """Cache ``pks`` (one session each: a REPEATABLE READ session fills only its first load)."""
-    for pk in pks:
-        with Session() as s:
-            s.get(User, pk)
 
 
 @pytest.fixture

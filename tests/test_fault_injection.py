@@ -32,8 +32,8 @@ from sqlalchemy.orm import sessionmaker
 from sa_cache import CachingSession, IdentityCache, codec
 from sa_cache.models import RowShape
 
-from .conftest import require_service
-from .models import CACHED, User
+from .conftest import register_all, require_service
+from .models import User
 from .redis_server import RedisServer
 
 ROWS = 16  # rows 1..ROWS carry the load; CANARY is written only by the main thread
@@ -375,8 +375,7 @@ def test_under_load_no_request_fails_no_read_is_stale_and_latency_stays_bounded(
     fault_class = FAULTS[fault_name]
     server = RedisServer(*fault_class.extra_args).start()
     cache = IdentityCache(server.url, socket_timeout=SOCKET_TIMEOUT, breaker_cooldown=0.2)
-    for model in CACHED:
-        cache.register(model)
+    register_all(cache)
     Session = sessionmaker(engine, class_=CachingSession, cache=cache)  # noqa: N806
     with Session() as s:
         s.add_all([User(id=pk, name="v1", version=1) for pk in [*range(1, ROWS + 1), CANARY]])

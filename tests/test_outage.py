@@ -16,8 +16,8 @@ from sqlalchemy.orm import sessionmaker
 
 from sa_cache import CachingSession, IdentityCache
 
-from .conftest import require_service
-from .models import CACHED, User
+from .conftest import register_all, require_service
+from .models import User
 from .redis_server import RedisServer, free_port
 
 
@@ -31,8 +31,7 @@ def server() -> Iterator[RedisServer]:
 
 def make_cache(url: str, **options: float) -> IdentityCache:
     cache = IdentityCache(url, socket_timeout=0.2, retries=1, **options)
-    for model in CACHED:
-        cache.register(model)
+    register_all(cache)
     return cache
 
 

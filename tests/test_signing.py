@@ -12,7 +12,8 @@ from sa_cache import CachingSession, IdentityCache, codec
 from sa_cache.backend import Write
 from sa_cache.signing import Signer
 
-from .models import CACHED, User
+from .conftest import register_all
+from .models import User
 
 
 def signed_cache(backend_cache: IdentityCache, secret) -> IdentityCache:
@@ -20,8 +21,7 @@ def signed_cache(backend_cache: IdentityCache, secret) -> IdentityCache:
     cache = IdentityCache(backend_cache.region, prefix=backend_cache.prefix, signing_key=secret)
     if backend_cache.store.__class__.__name__ == "MemoryStore":
         cache.store = backend_cache.store
-    for model in CACHED:
-        cache.register(model)
+    register_all(cache)
     return cache
 
 
