@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from sa_cache import demo
@@ -60,3 +61,17 @@ def test_the_demo_command_prints_the_table():
     assert result.exit_code == 0, result.output
     assert "SQLite (temporary file) + in-process cache" in result.output
     assert re.search(r"get\(User, 1\): warm, a hit\s+0\s+hits 1", result.output)
+
+
+def test_the_demo_runs_the_same_scenario_against_servers(engine, db):
+    from .conftest import REDIS_URL, require_service
+
+    if db == "sqlite":
+        pytest.skip("the embedded default is covered above")
+    require_service("redis", 6379)
+    url = engine.url.render_as_string(hide_password=False)
+    result = CliRunner().invoke(main, ["demo", "--db-url", url, "--redis-url", REDIS_URL])
+    assert result.exit_code == 0, result.output
+    assert "+ Redis" in result.output
+    assert re.search(r"get\(User, 1\): warm, a hit\s+0\s+hits 1", result.output)
+    assert re.search(r"get_many\(User, 1\.\.10\) again\s+0\s+hits 10", result.output)
