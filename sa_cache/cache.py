@@ -267,7 +267,7 @@ class IdentityCache:
                 and len(values) == len(shape.attrs)
             ):
                 if shape.plain:  # stored values are the attribute values: check the key first
-                    if _same_key(pk, [values[i] for i in shape.pk_positions]):
+                    if _same_key(pk, values, shape.pk_positions):
                         return Hit(shape, dict(zip(shape.attrs, values, strict=True)))
                 else:
                     try:
@@ -275,7 +275,7 @@ class IdentityCache:
                     except Exception:
                         hydrated = None
                     if hydrated is not None and _same_key(
-                        pk, [hydrated[shape.attrs[i]] for i in shape.pk_positions]
+                        pk, list(hydrated.values()), shape.pk_positions
                     ):
                         return Hit(shape, hydrated)
         elif kind == codec.ABSENT and len(entry) == 3 and type(entry[2]) is bytes:
@@ -489,11 +489,17 @@ class IdentityCache:
 _STAT_NAMES = ("hits", "misses", "fills", "evictions", "errors", "rejected")
 
 
-def _same_key(pk: tuple[Any, ...], values: list[Any]) -> bool:
-    """Whether a cached row's primary-key values are ``pk`` exactly: equal and of the same types,
-    so a row stored with ``id=True`` or ``id=1.0`` is no row of ``get(Model, 1)``."""
-    return len(pk) == len(values) and all(
-        type(a) is type(b) and a == b for a, b in zip(pk, values, strict=True)
+def _same_key(pk: tuple[Any, ...], values: list[Any], positions: tuple[int, ...]) -> bool:
+    """Whether a cached row's primary-key values (``values`` at ``positions``) are ``pk`` exactly:
+    equal and of the same types, so a row stored with ``id=True`` or ``id=1.0`` is no row of
+    ``get(Model, 1)``. On the hit path of every key, hence the single-column shortcut."""
+    if len(pk) != len(positions):
+        return False
+    if len(positions) == 1:
+        stored = values[positions[0]]
+        return type(stored) is type(pk[0]) and stored == pk[0]
+    return all(
+        type(values[i]) is type(a) and values[i] == a for a, i in zip(pk, positions, strict=True)
     )
 
 
