@@ -297,6 +297,36 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         else:
             self._write_back([] if fill is None else [(model, fill)], observation)
 
+    # -- legacy bulk methods ----------------------------------------------------------------------
+
+    def bulk_save_objects(self, objects: Iterable[object], *args: Any, **kwargs: Any) -> None:
+        """As :meth:`Session.bulk_save_objects`; its rows are evicted when the transaction
+        commits (the method writes below the events a flush fires)."""
+        objects = list(objects)
+        tracking.bulk_objects(self, objects)  # type: ignore[arg-type]
+        super().bulk_save_objects(objects, *args, **kwargs)  # type: ignore[misc]
+
+    def bulk_insert_mappings(
+        self, mapper: Any, mappings: Iterable[dict[str, Any]], *args: Any, **kwargs: Any
+    ) -> None:
+        """As :meth:`Session.bulk_insert_mappings`, with eviction at commit."""
+        mappings = list(mappings)
+        self._bulk_mappings(mapper, mappings)
+        super().bulk_insert_mappings(mapper, mappings, *args, **kwargs)  # type: ignore[misc]
+
+    def bulk_update_mappings(
+        self, mapper: Any, mappings: Iterable[dict[str, Any]], *args: Any, **kwargs: Any
+    ) -> None:
+        """As :meth:`Session.bulk_update_mappings`, with eviction at commit."""
+        mappings = list(mappings)
+        self._bulk_mappings(mapper, mappings)
+        super().bulk_update_mappings(mapper, mappings, *args, **kwargs)  # type: ignore[misc]
+
+    def _bulk_mappings(self, mapper: Any, mappings: list[dict[str, Any]]) -> None:
+        target = inspect(mapper, raiseerr=False)
+        if isinstance(target, Mapper):  # anything else: SQLAlchemy's own error follows
+            tracking.bulk_mappings(self, target, mappings)  # type: ignore[arg-type]
+
     # -- get_many -------------------------------------------------------------------------------
 
     def get_many(self, entity: type[T], pks: Iterable[Any]) -> list[T | None]:

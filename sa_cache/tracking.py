@@ -12,6 +12,10 @@
 - Bulk statements (``update()``, ``delete()``, ``insert()`` through ``Session.execute``) are seen
   in ``do_orm_execute``. ORM-enabled UPDATE/DELETE on a dialect with RETURNING evict exactly the
   rows they matched; anything else replaces the model's generation, which evicts it in O(1).
+- The legacy bulk methods (``bulk_save_objects``, ``bulk_insert_mappings``,
+  ``bulk_update_mappings``) run their statements below the session's events; the caching session
+  overrides them to report their rows here first: the primary keys they name, or the whole model
+  when a row's primary key is not known yet (an insert whose key the database assigns).
 - Until commit, rows this transaction changed are read from the database, never from the cache,
   and once it has written anything it fills nothing: it must not publish uncommitted data.
 """
@@ -20,8 +24,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import event
-from sqlalchemy.orm import Mapper, ORMExecuteState, Session, SessionTransaction, UOWTransaction
+from sqlalchemy import event, inspect
+from sqlalchemy.orm import (
+    InstanceState,
+    Mapper,
+    ORMExecuteState,
+    Session,
+    SessionTransaction,
+    UOWTransaction,
+)
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.sql.elements import TextClause
 
@@ -167,6 +178,43 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
     else:
         changes.keys.update(keys)
     return None
+
+
+def bulk_mappings(session: Session, mapper: Mapper[Any], mappings: list[dict[str, Any]]) -> None:
+    """``bulk_insert_mappings`` / ``bulk_update_mappings`` is about to write ``mappings``."""
+    changes = _changes(session)
+    model = None if changes is None else session.cache.model_for(mapper)  # type: ignore[attr-defined]
+    if changes is None or model is None:
+        return
+    changes.wrote = True
+    keys = _keys_from_parameters(model, mapper, mappings)
+    if keys is None:
+        changes.bulk_models.add(model)
+    else:
+        changes.keys.update(keys)
+
+
+def bulk_objects(session: Session, objects: list[Any]) -> None:
+    """``bulk_save_objects`` is about to insert or update ``objects``."""
+    changes = _changes(session)
+    if changes is None:
+        return
+    cache = session.cache  # type: ignore[attr-defined]
+    for obj in objects:
+        state = inspect(obj, raiseerr=False)
+        if not isinstance(state, InstanceState):
+            continue  # not a mapped instance: SQLAlchemy's own error follows
+        model = cache.model_for(state.mapper)
+        if model is None:
+            continue
+        changes.wrote = True
+        if state.key is not None:
+            changes.keys[_row_key(model, state.key)] = model
+        identity = state.mapper.identity_key_from_instance(obj)
+        if any(value is None for value in identity[1]):  # the database will assign it
+            changes.bulk_models.add(model)
+        else:
+            changes.keys[_row_key(model, identity)] = model
 
 
 def _returning_matches_rows(state: ORMExecuteState, mapper: Mapper[Any], statement: Any) -> bool:

@@ -1,6 +1,7 @@
 """Mapped classes a few behaviour tests need and tests/models.py lacks: a second unique key (for
-upserts) and a delete-orphan collection without a backref. Their own metadata, so the shared
-schema is untouched; :func:`ensure_tables` creates them on first use and empties them."""
+upserts), a delete-orphan collection without a backref, and a primary key the database assigns.
+Their own metadata, so the shared schema is untouched; :func:`ensure_tables` creates them on first
+use and empties them."""
 
 from __future__ import annotations
 
@@ -26,6 +27,12 @@ class Login(ExtraBase):
     __tablename__ = "extra_logins"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     account_id: Mapped[int] = mapped_column(ForeignKey("extra_accounts.id"))
+
+
+class Ticket(ExtraBase):
+    __tablename__ = "extra_tickets"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    title: Mapped[str] = mapped_column(String(50))
 
 
 def ensure_tables(engine: Engine) -> None:

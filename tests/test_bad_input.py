@@ -179,6 +179,26 @@ def test_get_many_of_what_is_not_a_mapped_class_raises_as_get_does(engine, Sessi
         assert outcome(lambda: s.get_many(entity, [1])) == expected
 
 
+BULK_CASES: dict[str, tuple[str, tuple[Any, ...]]] = {
+    "update_not_mapped": ("bulk_update_mappings", (NotMapped, [{"id": 1}])),
+    "update_none": ("bulk_update_mappings", (None, [{"id": 1}])),
+    "update_mappings_none": ("bulk_update_mappings", (User, None)),
+    "insert_table_name": ("bulk_insert_mappings", ("users", [{"id": 1}])),
+    "save_plain_object": ("bulk_save_objects", ([object()],)),
+    "save_none": ("bulk_save_objects", (None,)),
+}
+
+
+@pytest.mark.parametrize("case", list(BULK_CASES))
+def test_the_legacy_bulk_methods_fail_on_bad_input_as_a_plain_session_does(engine, Session, case):
+    method, args = BULK_CASES[case]
+    with PlainSession(engine) as plain:
+        expected = outcome(lambda: getattr(plain, method)(*args))
+    assert expected[0] == "raised"
+    with Session() as s:
+        assert outcome(lambda: getattr(s, method)(*args)) == expected
+
+
 @pytest.mark.parametrize("pks", [None, 5], ids=["none", "int"])
 def test_get_many_of_what_is_not_iterable_is_a_type_error(Session, pks):
     with Session() as s, pytest.raises(TypeError, match="not iterable"):

@@ -1,7 +1,9 @@
 """Behaviour 6: bulk statements. ORM-enabled ``update()`` / ``delete()`` evict exactly the affected
 rows (RETURNING where the dialect has it); otherwise, and for Core ``update(table)`` /
 ``delete(table)`` run through the session, the whole model is evicted in O(1) (a per-model
-generation, not a key scan). ``text()`` is opaque: ``cache.evict`` / ``cache.evict_model`` exist
+generation, not a key scan). The legacy bulk methods (``bulk_save_objects``,
+``bulk_insert_mappings``, ``bulk_update_mappings``) evict the rows they name, or the model when
+the database assigns a key. ``text()`` is opaque: ``cache.evict`` / ``cache.evict_model`` exist
 for what sa_cache cannot see."""
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from sa_cache import CachingSession, IdentityCache, codec
 from sa_cache.cache import NotRegistered
 
 from .conftest import warm
-from .extra_models import Account, ensure_tables
+from .extra_models import Account, Ticket, ensure_tables
 from .models import Address, Employee, Engineer, User
 
 
@@ -244,6 +246,70 @@ def test_a_bulk_insert_through_the_session_evicts_the_negative_entries_of_its_ke
         s.commit()
     with Session() as s:
         assert [u.name for u in s.get_many(User, [8, 9])] == ["eight", "nine"]
+
+
+@pytest.mark.usefixtures("users")
+def test_the_legacy_bulk_methods_evict_exactly_the_rows_they_name(
+    Session, sql, cache, backend, redis_counter
+):
+    with Session() as s:
+        assert s.get_many(User, [8, 9]) == [None, None]  # cached as absent
+    with Session() as s:
+        detached = s.get(User, 2)
+    detached.name = "saved"
+    with Session() as s:
+        s.bulk_update_mappings(User, [{"id": 1, "name": "mapped"}])
+        s.bulk_insert_mappings(User, [{"id": 8, "name": "eight"}])
+        s.bulk_save_objects([detached, User(id=9, name="nine")])
+        redis_counter.reset()
+        s.commit()
+    if backend == "redis":
+        assert redis_counter.commands == {"SET": 4}
+        assert redis_counter.round_trips == 1
+    assert cached(Session, sql, [3]) == [3]  # a row no bulk method named stays cached
+    with Session() as s:
+        rows = s.get_many(User, [1, 2, 8, 9])
+        assert [u.name for u in rows] == ["mapped", "saved", "eight", "nine"]
+
+
+@pytest.mark.usefixtures("users")
+def test_a_bulk_method_reads_its_own_rows_from_the_database_and_a_rollback_evicts_nothing(
+    Session, sql, cache
+):
+    with Session() as s:
+        s.bulk_update_mappings(User, [{"id": 1, "name": "uncommitted"}])
+        sql.reset()
+        assert s.get(User, 1).name == "uncommitted"
+        assert sql.selects() == 1
+        s.rollback()
+    assert cached(Session, sql, [1]) == [1]
+    with Session() as s:
+        assert s.get(User, 1).name == "u1"
+
+
+@pytest.mark.parametrize("method", ["bulk_save_objects", "bulk_insert_mappings"])
+def test_a_bulk_insert_whose_key_the_database_assigns_evicts_the_model(
+    engine, Session, sql, cache, method
+):
+    ensure_tables(engine)
+    cache.register(Ticket)
+    with Session() as s:
+        s.add(Ticket(id=1_000_001, title="old"))  # far above the keys the database assigns
+        s.commit()
+    with Session() as s:
+        s.get(Ticket, 1_000_001)
+    before = generation(cache, Ticket)
+    with Session() as s:
+        if method == "bulk_save_objects":
+            s.bulk_save_objects([Ticket(title="new")])
+        else:
+            s.bulk_insert_mappings(Ticket, [{"title": "new"}])
+        s.commit()
+    assert generation(cache, Ticket) != before  # an absent entry for the new key may exist
+    sql.reset()
+    with Session() as s:
+        assert s.get(Ticket, 1_000_001).title == "old"
+    assert sql.selects() == 1
 
 
 def upsert(dialect: str) -> Any:
