@@ -249,6 +249,24 @@ def test_a_bulk_insert_through_the_session_evicts_the_negative_entries_of_its_ke
 
 
 @pytest.mark.usefixtures("users")
+def test_legacy_query_update_and_delete_evict_their_rows(Session, sql, cache):
+    with Session() as s:
+        assert s.query(User).filter(User.id == 1).update({"name": "queried"}) == 1
+        assert s.query(User).filter_by(id=2).delete() == 1
+        s.commit()
+    assert cached(Session, sql, [3]) == ([3] if exact_returning(Session) else [])
+    with Session() as s:
+        assert [u and u.name for u in s.get_many(User, [1, 2, 3])] == ["queried", None, "u3"]
+
+
+def exact_returning(Session: sessionmaker[CachingSession]) -> bool:
+    """Whether both UPDATE and DELETE report their rows (else the model is evicted)."""
+    with Session() as s:
+        dialect = s.get_bind().dialect
+    return bool(dialect.update_returning and dialect.delete_returning)
+
+
+@pytest.mark.usefixtures("users")
 def test_the_legacy_bulk_methods_evict_exactly_the_rows_they_name(
     Session, sql, cache, backend, redis_counter
 ):
