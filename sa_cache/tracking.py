@@ -183,10 +183,12 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
 def bulk_mappings(session: Session, mapper: Mapper[Any], mappings: list[dict[str, Any]]) -> None:
     """``bulk_insert_mappings`` / ``bulk_update_mappings`` is about to write ``mappings``."""
     changes = _changes(session)
-    model = None if changes is None else session.cache.model_for(mapper)  # type: ignore[attr-defined]
-    if changes is None or model is None:
+    if changes is None:
         return
-    changes.wrote = True
+    changes.wrote = True  # as after a flush: whatever it wrote, publish nothing until commit
+    model = session.cache.model_for(mapper)  # type: ignore[attr-defined]
+    if model is None:
+        return
     keys = _keys_from_parameters(model, mapper, mappings)
     if keys is None:
         changes.bulk_models.add(model)
@@ -199,6 +201,7 @@ def bulk_objects(session: Session, objects: list[Any]) -> None:
     changes = _changes(session)
     if changes is None:
         return
+    changes.wrote = True
     cache = session.cache  # type: ignore[attr-defined]
     for obj in objects:
         state = inspect(obj, raiseerr=False)
@@ -207,9 +210,6 @@ def bulk_objects(session: Session, objects: list[Any]) -> None:
         model = cache.model_for(state.mapper)
         if model is None:
             continue
-        changes.wrote = True
-        if state.key is not None:
-            changes.keys[_row_key(model, state.key)] = model
         identity = state.mapper.identity_key_from_instance(obj)
         if any(value is None for value in identity[1]):  # the database will assign it
             changes.bulk_models.add(model)
