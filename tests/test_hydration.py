@@ -12,11 +12,12 @@ import re
 from typing import Any
 
 import pytest
-from sqlalchemy import inspect
+from sqlalchemy import JSON, Integer, inspect
+from sqlalchemy.ext.mutable import MutableDict
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.orm import Session as PlainSession
-from sqlalchemy.orm import sessionmaker
 
-from sa_cache import CachingSession
+from sa_cache import CachingSession, IdentityCache
 
 from .models import Address, Car, Employee, Engineer, Manager, Membership, Truck, User, Vehicle
 
@@ -320,3 +321,42 @@ def test_a_composite_key_hits_by_tuple_and_by_dict(Session, sql, cache, pk):
             assert membership.role == "owner" and not s.is_modified(membership)
     assert sql.count == 0
     assert cache.stats()["models"]["Membership"]["fills"] == 1
+
+
+def test_an_in_place_change_to_a_mutable_json_column_of_a_hit_is_flushed(engine, sql):
+    """sqlalchemy.ext.mutable wraps values in its ``load`` listener: a hit fires that event, so an
+    in-place change is tracked, flushed and evicted as after a load."""
+
+    class LocalBase(DeclarativeBase):
+        pass
+
+    cache = IdentityCache()
+
+    @cache.register
+    class Doc(LocalBase):
+        __tablename__ = "hydration_docs"
+        id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+        data: Mapped[dict[str, Any]] = mapped_column(MutableDict.as_mutable(JSON))
+
+    LocalBase.metadata.create_all(engine)
+    try:
+        Session = sessionmaker(engine, class_=CachingSession, cache=cache)
+        with Session() as s:
+            s.add(Doc(id=1, data={"a": 1}))
+            s.commit()
+        with Session() as s:
+            s.get(Doc, 1)  # fills
+        sql.reset()
+        with Session() as s:
+            doc = s.get(Doc, 1)
+            assert sql.count == 0
+            assert isinstance(doc.data, MutableDict)
+            doc.data["a"] = 2
+            assert s.is_modified(doc)
+            s.commit()
+        with Session() as s:
+            assert s.get(Doc, 1).data == {"a": 2}
+        with PlainSession(engine) as plain:
+            assert plain.get(Doc, 1).data == {"a": 2}
+    finally:
+        LocalBase.metadata.drop_all(engine)
