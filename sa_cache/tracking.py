@@ -49,6 +49,13 @@ class TransactionChanges:
         self.bulk_models: set[CachedModel] = set()
         self.wrote = False
 
+    def evict_at_commit(self, model: CachedModel, keys: dict[str, CachedModel] | None) -> None:
+        """Evict ``keys`` when the transaction commits, or the whole model if they are unknown."""
+        if keys is None:
+            self.bulk_models.add(model)
+        else:
+            self.keys.update(keys)
+
     def reset(self) -> None:
         self.keys.clear()
         self.bulk_models.clear()
@@ -173,10 +180,7 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
         keys = _keys_from_parameters(model, mapper, state.parameters)
     else:  # Core UPDATE/DELETE, or no way to learn the rows: evict the model
         keys = None
-    if keys is None:
-        changes.bulk_models.add(model)
-    else:
-        changes.keys.update(keys)
+    changes.evict_at_commit(model, keys)
     return None
 
 
@@ -189,11 +193,7 @@ def bulk_mappings(session: Session, mapper: Mapper[Any], mappings: list[dict[str
     model = session.cache.model_for(mapper)  # type: ignore[attr-defined]
     if model is None:
         return
-    keys = _keys_from_parameters(model, mapper, mappings)
-    if keys is None:
-        changes.bulk_models.add(model)
-    else:
-        changes.keys.update(keys)
+    changes.evict_at_commit(model, _keys_from_parameters(model, mapper, mappings))
 
 
 def bulk_objects(session: Session, objects: list[Any]) -> None:
