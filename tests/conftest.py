@@ -231,6 +231,15 @@ def warm(Session: sessionmaker[CachingSession], *pks: int) -> None:  # noqa: N80
             s.get(models.User, pk)
 
 
+@pytest.fixture
+def users(Session: sessionmaker[CachingSession]) -> None:  # noqa: N803
+    """Users 1-3, named u1-u3, each cached (modules that need other rows define their own)."""
+    with Session() as s:
+        s.add_all([models.User(id=i, name=f"u{i}") for i in (1, 2, 3)])
+        s.commit()
+    warm(Session, 1, 2, 3)
+
+
 def new_cache(backend: str, counter: RedisCounter, **options: Any) -> IdentityCache:
     prefix = f"{RUN_ID}_{uuid.uuid4().hex[:8]}"
     if backend == "redis":

@@ -17,7 +17,6 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sa_cache import CachingSession, IdentityCache, codec
 from sa_cache.cache import NotRegistered
 
-from .conftest import warm
 from .extra_models import Account, Ticket, ensure_tables
 from .models import Address, Employee, Engineer, User
 
@@ -44,14 +43,6 @@ def cached(Session: sessionmaker[CachingSession], sql: Any, pks: list[int]) -> l
         if sql.count == 0:
             hits.append(pk)
     return hits
-
-
-@pytest.fixture
-def users(Session: sessionmaker[CachingSession]) -> None:
-    with Session() as s:
-        s.add_all([User(id=i, name=f"u{i}") for i in (1, 2, 3)])
-        s.commit()
-    warm(Session, 1, 2, 3)
 
 
 @pytest.mark.usefixtures("users")

@@ -14,7 +14,6 @@ from sqlalchemy.orm import sessionmaker
 
 from sa_cache import CachingSession, CachingSessionMixin, IdentityCache, codec
 
-from .conftest import warm
 from .extra_models import Account, Login, ensure_tables
 from .models import Address, User
 
@@ -28,14 +27,6 @@ def entry_kind(cache: IdentityCache, model: type[Any], pk: int) -> Any:
     key = cache.model_for(model.__mapper__).keys.row_key((pk,))  # type: ignore[union-attr]
     raw = cache.store.get_many([key])[0]
     return None if raw is None else codec.decode(raw)[1]
-
-
-@pytest.fixture
-def users(Session: sessionmaker[CachingSession]) -> None:
-    with Session() as s:
-        s.add_all([User(id=i, name=f"u{i}") for i in (1, 2, 3)])
-        s.commit()
-    warm(Session, 1, 2, 3)
 
 
 @pytest.mark.usefixtures("users")
