@@ -45,13 +45,10 @@ def database_url(db: str, tmpdir: str) -> str:
     """Create (or recreate) the benchmark's own database and return its URL."""
     if db == "sqlite":
         return f"sqlite:///{os.path.join(tmpdir, 'bench.sqlite3')}"
+    drop_database(db)
     server = PG_SERVER if db == "postgresql" else MARIADB_SERVER
     admin = _admin(server)
     with admin.connect() as conn:
-        if db == "postgresql":
-            conn.execute(text(f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)"))
-        else:
-            conn.execute(text(f"DROP DATABASE IF EXISTS {DB_NAME}"))
         conn.execute(text(f"CREATE DATABASE {DB_NAME}"))
     admin.dispose()
     return f"{server}/{DB_NAME}"
