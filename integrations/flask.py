@@ -65,7 +65,8 @@ from sqlalchemy import types as sqltypes
 from sqlalchemy.orm import Mapper, Session
 
 from sa_cache import cli as sa_cli
-from sa_cache.cache import IdentityCache, redact
+from sa_cache.cache import IdentityCache
+from sa_cache.errors import redact
 from sa_cache.session import CachingQuery, CachingSessionMixin
 from sa_cache.shared_stats import StatsPublisher
 

@@ -5,7 +5,8 @@ Primary-key lookups that miss the session's identity map (``Session.get``, ``Que
 transaction changed are evicted when it commits.
 """
 
-from .cache import CacheError, IdentityCache, NotRegistered
+from .cache import IdentityCache
+from .errors import CacheError, NotRegistered
 from .session import CachingQuery, CachingSession, CachingSessionMixin
 
 __all__ = [

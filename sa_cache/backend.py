@@ -14,6 +14,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
+from .errors import UnsupportedBackend
+
+__all__ = ["Fill", "Store", "UnsupportedBackend", "Write"]
+
 
 class Fill(NamedTuple):
     """Store ``value`` at ``key`` only if the key still holds ``expected`` (None: still absent)."""
@@ -56,7 +60,3 @@ class Store(Protocol):
 
     def delete_prefix(self, prefix: str) -> int:
         """Delete every key that starts with ``prefix``; return how many were removed."""
-
-
-class UnsupportedBackend(TypeError):
-    """The configured dogpile.cache backend cannot give the guarantees sa_cache needs."""

@@ -15,7 +15,6 @@ The protocol, per row key (see docs/protocol.md for the races it closes):
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -31,8 +30,10 @@ from . import codec
 from .backend import Fill, Store, Write
 from .backends import REDIS_SCHEMES, memory_region, redis_region, store_for
 from .breaker import CircuitBreaker
+from .errors import NotRegistered, redact
 from .models import CachedModel, RowShape
 from .signing import Signer
+from .stats import MODEL_COUNTERS
 
 log = logging.getLogger("sa_cache")
 
@@ -40,15 +41,6 @@ T = TypeVar("T")
 
 _JOURNAL_LIMIT = 10_000
 _FORGERY_LOG_INTERVAL = 60.0
-_CREDENTIALS = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
-
-
-class CacheError(Exception):
-    """Base class of the errors sa_cache raises on purpose."""
-
-
-class NotRegistered(CacheError, LookupError):
-    """The model was never passed to :meth:`IdentityCache.register`."""
 
 
 class Observation(NamedTuple):
@@ -69,11 +61,6 @@ class Hit(NamedTuple):
 
 
 ABSENT = "absent"
-
-
-def redact(text: str) -> str:
-    """``text`` with any password in a URL replaced, for logs and reprs."""
-    return _CREDENTIALS.sub(r"\1***@", text)
 
 
 class IdentityCache:
@@ -480,13 +467,12 @@ class IdentityCache:
     def stats(self) -> dict[str, Any]:
         """Counters of this process: totals and per model."""
         per_model = {m.name: m.stats.as_dict() for m in self._models.values()}
-        totals = {name: sum(s[name] for s in per_model.values()) for name in _STAT_NAMES}
+        totals = {name: sum(s[name] for s in per_model.values()) for name in MODEL_COUNTERS}
         totals["errors"] = max(totals["errors"], self.errors)
         totals["bypassed"] = self.bypassed
         return {**totals, "models": per_model}
 
 
-_STAT_NAMES = ("hits", "misses", "fills", "evictions", "errors", "rejected")
 
 
 def _same_key(pk: tuple[Any, ...], values: list[Any], positions: tuple[int, ...]) -> bool:

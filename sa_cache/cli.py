@@ -12,8 +12,10 @@ from sqlalchemy import Column, MetaData, String, Table
 from sqlalchemy.orm import registry
 
 from . import demo as demo_module
-from .cache import IdentityCache, redact
+from .cache import IdentityCache
+from .errors import redact
 from .shared_stats import read_shared_stats
+from .stats import MODEL_COUNTERS
 
 
 @click.group()
@@ -82,7 +84,7 @@ def print_stats(cache: IdentityCache, *, as_json: bool = False) -> None:
 
 
 def render_stats(stats: dict[str, Any]) -> str:
-    columns = ("hits", "misses", "fills", "evictions", "errors", "rejected")
+    columns = MODEL_COUNTERS
     rows = [
         (name, [counters.get(c, 0) for c in columns]) for name, counters in stats["models"].items()
     ]

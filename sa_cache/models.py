@@ -15,18 +15,7 @@ from sqlalchemy.schema import Column
 
 from . import codec
 from .keys import Coercer, KeySpace, coercer_for, normalise
-
-
-class ModelStats:
-    """Counters for one model; read through :meth:`sa_cache.IdentityCache.stats`."""
-
-    __slots__ = ("hits", "misses", "fills", "evictions", "errors", "rejected")
-
-    def __init__(self) -> None:
-        self.hits = self.misses = self.fills = self.evictions = self.errors = self.rejected = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.__slots__}
+from .stats import ModelStats
 
 
 class RowShape:

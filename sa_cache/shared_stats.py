@@ -24,12 +24,14 @@ import time
 import weakref
 from typing import Any
 
-from .cache import IdentityCache, redact
+from .cache import IdentityCache
+from .errors import redact
+from .stats import ALL_COUNTERS, MODEL_COUNTERS
 
 log = logging.getLogger("sa_cache")
 
-COUNTERS = ("hits", "misses", "fills", "evictions", "errors", "rejected")
-TOTALS = (*COUNTERS, "bypassed")
+
+TOTALS = ALL_COUNTERS
 #: A process that has not published for this many intervals is not counted as live.
 LIVE_INTERVALS = 3
 
@@ -180,7 +182,7 @@ def read_shared_stats(client: Any, prefix: str, *, interval: float = 5.0) -> dic
             elif kind == "model":
                 model, _, name = rest.rpartition(":")
                 if model and name:
-                    models.setdefault(model, dict.fromkeys(COUNTERS, 0))[name] = int(value)
+                    models.setdefault(model, dict.fromkeys(MODEL_COUNTERS, 0))[name] = int(value)
             elif kind == "process" and now - float(value) <= LIVE_INTERVALS * interval:
                 live += 1
         except ValueError:

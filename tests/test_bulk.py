@@ -14,8 +14,7 @@ import pytest
 from sqlalchemy import ForeignKey, Integer, String, delete, insert, text, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-from sa_cache import CachingSession, IdentityCache, codec
-from sa_cache.cache import NotRegistered
+from sa_cache import CachingSession, IdentityCache, NotRegistered, codec
 
 from .extra_models import Account, Ticket, ensure_tables
 from .models import Address, Employee, Engineer, User

@@ -1,0 +1,24 @@
+"""Counter names, defined once: every other module, the CLI and the shared stats use these."""
+
+from __future__ import annotations
+
+from typing import Final
+
+#: Per-model counters, in the order ``stats()`` and the CLI show them.
+MODEL_COUNTERS: Final = ("hits", "misses", "fills", "evictions", "errors", "rejected")
+#: Counters of the cache as a whole (store calls refused by the open circuit breaker).
+CACHE_COUNTERS: Final = ("bypassed",)
+#: Every counter ``IdentityCache.stats()`` reports at its top level.
+ALL_COUNTERS: Final = MODEL_COUNTERS + CACHE_COUNTERS
+
+
+class ModelStats:
+    """Counters for one cached model; read through :meth:`sa_cache.IdentityCache.stats`."""
+
+    __slots__ = MODEL_COUNTERS
+
+    def __init__(self) -> None:
+        self.hits = self.misses = self.fills = self.evictions = self.errors = self.rejected = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in MODEL_COUNTERS}
