@@ -28,7 +28,8 @@ from . import models
 REDIS_URL = os.environ.get("SA_CACHE_TEST_REDIS", "redis://127.0.0.1:6379/0")
 PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
 MARIADB_SERVER = "mysql+pymysql://root@127.0.0.1:3306"
-RUN_ID = f"sa_cache_t{os.getpid()}"
+#: names of the databases (and the Redis key prefix) this run creates: the prefix, then the pid
+RUN_ID = f"{os.environ.get('SA_CACHE_TEST_DB') or 'sa_cache_t'}{os.getpid()}"
 IN_CI = os.environ.get("CI") == "true"
 
 DATABASES = ["sqlite", "postgresql", "mariadb"]

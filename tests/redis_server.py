@@ -6,6 +6,7 @@ The shared Redis on 6379 is never touched this way.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -17,10 +18,47 @@ from typing import Any
 import redis
 
 
-def free_port() -> int:
+#: ``SA_CACHE_TEST_PORTS=21000-21999``: the loopback ports private servers may use (unset: any
+#: port the kernel picks).
+PORTS_ENV = "SA_CACHE_TEST_PORTS"
+
+
+def port_range(spec: str | None = None) -> range | None:
+    """The range named by ``SA_CACHE_TEST_PORTS`` (``LOW-HIGH``, both included), or None."""
+    spec = os.environ.get(PORTS_ENV, "") if spec is None else spec
+    if not spec.strip():
+        return None
+    low, sep, high = spec.strip().partition("-")
+    try:
+        first, last = int(low), int(high if sep else low)
+    except ValueError:
+        raise ValueError(f"{PORTS_ENV}={spec!r}: expected LOW-HIGH, e.g. 21000-21999") from None
+    if not 1 <= first <= last <= 65535:
+        raise ValueError(f"{PORTS_ENV}={spec!r}: expected 1 <= LOW <= HIGH <= 65535")
+    return range(first, last + 1)
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on: inside ``SA_CACHE_TEST_PORTS`` when it is set (tried
+    in random order), else one the kernel picks."""
+    ports = port_range()
+    if ports is None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return int(sock.getsockname()[1])
+    for port in random.sample(ports, len(ports)):
+        if _bindable(port):
+            return port
+    raise RuntimeError(f"no free port in {PORTS_ENV}={os.environ.get(PORTS_ENV)!r}")
 
 
 def redis_binary() -> str:
