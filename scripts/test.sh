@@ -1,8 +1,29 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: install, start services, lint, type-check, test on
 # the newest SQLAlchemy 2.1.x, then the core tests again on the newest 2.0.x.
+#
+# Arguments go to the main pytest run (`bash scripts/test.sh -k redis -x`). The tests read
+# SA_CACHE_TEST_REDIS, SA_CACHE_TEST_PORTS and SA_CACHE_TEST_DB (see docs/testing.md).
+# When a stage fails, the script says which one and which later stages did not run, and exits
+# with the failing command's status.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+STAGES=(install services ruff mypy pytest sqlalchemy-2.0)
+STAGE=""
+stage() { STAGE=$1; }
+report_failure() {
+  local status=$? skipped="" seen=""
+  [ "$status" -eq 0 ] && return 0
+  for name in "${STAGES[@]}"; do
+    [ -n "$seen" ] && skipped+=" $name"
+    [ "$name" = "$STAGE" ] && seen=1
+  done
+  echo "test.sh: stage '${STAGE:-setup}' failed (exit status $status)" >&2
+  echo "test.sh: not run:${skipped:- nothing, it was the last stage}" >&2
+  return "$status"
+}
+trap report_failure EXIT
 
 PYTHON=${PYTHON:-python3}
 install() {  # venv, extra pip arguments
@@ -11,16 +32,22 @@ install() {  # venv, extra pip arguments
   "$1/bin/python" -m pip install --quiet -e ".[dev]" "${@:2}"
 }
 
+stage install
 install .venv "SQLAlchemy>=2.1,<2.2"
+stage services
 bash scripts/services.sh
 
+stage ruff
 echo "== ruff"
 .venv/bin/ruff check sa_cache integrations tests benchmarks
+stage mypy
 echo "== mypy --strict sa_cache"
 .venv/bin/mypy --strict sa_cache
+stage pytest
 echo "== pytest (SQLAlchemy $(.venv/bin/python -c 'import sqlalchemy; print(sqlalchemy.__version__)'))"
 .venv/bin/python -m pytest "$@"
 
+stage sqlalchemy-2.0
 echo "== SQLAlchemy 2.0.x: the core behaviour tests"
 install .venv-sa20 "SQLAlchemy>=2.0,<2.1"
 .venv-sa20/bin/python -m pytest -q -p no:cacheprovider \
