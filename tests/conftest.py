@@ -8,24 +8,22 @@ a skip on a developer's machine and a failure under ``CI=true``.
 from __future__ import annotations
 
 import os
-import socket
 import uuid
-from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import redis
-from dogpile.cache import make_region
-from sqlalchemy import create_engine, event, text
+from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
 
 from sa_cache import CachingSession, IdentityCache
 
 from . import models
+from .counting import RedisCounter, SQLCounter, counted_redis_region, counting_sql
+from .databases import create_database, drop_database, port_open
 
-REDIS_URL = os.environ.get("SA_CACHE_TEST_REDIS", "redis://127.0.0.1:6379/0")
+REDIS_URL = os.environ.get("SA_CACHE_TEST_REDIS") or "redis://127.0.0.1:6379/0"
 PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
 MARIADB_SERVER = "mysql+pymysql://root@127.0.0.1:3306"
 #: names of the databases (and the Redis key prefix) this run creates: the prefix, then the pid
@@ -36,116 +34,33 @@ DATABASES = ["sqlite", "postgresql", "mariadb"]
 BACKENDS = ["memory", "redis"]
 
 
-def _port_open(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(1)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
 def require_service(name: str, port: int) -> None:
-    if not _port_open(port):
+    if not port_open(port):
         message = f"{name} is not running on 127.0.0.1:{port} (scripts/test.sh starts it)"
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
 
 
-# -- counters -----------------------------------------------------------------------------------
+# -- counters (tests/counting.py) ---------------------------------------------------------------
 
 
-class SQLCounter:
-    """Every statement the engine sends, as seen by ``before_cursor_execute``."""
-
-    def __init__(self) -> None:
-        self.statements: list[str] = []
-
-    @property
-    def count(self) -> int:
-        return len(self.statements)
-
-    def reset(self) -> None:
-        self.statements.clear()
-
-    def __call__(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        self.statements.append(statement)
-
-    def selects(self) -> int:
-        return sum(1 for s in self.statements if s.lstrip().upper().startswith("SELECT"))
-
-
-class RedisCounter:
-    """Redis commands and round trips, counted on the client's real connections."""
-
-    def __init__(self) -> None:
-        self.commands: Counter[str] = Counter()
-        self.round_trips = 0
-
-    @property
-    def total(self) -> int:
-        return sum(self.commands.values())
-
-    def reset(self) -> None:
-        self.commands.clear()
-        self.round_trips = 0
-
-
-def counting_connection_class(counter: RedisCounter) -> type[redis.Connection]:
-    class CountingConnection(redis.Connection):
-        def send_command(self, *args: Any, **kwargs: Any) -> None:
-            counter.commands[str(args[0]).upper()] += 1
-            super().send_command(*args, **kwargs)
-
-        def pack_commands(self, commands: Any) -> Any:
-            for command in commands:
-                counter.commands[str(command[0]).upper()] += 1
-            return super().pack_commands(commands)
-
-        def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-            counter.round_trips += 1
-            super().send_packed_command(command, check_health)
-
-    return CountingConnection
-
-
-def counted_redis_region(counter: RedisCounter, url: str = REDIS_URL) -> Any:
-    return make_region().configure(
-        "dogpile.cache.redis",
-        arguments={
-            "url": url,
-            "socket_timeout": 1.0,
-            "connection_kwargs": {"connection_class": counting_connection_class(counter)},
-        },
-    )
+def counted_region(counter: RedisCounter, url: str | None = None) -> Any:
+    """dogpile's Redis backend at the tests' Redis, its connections counted by ``counter``."""
+    return counted_redis_region(counter, url or REDIS_URL)
 
 
 # -- databases ----------------------------------------------------------------------------------
 
 
 def _create_database(server: str, port: int, name: str) -> str:
+    """tests/databases.py's ``create_database``, skipped when the server is down (for
+    flask_support.py, which imports these two by name)."""
     require_service(server.split(":")[0], port)
-    admin = create_engine(
-        f"{server}/{'postgres' if server.startswith('postgresql') else 'test'}",
-        isolation_level="AUTOCOMMIT",
-    )
-    with admin.connect() as conn:
-        conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
-        conn.execute(text(f"CREATE DATABASE {name}"))
-    admin.dispose()
-    return f"{server}/{name}"
+    return create_database(server, name)
 
 
-def _drop_database(server: str, name: str) -> None:
-    admin = create_engine(
-        f"{server}/{'postgres' if server.startswith('postgresql') else 'test'}",
-        isolation_level="AUTOCOMMIT",
-    )
-    with admin.connect() as conn:
-        if server.startswith("postgresql"):
-            conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        else:
-            conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
-    admin.dispose()
-
+_drop_database = drop_database
 
 _engines: dict[str, Engine] = {}
 
@@ -164,9 +79,9 @@ def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Engi
     for kind, engine in _engines.items():
         engine.dispose()
         if kind == "postgresql":
-            _drop_database(PG_SERVER, RUN_ID)
+            drop_database(PG_SERVER, RUN_ID)
         elif kind == "mariadb":
-            _drop_database(MARIADB_SERVER, RUN_ID)
+            drop_database(MARIADB_SERVER, RUN_ID)
 
 
 def make_engine(kind: str, engines: dict[str, Engine], tmp_root: str) -> Engine:
@@ -196,10 +111,9 @@ def engine(
 
 @pytest.fixture
 def sql(engine: Engine) -> Iterator[SQLCounter]:
-    counter = SQLCounter()
-    event.listen(engine, "before_cursor_execute", counter)
-    yield counter
-    event.remove(engine, "before_cursor_execute", counter)
+    """Every statement ``engine`` sends during the test: assert on it with ``expect_sql``."""
+    with counting_sql(engine) as counter:
+        yield counter
 
 
 # -- caches -------------------------------------------------------------------------------------
@@ -214,6 +128,8 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def redis_counter() -> RedisCounter:
+    """The Redis commands of the ``cache`` fixture: assert on them with ``expect_commands`` (which
+    asserts nothing for the memory backend)."""
     return RedisCounter()
 
 
@@ -244,7 +160,7 @@ def users(Session: sessionmaker[CachingSession]) -> None:  # noqa: N803
 def new_cache(backend: str, counter: RedisCounter, **options: Any) -> IdentityCache:
     prefix = f"{RUN_ID}_{uuid.uuid4().hex[:8]}"
     if backend == "redis":
-        cache = IdentityCache(counted_redis_region(counter), prefix=prefix, **options)
+        cache = IdentityCache(counted_region(counter), prefix=prefix, **options)
         cache.store.client.ping()  # type: ignore[attr-defined]
         counter.reset()
     else:

@@ -1,4 +1,4 @@
-"""Behaviour 6: bulk statements. ORM-enabled ``update()`` / ``delete()`` evict exactly the affected
+"""Bulk statements. ORM-enabled ``update()`` / ``delete()`` evict exactly the affected
 rows (RETURNING where the dialect has it); otherwise, and for Core ``update(table)`` /
 ``delete(table)`` run through the session, the whole model is evicted in O(1) (a per-model
 generation, not a key scan). The legacy bulk methods (``bulk_save_objects``,
@@ -16,48 +16,36 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from sa_cache import CachingSession, IdentityCache, NotRegistered, codec
 
+from .counting import SQLCounter, expect_commands, expect_sql
+from .entries import entry_kind, generation
 from .extra_models import Account, Ticket, ensure_tables
 from .models import Address, Employee, Engineer, User
 
 
-def entry_kind(cache: IdentityCache, model: type[Any], pk: int) -> Any:
-    key = cache.model_for(model.__mapper__).keys.row_key((pk,))  # type: ignore[union-attr]
-    raw = cache.store.get_many([key])[0]
-    return None if raw is None else codec.decode(raw)[1]
-
-
-def generation(cache: IdentityCache, model: type[Any]) -> bytes | None:
-    key = cache.model_for(model.__mapper__).keys.generation_key  # type: ignore[union-attr]
-    return cache.store.get_many([key])[0]
-
-
-def cached(Session: sessionmaker[CachingSession], sql: Any, pks: list[int]) -> list[int]:
-    """Which of ``pks`` a fresh session gets from the cache (each in its own session, so every
-    miss refills; a REPEATABLE READ session fills only its first load)."""
+def cached(Session: sessionmaker[CachingSession], sql: SQLCounter, pks: list[int]) -> list[int]:
+    """Which of ``pks`` a fresh session gets from the cache without SQL (each in its own
+    session, so every miss refills; a REPEATABLE READ session fills only its first load)."""
     hits = []
     for pk in pks:
-        sql.reset()
+        before = sql.count
         with Session() as s:
             s.get(User, pk)
-        if sql.count == 0:
+        if sql.count == before:
             hits.append(pk)
     return hits
 
 
 @pytest.mark.usefixtures("users")
 def test_an_orm_update_evicts_exactly_the_rows_it_matched_where_update_has_returning(
-    Session, sql, cache, engine, backend, redis_counter
+    Session, sql, cache, engine, redis_counter
 ):
     gen = generation(cache, User)
+    exact = engine.dialect.update_returning
     with Session() as s:
         result = s.execute(update(User).where(User.id.in_([1, 2])).values(name="x"))
         assert result.rowcount == 2
-        redis_counter.reset()
-        s.commit()
-    exact = engine.dialect.update_returning
-    if backend == "redis":
-        assert redis_counter.commands == {"SET": 2 if exact else 1}
-        assert redis_counter.round_trips == 1
+        with expect_commands(redis_counter, {"SET": 2 if exact else 1}, round_trips=1):
+            s.commit()
     assert (generation(cache, User) == gen) is exact
     assert cached(Session, sql, [1, 2, 3]) == ([3] if exact else [])
     with Session() as s:
@@ -66,18 +54,15 @@ def test_an_orm_update_evicts_exactly_the_rows_it_matched_where_update_has_retur
 
 @pytest.mark.usefixtures("users")
 def test_an_orm_delete_evicts_exactly_the_rows_it_matched_where_delete_has_returning(
-    Session, sql, cache, engine, backend, redis_counter
+    Session, sql, cache, engine, redis_counter
 ):
     gen = generation(cache, User)
+    exact = engine.dialect.delete_returning
     with Session() as s:
         result = s.execute(delete(User).where(User.name.in_(["u1", "u2"])))
         assert result.rowcount == 2
-        redis_counter.reset()
-        s.commit()
-    exact = engine.dialect.delete_returning
-    if backend == "redis":
-        assert redis_counter.commands == {"SET": 2 if exact else 1}
-        assert redis_counter.round_trips == 1
+        with expect_commands(redis_counter, {"SET": 2 if exact else 1}, round_trips=1):
+            s.commit()
     assert (generation(cache, User) == gen) is exact
     if exact:
         assert entry_kind(cache, User, 1) == entry_kind(cache, User, 2) == codec.TOMBSTONE
@@ -88,16 +73,13 @@ def test_an_orm_delete_evicts_exactly_the_rows_it_matched_where_delete_has_retur
 
 @pytest.mark.usefixtures("users")
 def test_an_orm_bulk_update_by_primary_key_evicts_exactly_those_rows(
-    Session, sql, cache, backend, redis_counter
+    Session, sql, cache, redis_counter
 ):
     gen = generation(cache, User)
     with Session() as s:
         s.execute(update(User), [{"id": 1, "name": "y"}])
-        redis_counter.reset()
-        s.commit()
-    if backend == "redis":
-        assert redis_counter.commands == {"SET": 1}
-        assert redis_counter.round_trips == 1
+        with expect_commands(redis_counter, {"SET": 1}, round_trips=1):
+            s.commit()
     assert generation(cache, User) == gen
     assert entry_kind(cache, User, 1) == codec.TOMBSTONE
     assert cached(Session, sql, [1, 2, 3]) == [2, 3]
@@ -137,12 +119,11 @@ def test_an_orm_update_of_an_inheriting_class_evicts_the_whole_hierarchy(Session
     with Session() as s:
         s.execute(update(Engineer).where(Engineer.id == 5).values(language="go"))
         s.commit()
-    sql.reset()
-    with Session() as s:
-        assert s.get(Engineer, 5).language == "go"
-    with Session() as s:
-        assert s.get(Employee, 6).name == "bob"
-    assert sql.selects() == 2
+    with expect_sql(sql, selects=2):
+        with Session() as s:
+            assert s.get(Engineer, 5).language == "go"
+        with Session() as s:
+            assert s.get(Employee, 6).name == "bob"
 
 
 @pytest.mark.usefixtures("users")
@@ -155,22 +136,19 @@ def test_an_orm_update_of_an_inheriting_class_evicts_the_whole_hierarchy(Session
     ids=["update", "delete"],
 )
 def test_a_core_statement_on_the_table_evicts_the_whole_model(
-    Session, sql, cache, backend, redis_counter, statement
+    Session, sql, cache, redis_counter, statement
 ):
     gen = generation(cache, User)
     with Session() as s:
         assert s.execute(statement()).rowcount == 1
-        redis_counter.reset()
-        s.commit()
-    if backend == "redis":
-        assert redis_counter.commands == {"SET": 1}
-        assert redis_counter.round_trips == 1
+        with expect_commands(redis_counter, {"SET": 1}, round_trips=1):
+            s.commit()
     assert generation(cache, User) not in (gen, None)
     assert cached(Session, sql, [1, 2, 3]) == []
 
 
 def test_a_whole_model_eviction_is_one_write_however_many_rows_are_cached(
-    Session, sql, cache, backend, redis_counter
+    Session, sql, cache, redis_counter
 ):
     with Session() as s:
         s.add_all([User(id=i, name=f"u{i}") for i in range(1, 201)])
@@ -178,13 +156,10 @@ def test_a_whole_model_eviction_is_one_write_however_many_rows_are_cached(
     with Session() as s:
         s.get_many(User, range(1, 201))
     assert cached(Session, sql, [1, 200]) == [1, 200]
-    redis_counter.reset()
-    with Session() as s:
+    # the generation key; no SCAN, KEYS, DEL
+    with expect_commands(redis_counter, {"SET": 1}, round_trips=1), Session() as s:
         s.execute(update(User.__table__).values(active=False))
         s.commit()
-    if backend == "redis":
-        assert redis_counter.commands == {"SET": 1}  # the generation key; no SCAN, KEYS, DEL
-        assert redis_counter.round_trips == 1
     assert cached(Session, sql, [1, 100, 200]) == []
     with Session() as s:
         assert s.get(User, 100).active is False
@@ -197,10 +172,8 @@ def test_a_bulk_statement_on_a_subclass_table_evicts_the_hierarchy(Session, sql,
         s.commit()
     with Session() as s:
         s.get(Engineer, 5)  # through its base, the subclass columns are not loaded: no fill
-    sql.reset()
-    with Session() as s:
+    with expect_sql(sql, 0), Session() as s:
         s.get(Employee, 5)
-    assert sql.count == 0
     with Session() as s:
         s.execute(update(Engineer.__table__).values(language="rust"))
         s.commit()
@@ -214,14 +187,11 @@ def test_text_sql_is_not_seen_until_evicted_by_hand(Session, sql, cache):
         result = s.execute(text("UPDATE users SET name = 'raw' WHERE id = 1"))
         assert result.rowcount == 1
         s.commit()
-    sql.reset()
-    with Session() as s:
+    with expect_sql(sql, 0), Session() as s:
         assert s.get(User, 1).name == "u1"  # stale: sa_cache cannot see text()
-    assert sql.count == 0
     cache.evict(User, 1)
-    with Session() as s:
+    with expect_sql(sql, selects=1), Session() as s:
         assert s.get(User, 1).name == "raw"
-    assert sql.selects() == 1
 
 
 @pytest.mark.usefixtures("users")
@@ -258,7 +228,7 @@ def exact_returning(Session: sessionmaker[CachingSession]) -> bool:
 
 @pytest.mark.usefixtures("users")
 def test_the_legacy_bulk_methods_evict_exactly_the_rows_they_name(
-    Session, sql, cache, backend, redis_counter
+    Session, sql, cache, redis_counter
 ):
     with Session() as s:
         assert s.get_many(User, [8, 9]) == [None, None]  # cached as absent
@@ -269,11 +239,8 @@ def test_the_legacy_bulk_methods_evict_exactly_the_rows_they_name(
         s.bulk_update_mappings(User, [{"id": 1, "name": "mapped"}])
         s.bulk_insert_mappings(User, [{"id": 8, "name": "eight"}])
         s.bulk_save_objects([detached, User(id=9, name="nine")])
-        redis_counter.reset()
-        s.commit()
-    if backend == "redis":
-        assert redis_counter.commands == {"SET": 4}
-        assert redis_counter.round_trips == 1
+        with expect_commands(redis_counter, {"SET": 4}, round_trips=1):
+            s.commit()
     assert cached(Session, sql, [3]) == [3]  # a row no bulk method named stays cached
     with Session() as s:
         rows = s.get_many(User, [1, 2, 8, 9])
@@ -286,9 +253,8 @@ def test_a_bulk_method_reads_its_own_rows_from_the_database_and_a_rollback_evict
 ):
     with Session() as s:
         s.bulk_update_mappings(User, [{"id": 1, "name": "uncommitted"}])
-        sql.reset()
-        assert s.get(User, 1).name == "uncommitted"
-        assert sql.selects() == 1
+        with expect_sql(sql, selects=1):
+            assert s.get(User, 1).name == "uncommitted"
         s.rollback()
     assert cached(Session, sql, [1]) == [1]
     with Session() as s:
@@ -314,10 +280,8 @@ def test_a_bulk_insert_whose_key_the_database_assigns_evicts_the_model(
             s.bulk_insert_mappings(Ticket, [{"title": "new"}])
         s.commit()
     assert generation(cache, Ticket) != before  # an absent entry for the new key may exist
-    sql.reset()
-    with Session() as s:
+    with expect_sql(sql, selects=1), Session() as s:
         assert s.get(Ticket, 1_000_001).title == "old"
-    assert sql.selects() == 1
 
 
 def upsert(dialect: str) -> Any:
@@ -364,11 +328,9 @@ def test_an_upsert_evicts_the_row_it_updated_through_another_unique_key(Session,
         else:
             s.execute(stmt.values(**row))
         s.commit()
-    sql.reset()
-    with Session() as s:
+    with expect_sql(sql, selects=2), Session() as s:
         assert s.get(Account, 1).name == "new"
         assert s.get(Account, 2) is None
-    assert sql.selects() == 2
 
 
 @pytest.mark.usefixtures("account")
@@ -380,23 +342,19 @@ def test_an_insert_or_replace_evicts_the_row_it_replaced(Session, sql, engine):
             insert(Account).prefix_with("OR REPLACE"), [{"id": 2, "email": "a@x", "name": "r"}]
         )
         s.commit()
-    sql.reset()
-    with Session() as s:
+    with expect_sql(sql, selects=1), Session() as s:
         assert s.get(Account, 1) is None  # deleted by the replace
-    assert sql.selects() == 1
 
 
 # -- manual eviction ------------------------------------------------------------------------------
 
 
 @pytest.mark.usefixtures("users")
-def test_evict_an_instance_evicts_its_row(Session, sql, cache, backend, redis_counter):
+def test_evict_an_instance_evicts_its_row(Session, sql, cache, redis_counter):
     with Session() as s:
         user = s.get(User, 1)
-        redis_counter.reset()
-        cache.evict(user)
-    if backend == "redis":
-        assert redis_counter.commands == {"SET": 1}
+        with expect_commands(redis_counter, {"SET": 1}):
+            cache.evict(user)
     assert entry_kind(cache, User, 1) == codec.TOMBSTONE
     assert cached(Session, sql, [1, 2, 3]) == [2, 3]
 
@@ -415,20 +373,14 @@ def test_evict_model_evicts_every_row_of_the_model_and_no_other(Session, sql, ca
         s.commit()
     with Session() as s:
         s.get(Engineer, 5)  # through its base, the subclass columns are not loaded: no fill
-    sql.reset()
-    with Session() as s:
+    with expect_sql(sql, 0), Session() as s:
         s.get(Employee, 5)
-    assert sql.count == 0
     cache.evict_model(User)
     assert cached(Session, sql, [1, 2, 3]) == []
-    sql.reset()
     with Session() as s:
-        s.get(Engineer, 5)  # through its base, the subclass columns are not loaded: no fill
-    sql.reset()
-    with Session() as s:
-        s.get(Employee, 5)
-    assert sql.count == 0
-    assert sql.count == 0
+        s.get(Engineer, 5)
+    with expect_sql(sql, 0), Session() as s:
+        s.get(Employee, 5)  # Employee rows were not evicted with User's
 
 
 @pytest.mark.usefixtures("users")
@@ -438,15 +390,11 @@ def test_evict_model_of_a_subclass_evicts_its_whole_hierarchy(Session, sql, cach
         s.commit()
     with Session() as s:
         s.get(Engineer, 5)  # through its base, the subclass columns are not loaded: no fill
-    sql.reset()
-    with Session() as s:
+    with expect_sql(sql, 0), Session() as s:
         s.get(Employee, 5)
-    assert sql.count == 0
     cache.evict_model(Engineer)
-    sql.reset()
-    with Session() as s:
+    with expect_sql(sql, selects=1), Session() as s:
         assert s.get(Employee, 5).name == "eve"
-    assert sql.selects() == 1
 
 
 def test_evict_of_a_transient_instance_is_a_clear_error(cache):

@@ -1,4 +1,4 @@
-"""Behaviour 5: eviction. Changes are collected at flush (net changes only; old and new identity
+"""Eviction. Changes are collected at flush (net changes only; old and new identity
 when a primary key changes), kept across savepoints, discarded on rollback, and evicted when the
 transaction commits, before the user's own ``after_commit`` listeners run. One commit costs at
 most one cache round trip however many rows changed."""
@@ -14,6 +14,8 @@ from sqlalchemy.orm import sessionmaker
 
 from sa_cache import CachingSession, CachingSessionMixin, IdentityCache, codec
 
+from .counting import expect_commands, expect_sql
+from .entries import entry_kind
 from .extra_models import Account, Login, ensure_tables
 from .models import Address, User
 
@@ -22,80 +24,59 @@ def evictions(cache: IdentityCache) -> int:
     return int(cache.stats()["evictions"])
 
 
-def entry_kind(cache: IdentityCache, model: type[Any], pk: int) -> Any:
-    """What the store holds for one row: None, or codec.ROW / ABSENT / TOMBSTONE."""
-    key = cache.model_for(model.__mapper__).keys.row_key((pk,))  # type: ignore[union-attr]
-    raw = cache.store.get_many([key])[0]
-    return None if raw is None else codec.decode(raw)[1]
-
-
 @pytest.mark.usefixtures("users")
 def test_an_update_is_evicted_at_commit_and_the_next_lookup_loads_and_caches_the_new_row(
-    Session, sql, cache, backend, redis_counter
+    Session, sql, cache, redis_counter
 ):
     before = evictions(cache)
     with Session() as s:
         s.get(User, 1).name = "new"
-        redis_counter.reset()
-        s.commit()
+        with expect_commands(redis_counter, {"SET": 1}, round_trips=1):
+            s.commit()
     assert evictions(cache) == before + 1
-    if backend == "redis":
-        assert redis_counter.commands == {"SET": 1}
-        assert redis_counter.round_trips == 1
-    sql.reset()
-    with Session() as s:
+    with expect_sql(sql, selects=1), Session() as s:
         assert s.get(User, 1).name == "new"
-    assert sql.selects() == 1
-    with Session() as s:
+    with expect_sql(sql, selects=0), Session() as s:
         assert s.get(User, 1).name == "new"
-    assert sql.selects() == 1
 
 
 @pytest.mark.usefixtures("users")
 def test_a_rolled_back_update_never_reaches_the_cache_and_evicts_nothing(
-    Session, sql, cache, backend, redis_counter
+    Session, sql, cache, redis_counter
 ):
     before = evictions(cache)
-    redis_counter.reset()
-    with Session() as s:
-        user = s.get(User, 1)
-        user.name = "discarded"
-        s.flush()
-        s.rollback()
+    with expect_commands(redis_counter, {"MGET": 1}):  # the get; nothing written
+        with Session() as s:
+            user = s.get(User, 1)
+            user.name = "discarded"
+            s.flush()
+            s.rollback()
     assert evictions(cache) == before
-    if backend == "redis":
-        assert redis_counter.commands == {"MGET": 1}  # the get; nothing written
-    sql.reset()
     hits = cache.stats()["hits"]
-    with Session() as s:
+    with expect_sql(sql, 0), Session() as s:
         assert s.get(User, 1).name == "u1"
-    assert sql.count == 0
     assert cache.stats()["hits"] == hits + 1
 
 
 @pytest.mark.usefixtures("users")
 def test_setting_an_attribute_to_its_current_value_evicts_nothing(
-    Session, sql, cache, backend, redis_counter
+    Session, sql, cache, redis_counter
 ):
     before = evictions(cache)
     with Session() as s:
         user = s.get(User, 1)
         user.name = "u1"
         assert user in s.dirty and not s.is_modified(user)
-        redis_counter.reset()
-        s.commit()
+        with expect_commands(redis_counter, {}):
+            s.commit()
     assert evictions(cache) == before
-    if backend == "redis":
-        assert redis_counter.total == 0
-    sql.reset()
-    with Session() as s:
+    with expect_sql(sql, 0), Session() as s:
         assert s.get(User, 1).name == "u1"
-    assert sql.count == 0
 
 
 @pytest.mark.usefixtures("users")
 def test_a_primary_key_change_evicts_both_the_old_and_the_new_identity(
-    Session, sql, cache, backend, redis_counter
+    Session, sql, cache, redis_counter
 ):
     with Session() as s:
         assert s.get(User, 7) is None  # the new identity is negatively cached
@@ -103,20 +84,16 @@ def test_a_primary_key_change_evicts_both_the_old_and_the_new_identity(
     before = evictions(cache)
     with Session() as s:
         s.get(User, 1).id = 7
-        redis_counter.reset()
-        s.commit()
+        with expect_commands(redis_counter, {"SET": 2}, round_trips=1):
+            s.commit()
     assert evictions(cache) == before + 2
-    if backend == "redis":
-        assert redis_counter.commands == {"SET": 2}
-        assert redis_counter.round_trips == 1
     assert entry_kind(cache, User, 1) == codec.TOMBSTONE
     assert entry_kind(cache, User, 7) == codec.TOMBSTONE
-    sql.reset()
-    with Session() as s:
-        assert s.get(User, 1) is None
-    with Session() as s:
-        assert s.get(User, 7).name == "u1"
-    assert sql.selects() == 2
+    with expect_sql(sql, selects=2):
+        with Session() as s:
+            assert s.get(User, 1) is None
+        with Session() as s:
+            assert s.get(User, 7).name == "u1"
 
 
 @pytest.mark.usefixtures("users")
@@ -126,12 +103,11 @@ def test_a_delete_is_evicted_and_the_next_lookup_returns_none(Session, sql, cach
         s.delete(s.get(User, 2))
         s.commit()
     assert evictions(cache) == before + 1
-    sql.reset()
-    with Session() as s:
-        assert s.get(User, 2) is None
-    with Session() as s:
-        assert s.get(User, 2) is None  # now from the negative entry
-    assert sql.selects() == 1
+    with expect_sql(sql, selects=1):
+        with Session() as s:
+            assert s.get(User, 2) is None
+        with Session() as s:
+            assert s.get(User, 2) is None  # now from the negative entry
 
 
 @pytest.mark.usefixtures("users")
@@ -143,10 +119,8 @@ def test_an_insert_evicts_the_negative_entry_for_its_primary_key(Session, sql, c
         s.add(User(id=9, name="nine"))
         s.commit()
     assert entry_kind(cache, User, 9) == codec.TOMBSTONE
-    sql.reset()
-    with Session() as s:
+    with expect_sql(sql, selects=1), Session() as s:
         assert s.get(User, 9).name == "nine"
-    assert sql.selects() == 1
 
 
 @pytest.mark.usefixtures("users")
@@ -158,10 +132,8 @@ def test_a_change_made_in_a_released_savepoint_is_evicted_when_the_outer_transac
         with s.begin_nested():
             user.name = "in savepoint"
         s.commit()
-    sql.reset()
-    with Session() as s:
+    with expect_sql(sql, selects=1), Session() as s:
         assert s.get(User, 1).name == "in savepoint"
-    assert sql.selects() == 1
 
 
 @pytest.mark.usefixtures("users")
@@ -174,33 +146,28 @@ def test_a_rolled_back_savepoint_keeps_the_evictions_of_earlier_flushes(Session,
         s.flush()
         savepoint.rollback()
         s.commit()
-    sql.reset()
-    with Session() as s:
-        assert s.get(User, 1).name == "outer"
-    with Session() as s:
-        assert s.get(User, 2).name == "u2"  # evicting a row the savepoint undid is harmless
-    with Session() as s:
-        assert s.get(User, 3).name == "u3"
-    assert sql.selects() == 2
+    with expect_sql(sql, selects=2):
+        with Session() as s:
+            assert s.get(User, 1).name == "outer"
+        with Session() as s:
+            assert s.get(User, 2).name == "u2"  # evicting a row the savepoint undid is harmless
+        with Session() as s:
+            assert s.get(User, 3).name == "u3"
 
 
 @pytest.mark.usefixtures("users")
 def test_releasing_a_savepoint_evicts_nothing_before_the_outer_commit(
-    Session, sql, cache, backend, redis_counter
+    Session, sql, cache, redis_counter
 ):
     before = evictions(cache)
     with Session() as s:
         user = s.get(User, 1)
-        redis_counter.reset()
-        with s.begin_nested():
-            user.name = "released"
+        with expect_commands(redis_counter, {}):
+            with s.begin_nested():
+                user.name = "released"
         assert evictions(cache) == before
-        if backend == "redis":
-            assert redis_counter.total == 0
-        sql.reset()
-        with Session() as other:
+        with expect_sql(sql, 0), Session() as other:
             assert other.get(User, 1).name == "u1"  # the committed row, from the cache
-        assert sql.count == 0
         s.commit()
     assert evictions(cache) == before + 1
     with Session() as s:
@@ -209,43 +176,34 @@ def test_releasing_a_savepoint_evicts_nothing_before_the_outer_commit(
 
 @pytest.mark.usefixtures("users")
 def test_commit_with_a_savepoint_still_open_evicts_once_at_the_outermost_commit(
-    Session, sql, cache, backend, redis_counter
+    Session, sql, cache, redis_counter
 ):
     before = evictions(cache)
     with Session() as s:
         user = s.get(User, 1)
         s.begin_nested()
         user.name = "nested"
-        redis_counter.reset()
-        s.commit()  # releases the savepoint and commits the transaction
+        with expect_commands(redis_counter, {"SET": 1}, round_trips=1):
+            s.commit()  # releases the savepoint and commits the transaction
     assert evictions(cache) == before + 1
-    if backend == "redis":
-        assert redis_counter.commands == {"SET": 1}
-        assert redis_counter.round_trips == 1
-    sql.reset()
-    with Session() as s:
+    with expect_sql(sql, selects=1), Session() as s:
         assert s.get(User, 1).name == "nested"
-    assert sql.selects() == 1
 
 
 @pytest.mark.usefixtures("users")
 def test_a_released_savepoint_whose_transaction_rolls_back_evicts_nothing(
-    Session, sql, cache, backend, redis_counter
+    Session, sql, cache, redis_counter
 ):
     before = evictions(cache)
     with Session() as s:
         user = s.get(User, 1)
-        redis_counter.reset()
-        with s.begin_nested():
-            user.name = "released"
-        s.rollback()
+        with expect_commands(redis_counter, {}):
+            with s.begin_nested():
+                user.name = "released"
+            s.rollback()
     assert evictions(cache) == before
-    if backend == "redis":
-        assert redis_counter.total == 0
-    sql.reset()
-    with Session() as s:
+    with expect_sql(sql, 0), Session() as s:
         assert s.get(User, 1).name == "u1"
-    assert sql.count == 0
 
 
 @pytest.mark.usefixtures("users")
@@ -297,7 +255,7 @@ def test_an_after_commit_listener_on_the_base_session_registered_before_the_mixi
 
 
 def test_fifty_rows_changed_in_one_commit_cost_one_round_trip(
-    Session, sql, cache, backend, redis_counter
+    Session, sql, cache, redis_counter
 ):
     with Session() as s:
         s.add_all([User(id=i, name=f"u{i}") for i in range(1, 51)])
@@ -308,16 +266,11 @@ def test_fifty_rows_changed_in_one_commit_cost_one_round_trip(
     with Session() as s:
         for user in s.scalars(select(User)):
             user.name = user.name.upper()
-        redis_counter.reset()
-        s.commit()
+        with expect_commands(redis_counter, {"SET": 50}, round_trips=1):
+            s.commit()
     assert evictions(cache) == before + 50
-    if backend == "redis":
-        assert redis_counter.commands == {"SET": 50}
-        assert redis_counter.round_trips == 1
-    sql.reset()
-    with Session() as s:
+    with expect_sql(sql, selects=1), Session() as s:
         assert [u.name for u in s.get_many(User, [1, 50])] == ["U1", "U50"]
-    assert sql.selects() == 1
 
 
 def test_a_foreign_key_changed_through_a_relationship_evicts_the_registered_row(
@@ -330,16 +283,13 @@ def test_a_foreign_key_changed_through_a_relationship_evicts_the_registered_row(
         s.commit()
     with Session() as s:
         assert s.get(Address, 10).user_id == 1
-    sql.reset()
     with Session() as s:
-        address = s.get(Address, 10)
-        assert sql.count == 0  # from the cache
+        with expect_sql(sql, 0):
+            address = s.get(Address, 10)  # from the cache
         address.user = s.get(User, 2)
         s.commit()
-    sql.reset()
-    with Session() as s:
+    with expect_sql(sql, selects=1), Session() as s:
         assert s.get(Address, 10).user_id == 2
-    assert sql.selects() == 1
 
 
 def test_moving_a_registered_child_between_parent_collections_evicts_it(Session, sql, cache):
@@ -356,10 +306,8 @@ def test_moving_a_registered_child_between_parent_collections_evicts_it(Session,
         old.addresses.remove(address)
         new.addresses.append(address)
         s.commit()
-    sql.reset()
-    with Session() as s:
+    with expect_sql(sql, selects=1), Session() as s:
         assert s.get(Address, 10).user_id == 2
-    assert sql.selects() == 1
 
 
 def test_a_row_the_flush_deletes_as_an_orphan_is_evicted(engine, Session, sql, cache):
@@ -376,9 +324,8 @@ def test_a_row_the_flush_deletes_as_an_orphan_is_evicted(engine, Session, sql, c
         account = s.get(Account, 1)
         account.logins.remove(s.get(Login, 1))  # not in session.deleted: the flush orphans it
         s.commit()
-    sql.reset()
-    with Session() as s:
-        assert s.get(Login, 1) is None
-    with Session() as s:
-        assert s.get(Login, 2) is not None
-    assert sql.selects() == 1
+    with expect_sql(sql, selects=1):
+        with Session() as s:
+            assert s.get(Login, 1) is None
+        with Session() as s:
+            assert s.get(Login, 2) is not None
