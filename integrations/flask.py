@@ -20,38 +20,62 @@ one ``db`` can serve several applications, each with its own cache, and the sess
 be chosen before any application exists. Without an application context a session of that
 class is an ordinary, uncached session.
 
-Configuration, read once by :meth:`SACache.init_app`:
+Configuration, read once by :meth:`SACache.init_app`, which first gives every key below its
+default with ``app.config.setdefault`` (so afterwards ``app.config`` lists them all; ``None``
+means "not set"):
 
 ``SA_CACHE_URL``
     ``redis://``, ``rediss://`` or ``unix://`` URL. Unset: the in-process backend, which is
     coherent only within one process; a :class:`IncoherentCacheWarning` is issued when the
     application runs (or will run) in several worker processes.
 ``SA_CACHE_PREFIX``
-    first part of every key (default ``sa_cache``).
+    first part of every key (unset: ``sa_cache``).
 ``SA_CACHE_DEFAULT_TTL``
-    seconds a cached row lives (default 3600).
+    seconds a cached row lives (unset: 3600).
 ``SA_CACHE_SOCKET_TIMEOUT``
-    Redis connect and read timeout in seconds (default 0.25).
+    Redis connect and read timeout in seconds (unset: 0.25).
 ``SA_CACHE_SIGNING_KEY``
     a secret, or a list of secrets (the first signs, all verify), to HMAC-sign every cached
     value; unset: values are not signed.
+``SA_CACHE_OPTIONS``
+    a dict of keyword arguments for :class:`sa_cache.IdentityCache`, passed unchanged, so that
+    every setting is reachable: ``{"lease_wait": 0.2, "negative_ttl": 30, "tombstone_ttl":
+    600, "retries": 2, "breaker_threshold": 5, "breaker_cooldown": 10}``; ``backend`` is the
+    URL (or a dogpile ``CacheRegion``). A name ``IdentityCache`` does not take fails at
+    ``init_app`` with :class:`ValueError`.
 ``SA_CACHE_STATS_INTERVAL``
     seconds between publications of this process's counters into Redis, where
     ``flask sa-cache stats`` sums every process (default 5; 0 disables).
+
+Precedence: the five explicit keys above ``SA_CACHE_OPTIONS`` default to ``None``; one that is
+set (not ``None``, and for the URL and the signing key not empty) wins over the same setting in
+``SA_CACHE_OPTIONS`` (``SA_CACHE_URL`` over ``backend``, ``SA_CACHE_PREFIX`` over ``prefix``,
+``SA_CACHE_DEFAULT_TTL`` over ``ttl``, ``SA_CACHE_SOCKET_TIMEOUT`` over ``socket_timeout``,
+``SA_CACHE_SIGNING_KEY`` over ``signing_key``), as Flask-SQLAlchemy's
+``SQLALCHEMY_DATABASE_URI`` wins over ``SQLALCHEMY_ENGINE_OPTIONS["url"]``. A setting given by
+neither has ``IdentityCache``'s default.
+
+Models: with ``db`` (or a declarative base as ``models=``), the models already mapped are
+registered by ``init_app``, and a model mapped later on the same registry is registered as its
+mapper is constructed (SQLAlchemy's ``after_mapper_constructed`` event); nothing is scanned when
+a session is created.
+
+Flask-Login: :meth:`SACache.user_loader` registers
+:func:`sa_cache.integrations.flask_login.safe_user_loader`.
 """
 
 from __future__ import annotations
 
+import difflib
 import functools
+import inspect as pyinspect
 import logging
 import os
-import re
 import sys
 import threading
-import uuid
 import warnings
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import click
@@ -59,24 +83,33 @@ import flask_sqlalchemy.query
 import flask_sqlalchemy.session
 from flask import Flask, current_app, has_app_context
 from flask.cli import AppGroup
-from sqlalchemy import exc as sa_exc
-from sqlalchemy import inspect
-from sqlalchemy import types as sqltypes
+from sqlalchemy import event, inspect
 from sqlalchemy.orm import Mapper, Session
+from sqlalchemy.orm.events import MapperEvents
 
+from sa_cache import CachingQuery, CachingSessionMixin, IdentityCache
 from sa_cache import cli as sa_cli
-from sa_cache.cache import IdentityCache
 from sa_cache.errors import redact
-from sa_cache.session import CachingQuery, CachingSessionMixin
 from sa_cache.shared_stats import StatsPublisher
+
+from .flask_login import safe_user_loader
 
 log = logging.getLogger("sa_cache")
 
 T = TypeVar("T")
 
 EXTENSION_KEY = "sa_cache"
-_MAX_INT_ID = 2**63 - 1
-_INT_ID = re.compile(r"-?[0-9]{1,19}\Z")
+
+#: every config key init_app reads, with the default it sets (None: not set)
+CONFIG_DEFAULTS: dict[str, Any] = {
+    "SA_CACHE_URL": None,
+    "SA_CACHE_PREFIX": None,
+    "SA_CACHE_DEFAULT_TTL": None,
+    "SA_CACHE_SOCKET_TIMEOUT": None,
+    "SA_CACHE_SIGNING_KEY": None,
+    "SA_CACHE_OPTIONS": {},
+    "SA_CACHE_STATS_INTERVAL": 5.0,
+}
 
 
 class IncoherentCacheWarning(RuntimeWarning):
@@ -94,7 +127,6 @@ def _current_cache() -> IdentityCache | None:
     state = current_app.extensions.get(EXTENSION_KEY)
     if not isinstance(state, _State):
         return None
-    state.sync_models()
     return state.cache
 
 
@@ -125,52 +157,57 @@ class _State:
         self.sacache = sacache
         self.cache = cache
         self.db = db
-        self.models = models
         self.pid = os.getpid()
         self.publisher: StatsPublisher | None = None
         self.classes: dict[str, type[Any]] = {}  # every class registered, by name
-        self._seen: frozenset[Mapper[Any]] = frozenset()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._fork_warned = False
-
-    def _candidates(self) -> Iterable[Mapper[Any]]:
-        registries = []
-        if self.models is None:
-            if self.db is not None:
-                registries.append(self.db.Model.registry)
-        elif hasattr(self.models, "registry"):
-            registries.append(self.models.registry)
+        #: the registry whose models are cached, those mapped later too (None: a fixed list)
+        self.registry: Any = None
+        self._fixed: list[Mapper[Any]] = []
+        if models is None:
+            if db is not None:
+                self.registry = db.Model.registry
+        elif hasattr(models, "registry"):
+            self.registry = models.registry
         else:
-            for model in self.models:
+            for model in models:
                 mapper = inspect(model)
                 if isinstance(mapper, Mapper):
-                    yield mapper
-        yield from self.sacache._explicit
-        for registry in registries:
-            yield from registry.mappers
+                    self._fixed.append(mapper)
 
-    def sync_models(self) -> None:
-        """Register models mapped since the last call (models may be defined after init_app)."""
-        mappers = frozenset(self._candidates())
-        if mappers == self._seen:
-            return
+    def register_existing(self) -> None:
+        """At init_app: the models mapped so far (later ones arrive through :meth:`mapped`)."""
+        mappers = [*self._fixed, *self.sacache._explicit]
+        if self.registry is not None:
+            mappers.extend(self.registry.mappers)
+        for mapper in mappers:
+            self.add(mapper)
+
+    def mapped(self, mapper: Mapper[Any]) -> None:
+        """A mapper was just constructed: cache it if it is on this application's registry, and
+        name it for ``flask sa-cache evict`` if it joins a hierarchy already cached."""
+        if self.registry is not None and mapper.registry is self.registry:
+            self.add(mapper)
+        elif self.cache.model_for(mapper) is not None:
+            with self._lock:
+                self.classes.setdefault(mapper.class_.__name__, mapper.class_)
+
+    def add(self, mapper: Mapper[Any]) -> None:
         with self._lock:
-            for mapper in mappers - self._seen:
-                if self.cache.model_for(mapper) is None:
-                    try:
-                        ttl = self.sacache._ttls.get(mapper.class_)
-                        self.cache.register(mapper.class_, ttl=ttl)
-                    except Exception as exc:  # one odd model must not break every session
-                        log.warning("sa_cache: not caching %s: %s", mapper.class_.__name__, exc)
-                        continue
-                self.classes[mapper.class_.__name__] = mapper.class_
-                for sub in mapper.base_mapper.self_and_descendants:
-                    self.classes.setdefault(sub.class_.__name__, sub.class_)
-            self._seen = mappers
+            if self.cache.model_for(mapper) is None:
+                try:
+                    ttl = self.sacache._ttls.get(mapper.class_)
+                    self.cache.register(mapper.class_, ttl=ttl)
+                except Exception as exc:  # one odd model must not break the application
+                    log.warning("sa_cache: not caching %s: %s", mapper.class_.__name__, exc)
+                    return
+            self.classes[mapper.class_.__name__] = mapper.class_
+            for sub in mapper.base_mapper.self_and_descendants:
+                self.classes.setdefault(sub.class_.__name__, sub.class_)
 
     def resolve(self, name: str) -> type[Any]:
         """A registered class by class name or table name."""
-        self.sync_models()
         if name in self.classes:
             return self.classes[name]
         for cls in self.classes.values():
@@ -198,6 +235,30 @@ class _State:
     @property
     def forked_in_process(self) -> bool:
         return self.pid != os.getpid() and not hasattr(self.cache.store, "client")
+
+
+#: the states of live applications, told about every mapper constructed after their init_app
+_watching: weakref.WeakSet[_State] = weakref.WeakSet()
+_watch_lock = threading.Lock()
+#: SQLAlchemy >= 2.0.2 announces a mapper as soon as it is constructed (the class statement);
+#: before that, the first configure (any ORM use) is the earliest moment
+_MAPPED = (
+    "after_mapper_constructed"
+    if hasattr(MapperEvents, "after_mapper_constructed")
+    else "mapper_configured"
+)
+
+
+def _on_mapped(mapper: Mapper[Any], class_: type[Any]) -> None:
+    for state in list(_watching):
+        state.mapped(mapper)
+
+
+def _watch(state: _State) -> None:
+    with _watch_lock:
+        if not event.contains(Mapper, _MAPPED, _on_mapped):
+            event.listen(Mapper, _MAPPED, _on_mapped)
+        _watching.add(state)
 
 
 class SACache:
@@ -262,19 +323,12 @@ class SACache:
                     "db.session would not be cached: create the extension with "
                     "SQLAlchemy(..., **SACache.sqlalchemy_options())"
                 )
-        config = app.config
-        url = config.get("SA_CACHE_URL") or None
-        if url in ("memory://", "memory"):
-            url = None
-        cache = IdentityCache(
-            url,
-            prefix=str(config.get("SA_CACHE_PREFIX", "sa_cache")),
-            ttl=float(config.get("SA_CACHE_DEFAULT_TTL", 3600)),
-            socket_timeout=float(config.get("SA_CACHE_SOCKET_TIMEOUT", 0.25)),
-            signing_key=config.get("SA_CACHE_SIGNING_KEY") or None,
-        )
+        config = {key: app.config.setdefault(key, default) for key, default in _defaults()}
+        options = _cache_options(config)
+        cache = IdentityCache(**options)
         state = _State(self, cache, db, models)
-        if url is None:
+        url = options.get("backend")
+        if not hasattr(cache.store, "client"):  # the in-process backend
             reason = _multiprocess_reason()
             if reason is not None:
                 warnings.warn(
@@ -285,15 +339,17 @@ class SACache:
                     stacklevel=2,
                 )
         else:
-            interval = float(config.get("SA_CACHE_STATS_INTERVAL", 5.0))
+            interval = float(config["SA_CACHE_STATS_INTERVAL"] or 0)
             if interval > 0:
                 state.publisher = StatsPublisher(cache, interval)
-            log.debug("sa_cache: %s prefix %r", redact(url), cache.prefix)
+            if isinstance(url, str):
+                log.debug("sa_cache: %s prefix %r", redact(url), cache.prefix)
         app.extensions[EXTENSION_KEY] = state
         app.before_request(state.before_request)
         app.cli.add_command(cli_group)
         self._apps = [ref for ref in self._apps if ref() is not None] + [weakref.ref(app)]
-        state.sync_models()
+        _watch(state)  # first, so that a model mapped meanwhile is not missed
+        state.register_existing()
 
     def _state(self, app: Flask | None = None) -> _State:
         if app is None:
@@ -314,9 +370,7 @@ class SACache:
     @property
     def cache(self) -> IdentityCache:
         """The :class:`sa_cache.IdentityCache` of the current application (or of the only one)."""
-        state = self._state()
-        state.sync_models()
-        return state.cache
+        return self._state().cache
 
     def register(self, model: type[T] | None = None, *, ttl: float | None = None) -> Any:
         """Cache ``model`` in every application of this extension (also a class decorator)."""
@@ -334,7 +388,7 @@ class SACache:
                 state = self._state(app)
                 if ttl is not None and state.cache.model_for(mapper) is not None:
                     state.cache.register(model, ttl=ttl)  # already cached: apply its TTL
-                state.sync_models()
+                state.add(mapper)
         return model
 
     # -- Flask-Login ------------------------------------------------------------------------
@@ -347,38 +401,26 @@ class SACache:
         session: Any = None,
         require_active: bool = False,
     ) -> Callable[[str], T | None]:
-        """Register a Flask-Login ``user_loader`` for ``model`` and return it.
+        """Register a Flask-Login ``user_loader`` for ``model`` and return it: the loader of
+        :func:`sa_cache.integrations.flask_login.safe_user_loader`.
 
         It is ``session.get(model, id)`` (served from the cache), except that an id from the
         cookie that cannot be this model's primary key (not a number, out of range, not a UUID)
         is None without a query, and a database error about the value is None too: a malformed
         or stale cookie logs the visitor out, it never answers 500. A deleted user is None, as
-        always, and is negatively cached. ``session`` defaults to ``db.session``;
-        ``require_active`` also turns a user whose ``is_active`` is false into None, so that
-        deactivating someone logs them out of every process on their next request.
+        always, and is negatively cached. ``session`` (a Session or a ``scoped_session``)
+        defaults to ``db.session``; ``require_active`` also turns a user whose ``is_active`` is
+        false into None, so that deactivating someone logs them out of every process on their
+        next request.
         """
-        mapper = inspect(model)
-        if not isinstance(mapper, Mapper) or len(mapper.primary_key) != 1:
-            raise TypeError("user_loader needs a mapped class with a single-column primary key")
-        parse = _id_parser(mapper.primary_key[0].type)
-
-        def load_user(user_id: str) -> T | None:
-            pk = parse(user_id)
-            if pk is None:
-                return None
-            target = session if session is not None else self._session()
-            try:
-                user: T | None = target.get(model, pk)
-            except sa_exc.StatementError as exc:
-                if isinstance(exc, sa_exc.DBAPIError) and not isinstance(exc, sa_exc.DataError):
-                    raise  # the database is down or broken: not the cookie's fault
-                target.rollback()
-                log.info("sa_cache: user id %r rejected by the database", user_id[:64])
-                return None
-            if require_active and user is not None and not getattr(user, "is_active", True):
-                return None
-            return user
-
+        get_session: Callable[[], Any]
+        if session is None:
+            get_session = self._session
+        elif callable(session):  # a scoped_session: its current Session
+            get_session = session
+        else:
+            get_session = functools.partial(_same, session)
+        load_user = safe_user_loader(model, get_session, require_active=require_active)
         login_manager.user_loader(load_user)
         return load_user
 
@@ -389,42 +431,56 @@ class SACache:
         return db.session
 
 
-def _id_parser(column_type: Any) -> Callable[[Any], Any]:
-    if isinstance(column_type, sqltypes.TypeDecorator):
-        column_type = column_type.impl_instance
-    if isinstance(column_type, sqltypes.Integer):
+def _same(value: T) -> T:
+    return value
 
-        def parse_int(value: Any) -> int | None:
-            if type(value) is int:
-                number = value
-            elif isinstance(value, str) and _INT_ID.match(value):
-                number = int(value)
-            else:
-                return None
-            return number if -_MAX_INT_ID <= number <= _MAX_INT_ID else None
 
-        return parse_int
-    if isinstance(column_type, sqltypes.Uuid):
-        as_uuid = column_type.as_uuid
+def _defaults() -> Iterable[tuple[str, Any]]:
+    for key, default in CONFIG_DEFAULTS.items():
+        yield key, (dict(default) if isinstance(default, dict) else default)
 
-        def parse_uuid(value: Any) -> Any:
-            try:
-                parsed = value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
-            except ValueError:
-                return None
-            return parsed if as_uuid else str(parsed)
 
-        return parse_uuid
-    if isinstance(column_type, sqltypes.String):
-        length = column_type.length
+def _cache_options(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``IdentityCache`` keyword arguments: ``SA_CACHE_OPTIONS``, overridden by the explicit keys
+    that are set."""
+    given = config["SA_CACHE_OPTIONS"]
+    if given is None:
+        given = {}
+    if not isinstance(given, Mapping):
+        raise TypeError(f"SA_CACHE_OPTIONS must be a dict, not {type(given).__name__}")
+    accepted = _identity_cache_options()
+    unknown = sorted(str(name) for name in given if name not in accepted)
+    if unknown:
+        hints = [
+            f"{name!r} (did you mean {close[0]!r}?)"
+            if (close := difflib.get_close_matches(name, accepted, n=1))
+            else repr(name)
+            for name in unknown
+        ]
+        raise ValueError(
+            f"SA_CACHE_OPTIONS: IdentityCache takes no option {', '.join(hints)}; "
+            f"its options are {', '.join(accepted)}"
+        )
+    options = dict(given)
+    if config["SA_CACHE_URL"]:
+        options["backend"] = config["SA_CACHE_URL"]
+    if config["SA_CACHE_PREFIX"] is not None:
+        options["prefix"] = str(config["SA_CACHE_PREFIX"])
+    if config["SA_CACHE_DEFAULT_TTL"] is not None:
+        options["ttl"] = float(config["SA_CACHE_DEFAULT_TTL"])
+    if config["SA_CACHE_SOCKET_TIMEOUT"] is not None:
+        options["socket_timeout"] = float(config["SA_CACHE_SOCKET_TIMEOUT"])
+    if config["SA_CACHE_SIGNING_KEY"]:
+        options["signing_key"] = config["SA_CACHE_SIGNING_KEY"]
+    if options.get("backend") in ("memory://", "memory"):
+        options["backend"] = None
+    return options
 
-        def parse_str(value: Any) -> str | None:
-            if not isinstance(value, str) or "\x00" in value:
-                return None
-            return None if length is not None and len(value) > length else value
 
-        return parse_str
-    return lambda value: value
+def _identity_cache_options() -> list[str]:
+    """The keyword arguments ``IdentityCache`` takes (read from its signature: the core decides)."""
+    parameters = pyinspect.signature(IdentityCache).parameters.values()
+    return [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
 def _multiprocess_reason() -> str | None:

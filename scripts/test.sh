@@ -41,8 +41,8 @@ stage ruff
 echo "== ruff"
 .venv/bin/ruff check sa_cache integrations tests benchmarks
 stage mypy
-echo "== mypy --strict sa_cache"
-.venv/bin/mypy --strict sa_cache
+echo "== mypy --strict sa_cache integrations"
+.venv/bin/mypy --strict sa_cache integrations
 stage pytest
 echo "== pytest (SQLAlchemy $(.venv/bin/python -c 'import sqlalchemy; print(sqlalchemy.__version__)'))"
 .venv/bin/python -m pytest "$@"

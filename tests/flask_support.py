@@ -1,17 +1,20 @@
-"""Fixtures for the Flask tests: the example application on a real database (its own database per
-run, apart from the core tests' tables) and a real cache, with SQL counted per request."""
+"""Fixtures for the Flask tests: the example application (``docs/examples/flask_app.py``, not part
+of the package) on a real database (its own database per run, apart from the core tests' tables)
+and a real cache, with SQL counted per request."""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sa_cache.integrations import example_app
-from sa_cache.integrations.example_app import db as example_db
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
@@ -24,6 +27,26 @@ from .conftest import (
     _drop_database,
     require_service,
 )
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
+#: the example's module name, as ``flask --app docs/examples/flask_app.py`` and
+#: ``gunicorn --pythonpath docs/examples 'flask_app:create_app()'`` import it
+EXAMPLE_MODULE = "flask_app"
+
+
+def _load_example() -> ModuleType:
+    module = sys.modules.get(EXAMPLE_MODULE)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(EXAMPLE_MODULE, EXAMPLES / "flask_app.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[EXAMPLE_MODULE] = module  # importable by name, as the CLI's MODEL imports it
+        spec.loader.exec_module(module)
+    return module
+
+
+example_app = _load_example()
+example_db = example_app.db
 
 FLASK_DB = f"{RUN_ID}_flask"
 FAST_HASH = "pbkdf2:sha256:1000"  # the example defaults to scrypt; tests log in a lot

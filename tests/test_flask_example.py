@@ -5,8 +5,6 @@ served on the next request, and cookies that can never cause a 500."""
 from __future__ import annotations
 
 import pytest
-from sa_cache.integrations.example_app import User
-from sa_cache.integrations.example_app import db as example_db
 from sa_cache.integrations.flask import EXTENSION_KEY
 
 from .flask_support import (  # noqa: F401 - fixtures
@@ -15,10 +13,14 @@ from .flask_support import (  # noqa: F401 - fixtures
     cache_config,
     close_app,
     db_engine,
+    example_app,
+    example_db,
     example_fixture,
     flask_databases_fixture,
     make_example_app,
 )
+
+User = example_app.User
 
 BOB = "bob@example.com"
 ALICE = "alice@example.com"

@@ -15,7 +15,6 @@ import redis
 from click.testing import CliRunner
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
-from sa_cache.integrations import example_app
 from sa_cache.integrations.flask import EXTENSION_KEY, IncoherentCacheWarning, SACache
 from sqlalchemy import String, create_engine, event
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, scoped_session, sessionmaker
@@ -31,6 +30,7 @@ from .flask_support import (  # noqa: F401 - fixtures
     cache_config,
     close_app,
     db_engine,
+    example_app,
     flask_databases_fixture,
     make_example_app,
     new_prefix,
@@ -223,7 +223,7 @@ def test_flush_removes_only_this_caches_keys(sqlite_app, redis_client):
         redis_client.delete(*neighbours)
 
 
-@pytest.mark.parametrize("model", ["users", "sa_cache.integrations.example_app:User"])
+@pytest.mark.parametrize("model", ["users", "flask_app:User"])
 def test_console_evict_makes_the_next_request_a_miss(sqlite_app, model):
     prefix = sqlite_app.config["SA_CACHE_PREFIX"]
     browser = Browser(sqlite_app, SQLLog(db_engine(sqlite_app))).login("bob@example.com")

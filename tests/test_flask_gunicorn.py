@@ -20,7 +20,15 @@ from click.testing import CliRunner
 from sa_cache.cli import main
 
 from .conftest import REDIS_URL, require_service
-from .flask_support import FAST_HASH, PASSWORDS, close_app, make_example_app, new_prefix
+from .flask_support import (
+    EXAMPLE_MODULE,
+    EXAMPLES,
+    FAST_HASH,
+    PASSWORDS,
+    close_app,
+    make_example_app,
+    new_prefix,
+)
 from .flask_support import reset_database as seed_database
 from .redis_server import free_port
 
@@ -105,7 +113,9 @@ def test_a_change_through_one_worker_is_served_by_all_the_others(tmp_path: Path)
             "--graceful-timeout",
             "5",
             *(["--no-control-socket"] if control_socket_option(gunicorn) else []),
-            "sa_cache.integrations.example_app:create_app()",
+            "--pythonpath",
+            str(EXAMPLES),
+            f"{EXAMPLE_MODULE}:create_app()",
         ],
         cwd=tmp_path,
         env=env,

@@ -4,11 +4,12 @@ flag. There is no memoize, no pickle and no ``delete_memoized`` anywhere: ``load
 ``db.session.get`` (through ``sacache.user_loader``), served from the cache, and every change is
 evicted by the commit that makes it.
 
-Run it (configuration comes from ``FLASK_*`` environment variables)::
+It is not part of the installed package: run it from a checkout (configuration comes from
+``FLASK_*`` environment variables)::
 
     export FLASK_SA_CACHE_URL=redis://127.0.0.1:6379/0     # unset: the in-process cache
-    .venv/bin/flask --app sa_cache.integrations.example_app init-db
-    .venv/bin/gunicorn -w 4 -b 127.0.0.1:8000 'sa_cache.integrations.example_app:create_app()'
+    .venv/bin/flask --app docs/examples/flask_app.py init-db
+    .venv/bin/gunicorn -w 4 -b 127.0.0.1:8000 --pythonpath docs/examples 'flask_app:create_app()'
 
 then log in at http://127.0.0.1:8000/login as ``alice@example.com`` / ``alice-password``
 (admin). Every response carries ``X-Worker-Pid`` and ``X-SQL-Statements`` (the statements the
