@@ -3,21 +3,41 @@ SQLAlchemy ``scoped_session`` apps, the Flask-Login helper, the CLI and the shar
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import inspect
 import json
 import socket
 import time
 import uuid
 import warnings
+from collections import Counter
+from typing import Any
 
 import flask_login
 import pytest
 import redis
+import sa_cache.integrations.flask as flask_extension
 from click.testing import CliRunner
-from flask import Flask
+from flask import Config, Flask
 from flask_sqlalchemy import SQLAlchemy
-from sa_cache.integrations.flask import EXTENSION_KEY, IncoherentCacheWarning, SACache
-from sqlalchemy import String, create_engine, event
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, scoped_session, sessionmaker
+from sa_cache.integrations.flask import (
+    CONFIG_DEFAULTS,
+    EXTENSION_KEY,
+    IncoherentCacheWarning,
+    SACache,
+)
+from sa_cache.integrations.flask_login import safe_user_loader
+from sqlalchemy import String, TypeDecorator, Uuid, create_engine, event
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    registry,
+    scoped_session,
+    sessionmaker,
+)
 
 from sa_cache import CachingSession, IdentityCache
 from sa_cache.cli import main
@@ -25,6 +45,7 @@ from sa_cache.shared_stats import StatsPublisher, read_shared_stats, stats_key
 
 from .conftest import REDIS_URL, require_service
 from .flask_support import (  # noqa: F401 - fixtures
+    EXAMPLES,
     Browser,
     SQLLog,
     cache_config,
@@ -133,6 +154,120 @@ def test_config_keys_are_applied(redis_client):
     options = cache.store.client.connection_pool.connection_kwargs
     assert options["socket_timeout"] == 0.5
     assert app.extensions[EXTENSION_KEY].publisher is not None
+
+
+class CountingConfig(Config):
+    """app.config, counting how often each key is read."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.reads: Counter[str] = Counter()
+
+    def __getitem__(self, key: str) -> Any:
+        self.reads[key] += 1
+        return super().__getitem__(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.reads[key] += 1
+        return super().get(key, default)
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        self.reads[key] += 1
+        return super().setdefault(key, default)
+
+
+class CountingApp(Flask):
+    config_class = CountingConfig
+
+
+def test_init_app_setdefaults_every_config_key_and_reads_each_once(redis_client):
+    app = CountingApp(__name__)
+    prefix = new_prefix()
+    app.config.update(SA_CACHE_URL=REDIS_URL, SA_CACHE_PREFIX=prefix)
+    sacache = SACache(app)
+    reads = {key: n for key, n in app.config.reads.items() if key.startswith("SA_CACHE_")}
+    assert reads == dict.fromkeys(CONFIG_DEFAULTS, 1)
+    assert app.config["SA_CACHE_PREFIX"] == prefix  # set by the app: kept
+    mine = ("SA_CACHE_URL", "SA_CACHE_PREFIX")
+    assert {k: app.config[k] for k in CONFIG_DEFAULTS if k not in mine} == {
+        "SA_CACHE_DEFAULT_TTL": None,
+        "SA_CACHE_SOCKET_TIMEOUT": None,
+        "SA_CACHE_SIGNING_KEY": None,
+        "SA_CACHE_OPTIONS": {},
+        "SA_CACHE_STATS_INTERVAL": 5.0,
+    }
+    cache = sacache.cache  # None: IdentityCache's own defaults
+    assert (cache.prefix, cache.ttl, cache._signer) == (prefix, 3600, None)
+    assert app.extensions[EXTENSION_KEY].publisher.interval == 5.0
+    app.config["SA_CACHE_DEFAULT_TTL"] = 1  # read once: a later change is not applied
+    assert sacache.cache.ttl == 3600
+
+
+def test_sa_cache_options_reaches_every_identity_cache_setting(monkeypatch, redis_client):
+    options = {
+        "lease_wait": 0.2,
+        "negative_ttl": 30,
+        "tombstone_ttl": 600,
+        "retries": 4,
+        "breaker_threshold": 7,
+        "breaker_cooldown": 11.0,
+    }
+    app = Flask(__name__)
+    app.config.update(SA_CACHE_URL=REDIS_URL, SA_CACHE_OPTIONS=options)
+    cache = SACache(app).cache
+    assert (cache.lease_wait, cache.negative_ttl, cache.tombstone_ttl) == (0.2, 30, 600)
+    assert (cache.breaker.threshold, cache.breaker.cooldown) == (7, 11.0)
+    retry = cache.store.client.connection_pool.connection_kwargs["retry"]
+    assert retry._retries == 4
+    assert app.config["SA_CACHE_OPTIONS"] == options  # not consumed
+
+    # and every keyword IdentityCache takes, whatever the core adds, arrives unchanged
+    real = flask_extension.IdentityCache
+    received: dict[str, Any] = {}
+
+    @functools.wraps(real)
+    def spy(**kwargs: Any) -> Any:
+        received.update(kwargs)
+        return real()
+
+    monkeypatch.setattr(flask_extension, "IdentityCache", spy)
+    names = [
+        p.name
+        for p in inspect.signature(real).parameters.values()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+    assert {"backend", "lease_wait", "retries", "breaker_cooldown"} <= set(names)
+    everything = {name: object() for name in names}
+    app = Flask(__name__)
+    app.config["SA_CACHE_OPTIONS"] = everything
+    SACache(app)
+    assert received == everything
+
+
+def test_explicit_config_keys_take_precedence_over_sa_cache_options():
+    app = Flask(__name__)
+    app.config.update(
+        SA_CACHE_DEFAULT_TTL=120,
+        SA_CACHE_PREFIX="explicit",
+        SA_CACHE_OPTIONS={"ttl": 60, "prefix": "from_options", "negative_ttl": 5},
+    )
+    cache = SACache(app).cache
+    assert (cache.ttl, cache.prefix, cache.negative_ttl) == (120, "explicit", 5)
+    app = Flask(__name__)  # explicit keys unset: the options apply
+    app.config["SA_CACHE_OPTIONS"] = {"ttl": 60, "prefix": "from_options"}
+    cache = SACache(app).cache
+    assert (cache.ttl, cache.prefix) == (60, "from_options")
+
+
+def test_an_unknown_sa_cache_option_fails_at_init_app():
+    app = Flask(__name__)
+    app.config["SA_CACHE_OPTIONS"] = {"lease_wiat": 0.2, "negative_ttl": 5}
+    with pytest.raises(ValueError, match=r"'lease_wiat' \(did you mean 'lease_wait'\?\)"):
+        SACache(app)
+    assert EXTENSION_KEY not in app.extensions  # nothing half-initialised
+    app.config["SA_CACHE_OPTIONS"] = [("ttl", 5)]
+    with pytest.raises(TypeError, match="SA_CACHE_OPTIONS must be a dict"):
+        SACache(app)
 
 
 def test_in_process_backend_warns_when_workers_cannot_share_it(monkeypatch):
