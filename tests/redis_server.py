@@ -17,7 +17,6 @@ from typing import Any
 
 import redis
 
-
 #: ``SA_CACHE_TEST_PORTS=21000-21999``: the loopback ports private servers may use (unset: any
 #: port the kernel picks).
 PORTS_ENV = "SA_CACHE_TEST_PORTS"
