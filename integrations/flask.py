@@ -85,7 +85,6 @@ from flask import Flask, current_app, has_app_context
 from flask.cli import AppGroup
 from sqlalchemy import event, inspect
 from sqlalchemy.orm import Mapper, Session
-from sqlalchemy.orm.events import MapperEvents
 
 from sa_cache import CachingQuery, CachingSessionMixin, IdentityCache
 from sa_cache import cli as sa_cli
@@ -240,13 +239,6 @@ class _State:
 #: the states of live applications, told about every mapper constructed after their init_app
 _watching: weakref.WeakSet[_State] = weakref.WeakSet()
 _watch_lock = threading.Lock()
-#: SQLAlchemy >= 2.0.2 announces a mapper as soon as it is constructed (the class statement);
-#: before that, the first configure (any ORM use) is the earliest moment
-_MAPPED = (
-    "after_mapper_constructed"
-    if hasattr(MapperEvents, "after_mapper_constructed")
-    else "mapper_configured"
-)
 
 
 def _on_mapped(mapper: Mapper[Any], class_: type[Any]) -> None:
@@ -256,8 +248,9 @@ def _on_mapped(mapper: Mapper[Any], class_: type[Any]) -> None:
 
 def _watch(state: _State) -> None:
     with _watch_lock:
-        if not event.contains(Mapper, _MAPPED, _on_mapped):
-            event.listen(Mapper, _MAPPED, _on_mapped)
+        # SQLAlchemy >= 2.0.2: called at the end of Mapper(), i.e. by the class statement
+        if not event.contains(Mapper, "after_mapper_constructed", _on_mapped):
+            event.listen(Mapper, "after_mapper_constructed", _on_mapped)
         _watching.add(state)
 
 

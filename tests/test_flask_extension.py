@@ -4,7 +4,6 @@ SQLAlchemy ``scoped_session`` apps, the Flask-Login helper, the CLI and the shar
 from __future__ import annotations
 
 import functools
-import importlib.util
 import inspect
 import json
 import socket
@@ -27,14 +26,11 @@ from sa_cache.integrations.flask import (
     IncoherentCacheWarning,
     SACache,
 )
-from sa_cache.integrations.flask_login import safe_user_loader
-from sqlalchemy import String, TypeDecorator, Uuid, create_engine, event
+from sqlalchemy import String, create_engine, event
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
-    Session,
     mapped_column,
-    registry,
     scoped_session,
     sessionmaker,
 )
@@ -500,3 +496,93 @@ def test_models_chooses_what_is_cached_and_register_adds_to_it():
         assert set(sacache.cache.stats()["models"]) == {"Cached", "Later"}
         assert sacache.cache.model_for(Later.__mapper__).ttl == 30
         assert sacache.cache.model_for(Cached.__mapper__).ttl == 40
+
+
+# -- which models are cached, and when ----------------------------------------------------------
+
+
+def test_models_defined_after_init_app_are_cached_as_soon_as_they_are_mapped():
+    class Base(DeclarativeBase):
+        pass
+
+    app = Flask(__name__)
+    app.config["SQLALCHEMY_DATABASE_URI"] = "sqlite://"
+    db = SQLAlchemy(app, model_class=Base, **SACache.sqlalchemy_options())
+    sacache = SACache(app, db)
+
+    class Late(db.Model):  # no session, no app context yet: registered by the class statement
+        id: Mapped[int] = mapped_column(primary_key=True)
+
+    class LateChild(Late):  # joins the hierarchy: named for `flask sa-cache evict`
+        __tablename__ = "late_child"
+        id: Mapped[int] = mapped_column(db.ForeignKey(Late.id), primary_key=True)
+
+    cache = sacache.cache
+    assert cache.model_for(Late.__mapper__) is not None
+    assert cache.model_for(LateChild.__mapper__) is cache.model_for(Late.__mapper__)
+    with app.app_context():
+        assert app.extensions[EXTENSION_KEY].resolve("late_child") is LateChild
+
+
+def test_models_mapped_later_on_another_registry_are_not_cached():
+    class Base(DeclarativeBase):
+        pass
+
+    class Other(DeclarativeBase):
+        pass
+
+    app = Flask(__name__)
+    app.config["SQLALCHEMY_DATABASE_URI"] = "sqlite://"
+    db = SQLAlchemy(app, model_class=Base, **SACache.sqlalchemy_options())
+
+    class Before(db.Model):
+        id: Mapped[int] = mapped_column(primary_key=True)
+
+    sacache = SACache(app, db)
+    other_app = Flask(__name__)
+    chosen = SACache(other_app, models=[Before])  # a fixed list: nothing is added to it
+
+    class Mine(db.Model):
+        id: Mapped[int] = mapped_column(primary_key=True)
+
+    class Elsewhere(Other):
+        __tablename__ = "elsewhere"
+        id: Mapped[int] = mapped_column(primary_key=True)
+
+    assert sacache.cache.model_for(Mine.__mapper__) is not None
+    assert sacache.cache.model_for(Elsewhere.__mapper__) is None
+    assert chosen.cache.model_for(Before.__mapper__) is not None
+    assert chosen.cache.model_for(Mine.__mapper__) is None
+
+
+def test_creating_a_session_scans_no_registry(monkeypatch, tmp_path):
+    """Models are registered at init_app and by the mapper event, never by a scan of the
+    registry each time a session is created."""
+    from sqlalchemy.orm import decl_api
+
+    class Base(DeclarativeBase):
+        pass
+
+    app = Flask(__name__)
+    app.config["SQLALCHEMY_DATABASE_URI"] = f"sqlite:///{tmp_path}/scan.sqlite"
+    db = SQLAlchemy(app, model_class=Base, **SACache.sqlalchemy_options())
+
+    class Early(db.Model):
+        id: Mapped[int] = mapped_column(primary_key=True)
+
+    sacache = SACache(app, db)
+    with app.app_context():
+        db.create_all()
+        db.session.add(Early(id=1))
+        db.session.commit()
+    scans: list[object] = []
+    mappers = decl_api.registry.mappers
+    monkeypatch.setattr(
+        decl_api.registry, "mappers", property(lambda reg: scans.append(reg) or mappers.fget(reg))
+    )
+    for _ in range(3):
+        with app.app_context():
+            assert db.session.get(Early, 1) is not None
+            assert sacache.cache is app.extensions[EXTENSION_KEY].cache
+    assert scans == []
+    assert sacache.cache.stats()["models"]["Early"]["hits"] >= 2
