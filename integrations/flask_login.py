@@ -46,7 +46,7 @@ _TEXT_PROBES = ("0", str(uuid.UUID(int=0)))
 def id_parser(model: type[Any]) -> Callable[[Any], Any]:
     """For ``model`` (one primary-key column), a function from Flask-Login's id to the value to
     pass to ``session.get``, or None when the id cannot be one of this model's keys."""
-    mapper = inspect(model)
+    mapper = inspect(model, raiseerr=False)
     if not isinstance(mapper, Mapper) or len(mapper.primary_key) != 1:
         raise TypeError("user_loader needs a mapped class with a single-column primary key")
     coercers = (coercer_for(mapper.primary_key[0]),)

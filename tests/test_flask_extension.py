@@ -26,7 +26,8 @@ from sa_cache.integrations.flask import (
     IncoherentCacheWarning,
     SACache,
 )
-from sqlalchemy import String, create_engine, event
+from sa_cache.integrations.flask_login import safe_user_loader
+from sqlalchemy import String, TypeDecorator, Uuid, create_engine, event
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -586,3 +587,120 @@ def test_creating_a_session_scans_no_registry(monkeypatch, tmp_path):
             assert sacache.cache is app.extensions[EXTENSION_KEY].cache
     assert scans == []
     assert sacache.cache.stats()["models"]["Early"]["hits"] >= 2
+
+
+# -- Flask-Login: integrations/flask_login.py ---------------------------------------------------
+
+
+class LoginBase(DeclarativeBase):
+    pass
+
+
+class Member(flask_login.UserMixin, LoginBase):
+    __tablename__ = "members"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    active: Mapped[bool] = mapped_column(default=True)
+
+    @property
+    def is_active(self) -> bool:  # UserMixin's is_authenticated is is_active, too
+        return self.active
+
+
+class Device(flask_login.UserMixin, LoginBase):
+    __tablename__ = "devices"
+    id: Mapped[uuid.UUID] = mapped_column(Uuid(as_uuid=True), primary_key=True)
+
+
+class Lowered(TypeDecorator[str]):
+    """A type sa_cache.keys cannot read (its bind processing is its own)."""
+
+    impl = String(20)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Any) -> Any:
+        return None if value is None else str(value).lower()
+
+
+class Badge(flask_login.UserMixin, LoginBase):
+    __tablename__ = "badges"
+    id: Mapped[str] = mapped_column(Lowered(), primary_key=True)
+
+
+DEVICE = uuid.UUID("12345678-1234-5678-1234-567812345678")
+
+
+@pytest.fixture
+def members(tmp_path):
+    """A scoped_session on SQLite with a cache, members 7 and 8, a device and a badge."""
+    engine = create_engine(f"sqlite:///{tmp_path}/members.sqlite")
+    LoginBase.metadata.create_all(engine)
+    cache = IdentityCache()
+    for model in (Member, Device, Badge):
+        cache.register(model)
+    Session = scoped_session(sessionmaker(engine, class_=CachingSession, cache=cache))  # noqa: N806
+    with Session() as session:
+        session.add_all([Member(id=7), Member(id=8), Device(id=DEVICE), Badge(id="abc")])
+        session.commit()
+    Session.remove()
+    yield Session, cache, counted(engine)
+    Session.remove()
+    engine.dispose()
+
+
+def test_the_safe_loader_turns_malformed_out_of_range_and_deleted_ids_into_none(members):
+    Session, cache, statements = members  # noqa: N806
+    load = safe_user_loader(Member, Session)
+    malformed = ["abc", "", "1.5", "0x10", " 7", "7\n", "\u0667", "1e3", "7 OR 1=1", "None"]
+    out_of_range = [str(2**63), str(-(2**63)), "9" * 20, "9" * 5000]  # 5000: past int()'s limit
+    for user_id in malformed + out_of_range:
+        assert load(user_id) is None, user_id
+    assert statements == []  # refused without a query
+    assert load("7").id == 7
+    with Session() as session:
+        session.delete(session.get(Member, 8))
+        session.commit()
+    Session.remove()
+    assert load("8") is None  # deleted
+    assert load(str(2**63 - 1)) is None  # in range: asked, absent
+
+
+def test_the_safe_loader_reads_ids_as_the_cache_keys_do(members):
+    Session, cache, statements = members  # noqa: N806
+    load = safe_user_loader(Member, Session)
+    assert load("7").id == 7  # a miss, filled
+    Session.remove()
+    statements.clear()
+    for user_id in ("7", "007", "+7"):  # one primary key, one cache entry, as session.get(...)
+        assert load(user_id).id == 7
+        Session.remove()
+    assert statements == []
+    assert cache.stats()["models"]["Member"]["hits"] == 3
+    load_device = safe_user_loader(Device, Session)
+    assert load_device(str(DEVICE).upper()).id == DEVICE
+    assert load_device(DEVICE.hex).id == DEVICE
+    statements.clear()
+    assert load_device("not-a-uuid") is None and statements == []
+
+
+def test_an_id_type_the_cache_keys_cannot_read_goes_to_sqlalchemy_as_it_is(members):
+    Session, cache, statements = members  # noqa: N806
+    load = safe_user_loader(Badge, Session)
+    assert load("ABC").id == "abc"  # the TypeDecorator lowers it
+    assert load("nobody") is None
+
+
+def test_sacache_user_loader_registers_the_safe_loader(members):
+    Session, cache, statements = members  # noqa: N806
+    app = Flask(__name__)
+    sacache = SACache(app, models=LoginBase)
+    login_manager = flask_login.LoginManager(app)
+    plain = Session()  # a Session as well as a scoped_session
+    loader = sacache.user_loader(login_manager, Member, session=plain, require_active=True)
+    assert login_manager._user_callback is loader
+    assert loader("7") is plain.get(Member, 7) and loader("abc") is None
+    plain.get(Member, 7).active = False
+    plain.commit()
+    assert loader("7") is None  # require_active
+    assert safe_user_loader(Member, lambda: plain)("7").active is False
+    with pytest.raises(TypeError, match="single-column primary key"):
+        sacache.user_loader(login_manager, LoginBase)
