@@ -4,10 +4,15 @@ served on the next request, and cookies that can never cause a 500."""
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
+import sa_cache.integrations
 from sa_cache.integrations.flask import EXTENSION_KEY
 
 from .flask_support import (  # noqa: F401 - fixtures
+    EXAMPLES,
     Browser,
     SQLLog,
     cache_config,
@@ -30,6 +35,17 @@ CAROL = "carol@example.com"
 def user_id(app, email):
     with app.app_context():
         return example_db.session.scalar(example_db.select(User.id).where(User.email == email))
+
+
+def test_the_example_is_documentation_not_part_of_the_package():
+    assert example_app.__file__ == str(EXAMPLES / "flask_app.py")
+    assert importlib.util.find_spec("sa_cache.integrations.example_app") is None
+    package = Path(sa_cache.integrations.__file__).parent
+    assert sorted(p.name for p in package.glob("*.py")) == [
+        "__init__.py",
+        "flask.py",
+        "flask_login.py",
+    ]
 
 
 def test_a_warm_request_loads_the_user_with_no_sql(example):
