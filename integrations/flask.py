@@ -411,8 +411,8 @@ class SACache:
             get_session = self._session
         elif callable(session):  # a scoped_session: its current Session
             get_session = session
-        else:
-            get_session = functools.partial(_same, session)
+        else:  # a Session
+            get_session = lambda: session  # noqa: E731
         load_user = safe_user_loader(model, get_session, require_active=require_active)
         login_manager.user_loader(load_user)
         return load_user
@@ -422,10 +422,6 @@ class SACache:
         if db is None:
             raise RuntimeError("user_loader(..., session=Session) is needed without a db")
         return db.session
-
-
-def _same(value: T) -> T:
-    return value
 
 
 def _defaults() -> Iterable[tuple[str, Any]]:
