@@ -73,22 +73,27 @@ def expect_sql(
     statements: int | Sequence[str] | None = None,
     *,
     selects: int | None = None,
+    writes: int | None = None,
 ) -> Iterator[SQLCounter]:
-    """Assert the SQL the block sends, counted from the start of the block.
+    """Assert the SQL the block sends, counted from the start of the block; the counter is
+    yielded, its ``statements`` those of the block.
 
     ``statements``: how many statements in all (``expect_sql(sql, 0)``: the database is not
     asked), or their beginnings in order, compared case- and whitespace-insensitively
     (``expect_sql(sql, ["SELECT", "UPDATE users"])``). ``selects``: how many of them are
-    SELECTs, whatever else is sent. At least one of the two must be given.
+    SELECTs, whatever else is sent; ``writes``: how many are not (``writes=0``: nothing is
+    written, whatever is read). At least one of the three must be given.
     """
-    if statements is None and selects is None:
-        raise TypeError("expect_sql needs the statements or the SELECTs it expects")
+    if statements is None and selects is None and writes is None:
+        raise TypeError("expect_sql needs the statements, SELECTs or writes it expects")
     sql.reset()
     yield sql
     sent = list(sql.statements)
     listing = "".join(f"\n  {i + 1}. {' '.join(s.split())[:200]}" for i, s in enumerate(sent))
     if isinstance(statements, int):
-        assert len(sent) == statements, f"expected {statements} statements, sent {len(sent)}:{listing}"
+        assert len(sent) == statements, (
+            f"expected {statements} statements, sent {len(sent)}:{listing}"
+        )
     elif statements is not None:
         expected = list(statements)
         ok = len(sent) == len(expected) and all(map(_matches, sent, expected))
@@ -96,6 +101,11 @@ def expect_sql(
     if selects is not None:
         got = sum(1 for s in sent if _verb(s) == "SELECT")
         assert got == selects, f"expected {selects} SELECTs, sent {got}:{listing}"
+    if writes is not None:
+        got = sum(1 for s in sent if _verb(s) != "SELECT")
+        assert got == writes, (
+            f"expected {writes} statements other than SELECT, sent {got}:{listing}"
+        )
 
 
 # -- Redis --------------------------------------------------------------------------------------

@@ -9,13 +9,12 @@ import asyncio
 from typing import Any
 
 import pytest
-from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
 from sa_cache import CachingSession, IdentityCache
 
-from .conftest import RedisCounter, SQLCounter
+from .counting import RedisCounter, SQLCounter, counting_sql, expect_commands, expect_sql
 from .models import Address, User
 
 ASYNC_DRIVERS = {
@@ -35,13 +34,12 @@ def run(
 
     async def main() -> None:
         async_engine = create_async_engine(engine.url.set(drivername=ASYNC_DRIVERS[db]))
-        sql = SQLCounter()
-        event.listen(async_engine.sync_engine, "before_cursor_execute", sql)
         Session = async_sessionmaker(
             async_engine, sync_session_class=CachingSession, cache=cache, expire_on_commit=False
         )
         try:
-            await scenario(Session, sql)
+            with counting_sql(async_engine.sync_engine) as sql:
+                await scenario(Session, sql)
         finally:
             await async_engine.dispose()
 
@@ -49,7 +47,7 @@ def run(
 
 
 def test_an_async_session_hits_fills_and_evicts_as_a_session_does(
-    db: str, engine: Engine, cache: IdentityCache, backend: str, redis_counter: RedisCounter
+    db: str, engine: Engine, cache: IdentityCache, redis_counter: RedisCounter
 ) -> None:
     async def scenario(Session: async_sessionmaker[AsyncSession], sql: SQLCounter) -> None:
         async with Session() as s:
@@ -57,29 +55,25 @@ def test_an_async_session_hits_fills_and_evicts_as_a_session_does(
             await s.commit()
         async with Session() as s:
             assert (await s.get(User, 1)).name == "before"  # a miss: fills
-        sql.reset()
-        redis_counter.reset()
-        async with Session() as s:
-            assert (await s.get(User, 1)).name == "before"
-        assert sql.count == 0
-        if backend == "redis":
-            assert redis_counter.round_trips == 1
+        with expect_sql(sql, 0), expect_commands(redis_counter, round_trips=1):
+            async with Session() as s:
+                assert (await s.get(User, 1)).name == "before"
         async with Session() as s:
             (await s.get(User, 1)).name = "after"
-            redis_counter.reset()
-            await s.commit()
-        if backend == "redis":
-            assert redis_counter.commands == {"SET": 1}
-        sql.reset()
+            with expect_commands(redis_counter, {"SET": 1}):
+                await s.commit()
         async with Session() as s:
-            assert (await s.get(User, 1)).name == "after"
-            assert sql.selects() == 1
-        for _ in range(2):  # the first caches user 2's absence; the second needs no SQL
-            sql.reset()
+            with expect_sql(sql, selects=1):
+                assert (await s.get(User, 1)).name == "after"
+
+        async def get_many() -> None:
             async with Session() as s:
                 users = await s.run_sync(lambda sync: sync.get_many(User, [1, 2]))
                 assert [u and u.name for u in users] == ["after", None]
-        assert sql.count == 0
+
+        await get_many()  # caches user 2's absence
+        with expect_sql(sql, 0):
+            await get_many()
 
     run(db, engine, cache, scenario)
     assert cache.stats()["hits"] >= 3
@@ -94,19 +88,17 @@ def test_an_async_lazy_many_to_one_load_and_a_rollback_behave_as_in_a_session(
             await s.commit()
         async with Session() as s:
             await s.get(User, 1)  # fills
-        sql.reset()
-        async with Session() as s:
-            owner = await s.run_sync(lambda sync: sync.get(Address, 10).user.name)
-        assert owner == "owner"
-        assert sql.selects() == 1  # the address; its user came from the cache
+        with expect_sql(sql, selects=1):  # the address; its user came from the cache
+            async with Session() as s:
+                owner = await s.run_sync(lambda sync: sync.get(Address, 10).user.name)
+            assert owner == "owner"
         async with Session() as s:
             (await s.get(User, 1)).name = "rolled back"
             await s.flush()
             await s.rollback()
-        sql.reset()
-        async with Session() as s:
-            assert (await s.get(User, 1)).name == "owner"
-        assert sql.count == 0  # the rollback evicted nothing and filled nothing
+        with expect_sql(sql, 0):  # the rollback evicted nothing and filled nothing
+            async with Session() as s:
+                assert (await s.get(User, 1)).name == "owner"
 
     run(db, engine, cache, scenario)
 

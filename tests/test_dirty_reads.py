@@ -1,4 +1,4 @@
-"""Behaviour 7: no dirty reads. Inside a transaction that has flushed changes to a row, or run a
+"""No dirty reads. Inside a transaction that has flushed changes to a row, or run a
 bulk statement on its model, lookups of those rows bypass the cache, and the session never fills
 the shared cache with data it has written and not yet committed."""
 
@@ -10,20 +10,12 @@ import pytest
 from sqlalchemy import text, update
 from sqlalchemy.orm import sessionmaker
 
-from sa_cache import CachingSession, IdentityCache, codec
+from sa_cache import CachingSession, codec
 
 from .conftest import new_cache
+from .counting import expect_commands, expect_sql
+from .entries import entry_kind, stat
 from .models import Address, User
-
-
-def entry_kind(cache: IdentityCache, pk: int) -> Any:
-    key = cache.model_for(User.__mapper__).keys.row_key((pk,))  # type: ignore[union-attr]
-    raw = cache.store.get_many([key])[0]
-    return None if raw is None else codec.decode(raw)[1]
-
-
-def stat(cache: IdentityCache, name: str) -> int:
-    return int(cache.stats()["models"]["User"][name])
 
 
 @pytest.fixture
@@ -40,7 +32,7 @@ def users(Session: sessionmaker[CachingSession]) -> None:
 
 @pytest.mark.usefixtures("users")
 def test_a_row_flushed_by_this_transaction_is_read_from_the_database_and_others_see_the_cache(
-    Session, sql, cache, backend, redis_counter
+    Session, sql, cache, redis_counter
 ):
     a = Session()
     try:
@@ -49,26 +41,20 @@ def test_a_row_flushed_by_this_transaction_is_read_from_the_database_and_others_
         a.flush()
         a.expunge(user)
         del user
-        sql.reset()
-        redis_counter.reset()
-        assert a.get(User, 1).name == "uncommitted"
-        assert sql.selects() == 1
-        if backend == "redis":
-            assert redis_counter.total == 0  # the cache is not even asked
-        sql.reset()
-        with Session() as b:
+        # the cache is not even asked
+        with expect_sql(sql, selects=1), expect_commands(redis_counter, {}):
+            assert a.get(User, 1).name == "uncommitted"
+        with expect_sql(sql, 0), Session() as b:
             assert b.get(User, 1).name == "u1"  # the committed row, from the cache
-        assert sql.count == 0
         evictions = stat(cache, "evictions")
         a.rollback()
     finally:
         a.close()
-    assert entry_kind(cache, 1) == codec.ROW
+    assert entry_kind(cache, User, 1) == codec.ROW
     assert stat(cache, "evictions") == evictions
     hits = stat(cache, "hits")
-    with Session() as b:
+    with expect_sql(sql, 0), Session() as b:
         assert b.get(User, 1).name == "u1"
-    assert sql.count == 0
     assert stat(cache, "hits") == hits + 1
 
 
@@ -77,63 +63,52 @@ def test_a_row_deleted_by_this_transaction_is_not_served_from_the_cache(Session,
     with Session() as a:
         a.delete(a.get(User, 2))
         a.flush()
-        sql.reset()
-        assert a.get(User, 2) is None
-        assert sql.selects() == 1
-        sql.reset()
-        with Session() as b:
+        with expect_sql(sql, selects=1):
+            assert a.get(User, 2) is None
+        with expect_sql(sql, 0), Session() as b:
             assert b.get(User, 2).name == "u2"
-        assert sql.count == 0
 
 
 @pytest.mark.usefixtures("users")
 def test_a_row_inserted_by_this_transaction_is_not_hidden_by_a_negative_entry(Session, sql, cache):
     with Session() as s:
         assert s.get(User, 9) is None
-    assert entry_kind(cache, 9) == codec.ABSENT
+    assert entry_kind(cache, User, 9) == codec.ABSENT
     with Session() as a:
         a.add(User(id=9, name="nine"))
         a.flush()
         a.expunge_all()
-        sql.reset()
-        nine = a.get(User, 9)
-        assert nine.name == "nine"
-        assert a.get_many(User, [9]) == [nine]
-        assert sql.selects() == 1
+        with expect_sql(sql, selects=1):
+            nine = a.get(User, 9)
+            assert nine.name == "nine"
+            assert a.get_many(User, [9]) == [nine]
         with Session() as b:
             assert b.get(User, 9) is None  # uncommitted: others still see the absence
         a.rollback()
-    assert entry_kind(cache, 9) == codec.ABSENT
+    assert entry_kind(cache, User, 9) == codec.ABSENT
 
 
 @pytest.mark.usefixtures("users")
 def test_get_many_reads_the_rows_this_transaction_flushed_from_the_database(
-    Session, sql, backend, redis_counter
+    Session, sql, redis_counter
 ):
     with Session() as a:
         a.get(User, 1).name = "uncommitted"
         a.flush()
         a.expunge_all()
-        sql.reset()
-        redis_counter.reset()
-        assert [u.name for u in a.get_many(User, [1, 2])] == ["uncommitted", "u2"]
-        assert sql.selects() == 1  # user 1 only
-        if backend == "redis":
-            assert redis_counter.commands == {"MGET": 1}  # user 2 only, and no fill
+        # the database for user 1 only; the cache for user 2 only, and no fill
+        with expect_sql(sql, selects=1), expect_commands(redis_counter, {"MGET": 1}):
+            assert [u.name for u in a.get_many(User, [1, 2])] == ["uncommitted", "u2"]
 
 
 @pytest.mark.usefixtures("users")
 def test_after_a_core_bulk_statement_every_row_of_the_model_is_read_from_the_database(
-    Session, sql, backend, redis_counter
+    Session, sql, redis_counter
 ):
     with Session() as a:
         a.execute(update(User.__table__).where(User.__table__.c.id == 1).values(name="bulk"))
-        sql.reset()
-        redis_counter.reset()
-        assert [a.get(User, pk).name for pk in (1, 2, 3)] == ["bulk", "u2", "u3"]
-        assert sql.selects() == 3
-        if backend == "redis":
-            assert redis_counter.total == 0
+        with expect_sql(sql, selects=3), expect_commands(redis_counter, {}):
+            assert [a.get(User, pk).name for pk in (1, 2, 3)] == ["bulk", "u2", "u3"]
         a.rollback()
 
 
@@ -144,13 +119,11 @@ def test_after_an_orm_bulk_update_the_rows_it_may_have_changed_are_read_from_the
     with Session() as a:
         a.execute(update(User).where(User.id == 1).values(name="bulk"))
         a.expunge_all()
-        sql.reset()
-        assert a.get(User, 1).name == "bulk"
-        assert sql.selects() == 1
-        sql.reset()
-        assert a.get(User, 2).name == "u2"
+        with expect_sql(sql, selects=1):
+            assert a.get(User, 1).name == "bulk"
         # with RETURNING the statement named its rows; without it the whole model is bypassed
-        assert sql.selects() == (0 if engine.dialect.update_returning else 1)
+        with expect_sql(sql, selects=0 if engine.dialect.update_returning else 1):
+            assert a.get(User, 2).name == "u2"
         a.rollback()
 
 
@@ -175,25 +148,21 @@ def _bulk_update_by_key(s: Any) -> None:
     ids=["flushed_cached_row", "flushed_other_model", "bulk_update_by_key"],
 )
 def test_a_session_that_has_written_fills_nothing_until_its_transaction_ends(
-    Session, sql, cache, backend, redis_counter, write
+    Session, sql, cache, redis_counter, write
 ):
     fills = stat(cache, "fills")
     with Session() as a:
         write(a)
-        sql.reset()
-        redis_counter.reset()
-        assert a.get(User, 4).name == "u4"
-        assert a.get(User, 404) is None
-        assert [u.name if u else None for u in a.get_many(User, [2, 405])] == ["u2", None]
-        assert sql.selects() == 3
-        if backend == "redis":
-            assert redis_counter.commands == {"MGET": 3}  # reads only: no SET, no EVALSHA
-            assert redis_counter.round_trips == 3
+        # reads only: no SET, no EVALSHA
+        with expect_sql(sql, selects=3), expect_commands(redis_counter, {"MGET": 3}, round_trips=3):
+            assert a.get(User, 4).name == "u4"
+            assert a.get(User, 404) is None
+            assert [u.name if u else None for u in a.get_many(User, [2, 405])] == ["u2", None]
         assert stat(cache, "fills") == fills
         a.commit()
-    assert entry_kind(cache, 4) == codec.TOMBSTONE
-    assert entry_kind(cache, 404) is None
-    assert entry_kind(cache, 405) is None
+    assert entry_kind(cache, User, 4) == codec.TOMBSTONE
+    assert entry_kind(cache, User, 404) is None
+    assert entry_kind(cache, User, 405) is None
 
 
 @pytest.mark.usefixtures("users")
@@ -206,11 +175,9 @@ def test_fills_work_again_in_the_next_transaction(Session, sql, cache, end):
         getattr(a, end)()
         assert a.get(User, 4).name == "u4"
     assert stat(cache, "fills") == fills + 1
-    assert entry_kind(cache, 4) == codec.ROW
-    sql.reset()
-    with Session() as s:
+    assert entry_kind(cache, User, 4) == codec.ROW
+    with expect_sql(sql, 0), Session() as s:
         assert s.get(User, 4).name == "u4"
-    assert sql.count == 0
 
 
 @pytest.mark.parametrize("end", ["commit", "rollback"])
@@ -227,13 +194,10 @@ def test_the_fill_after_the_transaction_ends_is_one_compare_and_set(
             a.get(User, 1).name = "written"
             a.flush()
             getattr(a, end)()
-            redis_counter.reset()
-            assert a.get(User, 4).name == "u4"
-        if backend == "redis":
             # the read, then a compare-and-set replacing the tombstone the insert left
-            assert redis_counter.commands == {"MGET": 1, "EVALSHA": 1}
-            assert redis_counter.round_trips == 2
-        assert entry_kind(cache, 4) == codec.ROW
+            with expect_commands(redis_counter, {"MGET": 1, "EVALSHA": 1}, round_trips=2):
+                assert a.get(User, 4).name == "u4"
+        assert entry_kind(cache, User, 4) == codec.ROW
     finally:
         if backend == "redis":
             cache.store.delete_prefix(cache.prefix + ":")

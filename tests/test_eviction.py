@@ -45,12 +45,11 @@ def test_a_rolled_back_update_never_reaches_the_cache_and_evicts_nothing(
     Session, sql, cache, redis_counter
 ):
     before = evictions(cache)
-    with expect_commands(redis_counter, {"MGET": 1}):  # the get; nothing written
-        with Session() as s:
-            user = s.get(User, 1)
-            user.name = "discarded"
-            s.flush()
-            s.rollback()
+    with expect_commands(redis_counter, {"MGET": 1}), Session() as s:  # the get; no write
+        user = s.get(User, 1)
+        user.name = "discarded"
+        s.flush()
+        s.rollback()
     assert evictions(cache) == before
     hits = cache.stats()["hits"]
     with expect_sql(sql, 0), Session() as s:
@@ -162,9 +161,8 @@ def test_releasing_a_savepoint_evicts_nothing_before_the_outer_commit(
     before = evictions(cache)
     with Session() as s:
         user = s.get(User, 1)
-        with expect_commands(redis_counter, {}):
-            with s.begin_nested():
-                user.name = "released"
+        with expect_commands(redis_counter, {}), s.begin_nested():
+            user.name = "released"
         assert evictions(cache) == before
         with expect_sql(sql, 0), Session() as other:
             assert other.get(User, 1).name == "u1"  # the committed row, from the cache
@@ -254,9 +252,7 @@ def test_an_after_commit_listener_on_the_base_session_registered_before_the_mixi
     assert seen == ["committed"]
 
 
-def test_fifty_rows_changed_in_one_commit_cost_one_round_trip(
-    Session, sql, cache, redis_counter
-):
+def test_fifty_rows_changed_in_one_commit_cost_one_round_trip(Session, sql, cache, redis_counter):
     with Session() as s:
         s.add_all([User(id=i, name=f"u{i}") for i in range(1, 51)])
         s.commit()

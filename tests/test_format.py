@@ -32,6 +32,7 @@ from sqlalchemy.orm import sessionmaker
 from sa_cache import CachingSession, IdentityCache, codec
 from sa_cache.backend import Write
 
+from .counting import expect_commands, expect_sql
 from .models import Color, Everything, User
 
 COLUMNS = [prop.key for prop in inspect(Everything).column_attrs]
@@ -111,26 +112,18 @@ def rows(Session: sessionmaker[CachingSession]) -> None:
 @pytest.mark.usefixtures("rows")
 @pytest.mark.parametrize("pk", [1, 2], ids=["awkward", "all_null"])
 def test_a_hit_gives_exactly_the_values_and_types_the_database_load_gave(
-    Session, sql, cache, backend, redis_counter, pk
+    Session, sql, cache, redis_counter, pk
 ):
-    sql.reset()
-    redis_counter.reset()
-    with Session() as s:
+    # the model's first read also creates its generation (one more SET NX)
+    first_read = MISS_THEN_FILL + Counter({"SET": 1})
+    with expect_sql(sql, selects=1), expect_commands(redis_counter, first_read), Session() as s:
         loaded = values_of(s.get(Everything, pk))
-    assert sql.selects() == 1
     assert cache.stats()["models"]["Everything"]["fills"] == 1
-    if backend == "redis":
-        # the model's first read also creates its generation (one more SET NX)
-        assert redis_counter.commands == MISS_THEN_FILL + Counter({"SET": 1})
-    sql.reset()
-    redis_counter.reset()
-    with Session() as s:
-        hit = s.get(Everything, pk)
-        assert sql.count == 0
+    with expect_commands(redis_counter, {"MGET": 1}), Session() as s:
+        with expect_sql(sql, 0):
+            hit = s.get(Everything, pk)
         cached = values_of(hit)
     assert cache.stats()["models"]["Everything"]["hits"] == 1
-    if backend == "redis":
-        assert redis_counter.commands == {"MGET": 1}
     for name in COLUMNS:
         assert same(cached[name], loaded[name]), (name, cached[name], loaded[name])
     if pk == 2:
@@ -352,27 +345,25 @@ def test_a_value_that_is_not_a_valid_row_is_a_rejected_miss_and_is_overwritten(
     assert bad != good
     put(cache, backend, row_key(cache, 1), bad)
     before = cache.stats()["models"]["Everything"]
-    sql.reset()
-    redis_counter.reset()
 
-    with Session() as s:
+    # the compare-and-set replaces `bad`
+    with (
+        expect_sql(sql, selects=1),
+        expect_commands(redis_counter, MISS_THEN_FILL),
+        Session() as s,
+    ):
         instance = s.get(Everything, 1)  # never an exception
         assert instance is not None
         assert all(same(getattr(instance, n), expected[n]) for n in COLUMNS)
-    assert sql.selects() == 1
     after = cache.stats()["models"]["Everything"]
     assert after["rejected"] == before["rejected"] + 1
     assert after["misses"] == before["misses"] + 1
     assert after["fills"] == before["fills"] + 1
-    if backend == "redis":
-        assert redis_counter.commands == MISS_THEN_FILL  # the compare-and-set replaces `bad`
     assert _entry(stored(cache, 1) or b"")[1] == codec.ROW
 
-    sql.reset()
-    with Session() as s:
+    with expect_sql(sql, 0), Session() as s:
         hit = s.get(Everything, 1)
         assert all(same(getattr(hit, n), expected[n]) for n in COLUMNS)
-    assert sql.count == 0
     assert cache.stats()["models"]["Everything"]["hits"] == after["hits"] + 1
 
 
@@ -390,10 +381,8 @@ def test_an_entry_of_another_deploy_is_a_miss_and_both_deploys_share_the_key(
     entry[2] = codec.schema_hash("old.Everything", [])
     entry[5] = entry[5][:3]
     put(cache, backend, row_key(cache, 1), codec.pack(entry))
-    sql.reset()
-    with Session() as s:
+    with expect_sql(sql, selects=1), Session() as s:
         assert s.get(Everything, 1).s == AWKWARD["s"]
-    assert sql.selects() == 1
     assert _entry(stored(cache, 1) or b"")[2] == entry_hash(cache)
 
 

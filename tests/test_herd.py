@@ -15,6 +15,7 @@ from sqlalchemy.orm import sessionmaker
 from sa_cache import CachingSession, IdentityCache
 
 from .conftest import REDIS_URL, require_service
+from .counting import counting_sql, expect_sql
 from .models import User
 
 THREADS = 50
@@ -22,15 +23,11 @@ PROCESSES = 4
 THREADS_PER_PROCESS = 5
 
 
-def _count_user_loads(engine: Any) -> list[str]:
-    loads: list[str] = []
-
-    def on_execute(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if statement.lstrip().upper().startswith("SELECT") and "FROM users" in statement:
-            loads.append(statement)
-
-    event.listen(engine, "before_cursor_execute", on_execute)
-    return loads
+def _user_loads(statements: list[str]) -> int:
+    """How many of ``statements`` (an SQLCounter's) load users."""
+    return sum(
+        1 for s in statements if s.lstrip().upper().startswith("SELECT") and "FROM users" in s
+    )
 
 
 def _stampede(Session: Any, threads: int, start: Any) -> list[str]:
@@ -57,13 +54,13 @@ def _stampede(Session: Any, threads: int, start: Any) -> list[str]:
 
 def _process_main(db_url: str, prefix: str, ready: Any, start: Any, results: Any) -> None:
     engine = create_engine(db_url)
-    loads = _count_user_loads(engine)
     cache = IdentityCache(REDIS_URL, prefix=prefix, lease_wait=5.0)
     cache.register(User)
     Session = sessionmaker(engine, class_=CachingSession, cache=cache)
-    ready.put(True)
-    names = _stampede(Session, THREADS_PER_PROCESS, start)
-    results.put((len(loads), names))
+    with counting_sql(engine) as sql:
+        ready.put(True)
+        names = _stampede(Session, THREADS_PER_PROCESS, start)
+    results.put((_user_loads(sql.statements), names))
     engine.dispose()
 
 
@@ -78,7 +75,7 @@ def test_one_cold_key_missed_by_50_threads_and_4_processes_is_loaded_at_most_twi
         s.add(User(id=1, name="cold"))
         s.commit()
     cache.evict_model(User)
-    loads = _count_user_loads(engine)
+    first = sql.count  # the statements from here on are the stampede's
 
     context = multiprocessing.get_context("spawn")
     ready, results, start = context.Queue(), context.Queue(), context.Event()
@@ -109,7 +106,7 @@ def test_one_cold_key_missed_by_50_threads_and_4_processes_is_loaded_at_most_twi
                 process.kill()
     names = collected[0] + [name for _, process_names in remote for name in process_names]
     assert names == ["cold"] * (THREADS + PROCESSES * THREADS_PER_PROCESS)
-    database_loads = len(loads) + sum(count for count, _ in remote)
+    database_loads = _user_loads(sql.statements[first:]) + sum(count for count, _ in remote)
     assert 1 <= database_loads <= 2, (database_loads, cache.stats())
     cache.store.delete_prefix(cache.prefix + ":")
 
@@ -128,10 +125,8 @@ def test_a_waiter_that_times_out_reads_the_database_without_filling(engine, back
         s.commit()
     key = cache.model_for(User.__mapper__).keys.row_key((1,))
     assert cache.acquire_lease(cache.model_for(User.__mapper__), key)  # a loader that never fills
-    sql.reset()
-    with Session() as s:
+    with expect_sql(sql, selects=1), Session() as s:
         assert s.get(User, 1).name == "cold"
-    assert sql.selects() == 1
     assert cache.stats()["fills"] == 0
     assert cache.store.get_many([key]) == [None]
     if backend == "redis":

@@ -1,4 +1,4 @@
-"""Behaviour 4: hydration. A hit puts the instance into the identity map exactly as a load would:
+"""Hydration. A hit puts the instance into the identity map exactly as a load would:
 persistent and clean, flushes only what changed, expires, refreshes and lazy-loads, leaves
 deferred columns to load on access; composite keys and both kinds of inheritance answer as
 SQLAlchemy answers, including None for a row of another subclass.
@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session as PlainSession
 
 from sa_cache import CachingSession, IdentityCache
 
+from .counting import counting_sql, expect_sql
 from .models import Address, Car, Employee, Engineer, Manager, Membership, Truck, User, Vehicle
 
 
@@ -45,10 +46,9 @@ def hit_and_load(test: Any) -> Any:
 @hit_and_load
 def test_a_hit_is_persistent_clean_and_loaded_as_a_load_is(Session, sql, cache, how):
     hits = cache.stats()["hits"]
-    sql.reset()
     with Session() as s:
-        user = get(s, how)
-        assert sql.selects() == (0 if how == "hit" else 1)
+        with expect_sql(sql, selects=0 if how == "hit" else 1):
+            user = get(s, how)
         assert cache.stats()["hits"] == hits + (how == "hit")
         state = inspect(user)
         assert state.persistent and not state.modified
@@ -68,11 +68,10 @@ def test_a_hit_is_persistent_clean_and_loaded_as_a_load_is(Session, sql, cache, 
 def test_a_flush_after_a_hit_updates_only_the_changed_column(Session, sql, engine, how):
     with Session() as s:
         user = get(s, how)
-        sql.reset()
-        user.email = "new@x"
-        s.flush()
-        assert sql.count == 1
-        (update,) = sql.statements
+        with expect_sql(sql, ["UPDATE users"]) as flushed:
+            user.email = "new@x"
+            s.flush()
+        (update,) = flushed.statements
         set_clause = re.search(r"SET (.*) WHERE", update, re.S)
         assert set_clause is not None
         assert re.fullmatch(r"email\s*=\s*\S+", set_clause.group(1).strip()), update
@@ -87,9 +86,8 @@ def test_a_hit_that_is_not_changed_flushes_nothing(Session, sql, how):
     with Session() as s:
         user = get(s, how)
         user.name = "alice"  # the same value: no net change
-        sql.reset()
-        s.commit()
-    assert [st for st in sql.statements if not st.lstrip().upper().startswith("SELECT")] == []
+        with expect_sql(sql, writes=0):
+            s.commit()
 
 
 @hit_and_load
@@ -100,36 +98,32 @@ def test_expire_and_refresh_reload_a_hit_with_one_select(Session, sql, engine, h
             conn.execute(User.__table__.update().values(name="changed"))
         if how == "load":
             s.commit()  # the load's snapshot (REPEATABLE READ on MariaDB) ends
-        sql.reset()
-        s.expire(user)
-        assert user.name == "changed"
-        assert sql.selects() == 1
+        with expect_sql(sql, selects=1):
+            s.expire(user)
+            assert user.name == "changed"
         user.name = "local"
-        sql.reset()
-        s.refresh(user)
-        assert user.name == "changed" and not s.is_modified(user)
-        assert sql.selects() == 1
+        with expect_sql(sql, selects=1):
+            s.refresh(user)
+            assert user.name == "changed" and not s.is_modified(user)
 
 
 @hit_and_load
 def test_a_lazy_one_to_many_load_works_after_a_hit(Session, sql, how):
     with Session() as s:
         user = get(s, how)
-        sql.reset()
-        assert sorted(a.id for a in user.addresses) == [10, 11]
-        assert sql.selects() == 1
-        assert all(a.user is user for a in user.addresses)
-        assert sql.selects() == 1  # the many-to-one back is the identity map's
+        with expect_sql(sql, selects=1):
+            assert sorted(a.id for a in user.addresses) == [10, 11]
+        with expect_sql(sql, selects=0):  # the many-to-one back is the identity map's
+            assert all(a.user is user for a in user.addresses)
 
 
 @hit_and_load
 def test_a_deferred_column_loads_alone_on_access(Session, sql, how):
     with Session() as s:
         user = get(s, how)
-        sql.reset()
-        assert user.bio == "a long biography"
-        assert sql.selects() == 1
-        (select,) = sql.statements
+        with expect_sql(sql, ["SELECT"]) as loaded:
+            assert user.bio == "a long biography"
+        (select,) = loaded.statements
         columns = select.split("FROM")[0]
         assert "bio" in columns and "name" not in columns and "email" not in columns
 
@@ -141,9 +135,8 @@ def test_a_column_property_is_read_fresh_after_a_hit(Session, sql, how):
         s.commit()
     with Session() as s:
         user = get(s, how)
-        sql.reset()
-        assert user.address_count == 3
-        assert sql.selects() == (1 if how == "hit" else 0)
+        with expect_sql(sql, selects=1 if how == "hit" else 0):
+            assert user.address_count == 3
         assert not s.is_modified(user)
 
 
@@ -169,17 +162,14 @@ def test_a_hit_instance_can_be_deleted(Session, sql, engine, how):
     with Session() as s:
         user = get(s, how)
         s.delete(user)
-        sql.reset()
-        s.commit()
         # the SELECT is SQLAlchemy's own: it loads `addresses` to null their foreign keys
-        assert [st.split()[0].upper() for st in sql.statements] == ["SELECT", "DELETE"]
+        with expect_sql(sql, ["SELECT", "DELETE"]):
+            s.commit()
         assert inspect(user).detached
     with PlainSession(engine) as plain:
         assert plain.get(User, 1) is None
-    sql.reset()
-    with Session() as s:
+    with expect_sql(sql, selects=1), Session() as s:
         assert s.get(User, 1) is None  # the eviction reached the cache: the database says so
-    assert sql.selects() == 1
 
 
 @hit_and_load
@@ -191,9 +181,9 @@ def test_merge_onto_a_hit_flushes_only_the_difference(Session, sql, how):
             get(s, how)
             merged = s.merge(User(id=1, name="alice", email="merged@x"))
         assert s.is_modified(merged)
-        sql.reset()
-        s.flush()
-        (update,) = sql.statements
+        with expect_sql(sql, ["UPDATE users"]) as flushed:
+            s.flush()
+        (update,) = flushed.statements
         assert "email" in update and "name" not in update.split("WHERE")[0]
 
 
@@ -214,23 +204,14 @@ def staff(Session: sessionmaker[CachingSession]) -> None:
 def plain_answer(engine: Any, entity: type[Any], pk: Any, preload: Any = None) -> tuple[Any, int]:
     """SQLAlchemy's own answer and its SQL count, optionally with ``preload`` in the identity
     map first (which is where a hit puts the row)."""
-    counted: list[str] = []
-    from sqlalchemy import event
-
-    def count(*args: Any) -> None:
-        counted.append(args[2])
-
     with PlainSession(engine) as s:
         if preload is not None:
             held = s.get(*preload)
             assert held is not None
-        event.listen(engine, "before_cursor_execute", count)
-        try:
+        with counting_sql(engine) as counted:
             found = s.get(entity, pk)
             answer = None if found is None else (type(found), inspect(found).identity)
-        finally:
-            event.remove(engine, "before_cursor_execute", count)
-    return answer, len(counted)
+    return answer, counted.count
 
 
 def answer(s: Any, entity: type[Any], pk: Any) -> Any:
@@ -264,22 +245,18 @@ def test_inheritance_answers_as_sqlalchemy_on_the_miss_and_the_hit_path(
     assert expected_cold == expected_warm  # SQLAlchemy's answer does not depend on the session
     assert warm_sql == 0  # with the row in the identity map, SQLAlchemy needs no SQL
 
-    sql.reset()
-    with Session() as s:  # miss path
+    with expect_sql(sql, cold_sql), Session() as s:  # miss path
         assert answer(s, entity, pk) == expected_cold
-    assert sql.count == cold_sql
 
     with Session() as s:
         s.get(*filler)  # the concrete row is in the cache now
     hits = cache.stats()["hits"]
-    sql.reset()
-    with Session() as s:  # hit path
+    with expect_sql(sql, 0), Session() as s:  # hit path
         found = s.get(entity, pk)
         assert (None if found is None else (type(found), inspect(found).identity)) == expected_warm
         if found is not None:
             assert not s.is_modified(found) and inspect(found).persistent
             assert found.name if isinstance(found, Employee) else found.wheels
-    assert sql.count == 0
     assert cache.stats()["hits"] == hits + 1
 
 
@@ -294,12 +271,10 @@ def test_a_subclass_row_loaded_through_its_base_is_complete_after_a_hit(Session,
     with Session() as s:
         s.get(Engineer, 1)
     assert cache.stats()["fills"] == 1
-    sql.reset()
-    with Session() as s:
+    with expect_sql(sql, 0), Session() as s:
         engineer = s.get(Employee, 1)
         assert type(engineer) is Engineer
         assert (engineer.name, engineer.language, engineer.kind) == ("eng", "python", "engineer")
-    assert sql.count == 0
 
 
 @pytest.mark.usefixtures("staff")
@@ -309,17 +284,14 @@ def test_a_subclass_row_loaded_through_its_base_is_complete_after_a_hit(Session,
     ids=["tuple", "list", "dict", "dict_text_member"],
 )
 def test_a_composite_key_hits_by_tuple_and_by_dict(Session, sql, cache, pk):
-    sql.reset()
-    with Session() as s:
+    with expect_sql(sql, selects=1), Session() as s:  # the miss
         assert s.get(Membership, pk).role == "owner"
-    assert sql.selects() == 1  # the miss
-    sql.reset()
-    for spelling in (pk, ("acme", 7), {"member": 7, "org": "acme"}):
-        with Session() as s:
-            membership = s.get(Membership, spelling)
-            assert inspect(membership).key == (Membership, ("acme", 7), None)
-            assert membership.role == "owner" and not s.is_modified(membership)
-    assert sql.count == 0
+    with expect_sql(sql, 0):
+        for spelling in (pk, ("acme", 7), {"member": 7, "org": "acme"}):
+            with Session() as s:
+                membership = s.get(Membership, spelling)
+                assert inspect(membership).key == (Membership, ("acme", 7), None)
+                assert membership.role == "owner" and not s.is_modified(membership)
     assert cache.stats()["models"]["Membership"]["fills"] == 1
 
 
@@ -346,10 +318,9 @@ def test_an_in_place_change_to_a_mutable_json_column_of_a_hit_is_flushed(engine,
             s.commit()
         with Session() as s:
             s.get(Doc, 1)  # fills
-        sql.reset()
         with Session() as s:
-            doc = s.get(Doc, 1)
-            assert sql.count == 0
+            with expect_sql(sql, 0):
+                doc = s.get(Doc, 1)
             assert isinstance(doc.data, MutableDict)
             doc.data["a"] = 2
             assert s.is_modified(doc)

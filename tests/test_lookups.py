@@ -1,4 +1,4 @@
-"""Behaviour 1: every primary-key lookup the session makes is served from the cache when the
+"""Every primary-key lookup the session makes is served from the cache when the
 identity map misses; loads that must see the database never are."""
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from sqlalchemy.orm import Session as PlainSession
 import sa_cache
 from sa_cache import CachingSession, IdentityCache
 
+from .conftest import warm
+from .counting import expect_commands, expect_sql
 from .models import Address, User
 
 
@@ -24,54 +26,43 @@ def alice(Session: sessionmaker[CachingSession]) -> None:
         s.commit()
 
 
-def warm(Session: sessionmaker[CachingSession]) -> None:
-    with Session() as s:
-        assert s.get(User, 1) is not None
-
-
 @pytest.mark.usefixtures("alice")
 def test_a_hit_emits_no_sql_for_session_get(Session, sql):
-    warm(Session)
-    sql.reset()
-    with Session() as s:
+    warm(Session, 1)
+    with expect_sql(sql, 0), Session() as s:
         user = s.get(User, 1)
         assert user.name == "alice" and user.email == "a@x"
-    assert sql.count == 0
 
 
 @pytest.mark.usefixtures("alice")
 def test_the_first_lookup_is_one_select_and_fills(Session, sql, cache):
-    sql.reset()
-    with Session() as s:
+    with expect_sql(sql, selects=1), Session() as s:
         assert s.get(User, 1).name == "alice"
-    assert sql.selects() == 1
     assert cache.stats()["models"]["User"]["fills"] == 1
 
 
 @pytest.mark.usefixtures("alice")
 def test_get_one_query_get_and_merge_are_served_from_the_cache(Session, sql):
-    warm(Session)
-    sql.reset()
-    with Session() as s:
-        assert s.get_one(User, 1).name == "alice"
-    with Session() as s:
-        assert s.query(User).get(1).name == "alice"
-    with Session() as s:
-        detached = User(id=1, name="alice", email="a@x")
-        merged = s.merge(detached)
-        assert merged is not detached and merged.name == "alice"
-        assert not s.is_modified(merged)
-    assert sql.count == 0
+    warm(Session, 1)
+    with expect_sql(sql, 0):
+        with Session() as s:
+            assert s.get_one(User, 1).name == "alice"
+        with Session() as s:
+            assert s.query(User).get(1).name == "alice"
+        with Session() as s:
+            detached = User(id=1, name="alice", email="a@x")
+            merged = s.merge(detached)
+            assert merged is not detached and merged.name == "alice"
+            assert not s.is_modified(merged)
 
 
 @pytest.mark.usefixtures("alice")
 def test_a_lazy_many_to_one_load_is_served_from_the_cache(Session, sql):
-    warm(Session)
+    warm(Session, 1)
     with Session() as s:
         address = s.get(Address, 10)  # Address is not cached: one SELECT
-        sql.reset()
-        assert address.user.name == "alice"
-    assert sql.count == 0
+        with expect_sql(sql, 0):
+            assert address.user.name == "alice"
 
 
 @pytest.mark.usefixtures("alice")
@@ -79,14 +70,12 @@ def test_a_lazy_load_miss_fills_the_cache_unless_the_snapshot_may_be_old(Session
     with Session() as s:
         address = s.get(Address, 10)  # the transaction has read: its snapshot has begun
         assert address.user.name == "alice"
-    sql.reset()
-    with Session() as s:
-        assert s.get(User, 1).name == "alice"
     # under REPEATABLE READ (MariaDB's default) the lazy load read from a snapshot that may
     # predate the cache's state, so it was not written back (see docs/protocol.md)
     level = engine.dialect.default_isolation_level
     snapshot = db != "sqlite" and level in ("REPEATABLE READ", "SERIALIZABLE")
-    assert sql.count == (1 if snapshot else 0)
+    with expect_sql(sql, 1 if snapshot else 0), Session() as s:
+        assert s.get(User, 1).name == "alice"
 
 
 @pytest.mark.usefixtures("alice")
@@ -102,11 +91,9 @@ def test_a_lazy_load_miss_fills_the_cache_unless_the_snapshot_may_be_old(Session
     ids=["param", "execution_option", "for_update", "query_populate", "query_for_update"],
 )
 def test_loads_that_must_see_the_database_never_use_the_cache(Session, sql, how):
-    warm(Session)
-    sql.reset()
-    with Session() as s:
+    warm(Session, 1)
+    with expect_sql(sql, selects=1), Session() as s:
         assert how(s).name == "alice"
-    assert sql.selects() == 1
 
 
 @pytest.mark.usefixtures("alice")
@@ -114,22 +101,20 @@ def test_loads_that_must_see_the_database_never_use_the_cache(Session, sql, how)
     sqlalchemy.__version__.startswith("2.0."), reason="Session(execution_options=) is new in 2.1"
 )
 def test_a_session_with_populate_existing_never_reads_the_cache(engine, cache, sql):
-    warm(sessionmaker(engine, class_=CachingSession, cache=cache))
+    warm(sessionmaker(engine, class_=CachingSession, cache=cache), 1)
     Session = sessionmaker(
         engine,
         class_=CachingSession,
         cache=cache,
         execution_options={"populate_existing": True},
     )
-    sql.reset()
-    with Session() as s:
+    with expect_sql(sql, selects=1), Session() as s:
         assert s.get(User, 1).name == "alice"
-    assert sql.selects() == 1
 
 
 @pytest.mark.usefixtures("alice")
 def test_the_identity_map_answers_before_the_cache(Session, sql, cache):
-    warm(Session)
+    warm(Session, 1)
     hits = cache.stats()["hits"]
     with Session() as s:
         first = s.get(User, 1)
@@ -140,11 +125,9 @@ def test_the_identity_map_answers_before_the_cache(Session, sql, cache):
 
 @pytest.mark.usefixtures("alice")
 def test_a_query_that_is_not_by_primary_key_always_reads_the_database(Session, sql):
-    warm(Session)
-    sql.reset()
-    with Session() as s:
+    warm(Session, 1)
+    with expect_sql(sql, selects=1), Session() as s:
         assert s.scalars(select(User).where(User.name == "alice")).one().id == 1
-    assert sql.selects() == 1
 
 
 @pytest.mark.usefixtures("alice")
@@ -158,33 +141,31 @@ def test_get_one_of_a_missing_row_raises_as_sqlalchemy_does(Session):
 def test_unregistered_models_are_never_cached(Session, sql):
     with Session() as s:
         s.get(Address, 10)
-    sql.reset()
-    with Session() as s:
+    with expect_sql(sql, selects=1), Session() as s:
         s.get(Address, 10)
-    assert sql.selects() == 1
 
 
 @pytest.mark.usefixtures("alice")
 def test_a_session_without_a_cache_is_a_plain_session(engine, sql):
     Session = sessionmaker(engine, class_=CachingSession)
-    for _ in range(2):
-        with Session() as s:
-            assert s.get(User, 1).name == "alice"
-    assert sql.selects() == 2
+    with expect_sql(sql, selects=2):
+        for _ in range(2):
+            with Session() as s:
+                assert s.get(User, 1).name == "alice"
 
 
 @pytest.mark.usefixtures("alice")
 def test_a_plain_session_is_untouched_by_registration(engine, sql, cache):
-    for _ in range(2):
-        with PlainSession(engine) as s:
-            assert s.get(User, 1).name == "alice"
-    assert sql.selects() == 2
+    with expect_sql(sql, selects=2):
+        for _ in range(2):
+            with PlainSession(engine) as s:
+                assert s.get(User, 1).name == "alice"
     assert cache.stats()["hits"] == cache.stats()["misses"] == 0
 
 
 @pytest.mark.usefixtures("alice")
 def test_a_hit_does_not_begin_a_database_transaction(Session, engine):
-    warm(Session)
+    warm(Session, 1)
     begun = []
 
     def on_begin(conn):
@@ -199,30 +180,24 @@ def test_a_hit_does_not_begin_a_database_transaction(Session, engine):
         event.remove(engine, "begin", on_begin)
 
 
-def test_get_many_keeps_input_order_with_one_round_trip(
-    Session, sql, cache, backend, redis_counter
-):
+def test_get_many_keeps_input_order_with_one_round_trip(Session, sql, cache, redis_counter):
     with Session() as s:
         s.add_all([User(id=i, name=f"u{i}") for i in range(1, 6)])
         s.commit()
     with Session() as s:
         s.get_many(User, [1, 2])  # fill two of them
-    sql.reset()
-    redis_counter.reset()
-    with Session() as s:
+    # 3, 5 and 404 in one SELECT; 3 and 5 hold the tombstones their INSERT's commit wrote:
+    # compare-and-set; 404 was never seen: SET NX of its negative entry
+    with (
+        expect_sql(sql, selects=1),
+        expect_commands(redis_counter, {"MGET": 1, "EVALSHA": 2, "SET": 1}, round_trips=2),
+        Session() as s,
+    ):
         users = s.get_many(User, [5, 1, 404, "2", 3, 1])
         assert [u.id if u else None for u in users] == [5, 1, None, 2, 3, 1]
         assert users[1] is users[5]
-    assert sql.selects() == 1  # 3, 5 and 404 in one SELECT
-    if backend == "redis":
-        # 3 and 5 hold the tombstones their INSERT's commit wrote: compare-and-set;
-        # 404 was never seen: SET NX of its negative entry
-        assert redis_counter.commands == {"MGET": 1, "EVALSHA": 2, "SET": 1}
-        assert redis_counter.round_trips == 2
-    sql.reset()
-    with Session() as s:
+    with expect_sql(sql, 0), Session() as s:
         assert [u.id if u else None for u in s.get_many(User, [5, 404, 3])] == [5, None, 3]
-    assert sql.count == 0
 
 
 def test_get_many_through_the_legacy_query(Session, sql):
@@ -242,10 +217,8 @@ def test_a_cache_shared_by_two_factories(engine, cache: IdentityCache, sql):
         s.get(User, 1)
     with a() as s:
         s.get(User, 1)
-    sql.reset()
-    with b() as s:
+    with expect_sql(sql, 0), b() as s:
         assert s.get(User, 1).name == "alice"
-    assert sql.count == 0
 
 
 class AuditedSession(PlainSession):
@@ -264,10 +237,9 @@ def test_the_mixin_adds_caching_and_eviction_to_an_existing_session_subclass(eng
     Session = scoped_session(sessionmaker(engine, class_=CachedAuditedSession, cache=cache))
     Session().get(User, 1)
     Session.remove()
-    sql.reset()
-    assert Session().get(User, 1).name == "alice"
-    assert Session().audit() == "audited"
-    assert sql.count == 0
+    with expect_sql(sql, 0):
+        assert Session().get(User, 1).name == "alice"
+        assert Session().audit() == "audited"
     Session().get(User, 1).name = "changed"
     Session().commit()
     Session.remove()

@@ -1,4 +1,4 @@
-"""Behaviour 9: negative caching. A lookup of a missing row caches its absence (short TTL);
+"""Negative caching. A lookup of a missing row caches its absence (short TTL);
 inserting that key evicts it."""
 
 from __future__ import annotations
@@ -13,31 +13,20 @@ from sqlalchemy.orm import sessionmaker
 from sa_cache import CachingSession, IdentityCache, codec
 
 from .conftest import RedisCounter, new_cache
+from .counting import expect_commands, expect_sql
+from .entries import entry_kind, row_key, stat
 from .models import Employee, Engineer, Manager, Membership, User
 
 NEGATIVE_TTL = 5
 
 
-def row_key(cache: IdentityCache, model: type[Any], pk: tuple[Any, ...]) -> str:
-    return cache.model_for(model.__mapper__).keys.row_key(pk)  # type: ignore[union-attr]
-
-
-def entry_kind(cache: IdentityCache, model: type[Any], *pk: Any) -> Any:
-    raw = cache.store.get_many([row_key(cache, model, pk)])[0]
-    return None if raw is None else codec.decode(raw)[1]
-
-
 def seconds_to_live(cache: IdentityCache, backend: str, model: type[Any], *pk: Any) -> float:
     """The remaining TTL of a row's entry, read from the store itself."""
-    key = row_key(cache, model, pk)
+    key = row_key(cache, model, *pk)
     if backend == "redis":
         return float(cache.store.client.pttl(key)) / 1000  # type: ignore[attr-defined]
     expires_at, _ = cache.store._backend.get(key)  # type: ignore[attr-defined]
     return float(expires_at - time.monotonic())
-
-
-def stat(cache: IdentityCache, name: str, model: str = "User") -> int:
-    return int(cache.stats()["models"][model][name])
 
 
 @pytest.fixture
@@ -58,24 +47,16 @@ def alice(Session: sessionmaker[CachingSession]) -> None:
 
 
 @pytest.mark.usefixtures("alice")
-def test_a_missing_row_is_looked_up_in_the_database_once(
-    Session, sql, cache, backend, redis_counter
-):
-    sql.reset()
-    with Session() as s:
+def test_a_missing_row_is_looked_up_in_the_database_once(Session, sql, cache, redis_counter):
+    with expect_sql(sql, selects=1), Session() as s:
         assert s.get(User, 404) is None
-    assert sql.selects() == 1
     assert entry_kind(cache, User, 404) == codec.ABSENT
     assert stat(cache, "fills") == 2  # alice, then the absence
-    redis_counter.reset()
-    for _ in range(2):
-        with Session() as s:
-            assert s.get(User, 404) is None
-    assert sql.selects() == 1
+    with expect_sql(sql, selects=0), expect_commands(redis_counter, {"MGET": 2}, round_trips=2):
+        for _ in range(2):
+            with Session() as s:
+                assert s.get(User, 404) is None
     assert stat(cache, "hits") == 2
-    if backend == "redis":
-        assert redis_counter.commands == {"MGET": 2}
-        assert redis_counter.round_trips == 2
 
 
 def test_caching_an_absence_is_one_read_and_one_conditional_write(
@@ -86,14 +67,12 @@ def test_caching_an_absence_is_one_read_and_one_conditional_write(
         Session = sessionmaker(engine, class_=CachingSession, cache=cache)
         with Session() as s:
             assert s.get(User, 1) is None  # creates User's generation
-        redis_counter.reset()
-        sql.reset()
-        with Session() as s:
+        with (
+            expect_sql(sql, selects=1),
+            expect_commands(redis_counter, {"MGET": 1, "SET": 1}, round_trips=2),  # SET NX
+            Session() as s,
+        ):
             assert s.get(User, 404) is None
-        assert sql.selects() == 1
-        if backend == "redis":
-            assert redis_counter.commands == {"MGET": 1, "SET": 1}  # SET NX of the absence
-            assert redis_counter.round_trips == 2
         assert entry_kind(cache, User, 404) == codec.ABSENT
     finally:
         if backend == "redis":
@@ -126,12 +105,11 @@ def test_inserting_the_row_in_another_session_evicts_its_absence(Session, sql, c
         s.add(User(id=2, name="bob"))
         s.commit()
     assert entry_kind(cache, User, 2) == codec.TOMBSTONE
-    sql.reset()
-    with Session() as s:
-        assert s.get(User, 2).name == "bob"
-    with Session() as s:
-        assert s.get(User, 2).name == "bob"
-    assert sql.selects() == 1
+    with expect_sql(sql, selects=1):
+        with Session() as s:
+            assert s.get(User, 2).name == "bob"
+        with Session() as s:
+            assert s.get(User, 2).name == "bob"
 
 
 @pytest.mark.usefixtures("alice")
@@ -151,20 +129,17 @@ def test_an_absence_is_evicted_with_its_whole_model(Session, sql, cache):
     with Session() as s:
         assert s.get(User, 404) is None
     cache.evict_model(User)
-    sql.reset()
-    with Session() as s:
+    with expect_sql(sql, selects=1), Session() as s:
         assert s.get(User, 404) is None
-    assert sql.selects() == 1
 
 
 def test_a_subclass_lookup_of_a_missing_row_caches_no_absence(Session, sql, cache):
-    sql.reset()
-    for _ in range(2):
-        with Session() as s:
-            assert s.get(Engineer, 7) is None
-    assert sql.selects() == 2
+    with expect_sql(sql, selects=2):
+        for _ in range(2):
+            with Session() as s:
+                assert s.get(Engineer, 7) is None
     assert entry_kind(cache, Employee, 7) is None
-    assert stat(cache, "fills", "Employee") == 0
+    assert stat(cache, "fills", Employee) == 0
 
 
 def test_a_subclass_lookup_of_a_row_of_a_sibling_class_caches_no_absence(Session, sql, cache):
@@ -182,48 +157,43 @@ def test_a_subclass_lookup_of_a_row_of_a_sibling_class_caches_no_absence(Session
 def test_a_base_lookup_of_a_missing_row_caches_the_absence_for_the_whole_hierarchy(
     Session, sql, cache
 ):
-    sql.reset()
-    with Session() as s:
+    with expect_sql(sql, selects=1), Session() as s:
         assert s.get(Employee, 7) is None
     assert entry_kind(cache, Employee, 7) == codec.ABSENT
-    with Session() as s:
-        assert s.get(Employee, 7) is None
-    with Session() as s:
-        assert s.get(Engineer, 7) is None
-    assert sql.selects() == 1
+    with expect_sql(sql, selects=0):
+        with Session() as s:
+            assert s.get(Employee, 7) is None
+        with Session() as s:
+            assert s.get(Engineer, 7) is None
 
 
 @pytest.mark.usefixtures("alice")
 def test_get_many_caches_the_absence_of_every_missing_row_in_one_write(
-    Session, sql, cache, backend, redis_counter
+    Session, sql, cache, redis_counter
 ):
-    sql.reset()
-    redis_counter.reset()
-    with Session() as s:
+    # alice is a hit; no lease in get_many; both absences in one pipeline
+    with (
+        expect_sql(sql, selects=1),
+        expect_commands(redis_counter, {"MGET": 1, "SET": 2}, round_trips=2),
+        Session() as s,
+    ):
         assert s.get_many(User, [404, 1, 405]) == [None, s.get(User, 1), None]
-    assert sql.selects() == 1
-    if backend == "redis":
-        # alice is a hit; no lease in get_many; both absences in one pipeline
-        assert redis_counter.commands == {"MGET": 1, "SET": 2}
-        assert redis_counter.round_trips == 2
     assert entry_kind(cache, User, 404) == entry_kind(cache, User, 405) == codec.ABSENT
-    sql.reset()
-    with Session() as s:
-        assert s.get_many(User, [405, 404]) == [None, None]
-    with Session() as s:
-        assert s.get(User, 404) is None
-    assert sql.count == 0
+    with expect_sql(sql, 0):
+        with Session() as s:
+            assert s.get_many(User, [405, 404]) == [None, None]
+        with Session() as s:
+            assert s.get(User, 404) is None
 
 
 def test_a_composite_primary_key_caches_its_absence_where_strings_compare_exactly(
     Session, sql, cache, db
 ):
-    sql.reset()
-    for _ in range(2):
-        with Session() as s:
-            assert s.get(Membership, ("acme", 1)) is None
     # MariaDB's default collation matches "ACME" to "acme": no negative entries for string keys
-    assert sql.selects() == (2 if db == "mariadb" else 1)
+    with expect_sql(sql, selects=2 if db == "mariadb" else 1):
+        for _ in range(2):
+            with Session() as s:
+                assert s.get(Membership, ("acme", 1)) is None
     with Session() as s:
         s.add(Membership(org="acme", member=1, role="owner"))
         s.commit()

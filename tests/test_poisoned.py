@@ -27,6 +27,7 @@ from sa_cache.backend import Write
 from sa_cache.cache import ABSENT, Hit
 from sa_cache.models import CachedModel, RowShape
 
+from .counting import expect_sql
 from .models import CACHED, Everything, User
 
 on_sqlite = pytest.mark.parametrize("db", ["sqlite"])  # the store is what is under test
@@ -167,21 +168,17 @@ def test_a_poisoned_entry_is_a_counted_miss_that_the_fill_overwrites(Session, ca
     assert poison != good
     put(cache, 1, poison)
     before = cache.stats()["models"]["User"]
-    sql.reset()
-    with Session() as s:
+    with expect_sql(sql, selects=1), Session() as s:
         user = s.get(User, 1)  # never an exception
         assert (user.id, user.name, user.version) == (1, "user1", 1)
-    assert sql.selects() == 1
     after = cache.stats()["models"]["User"]
     assert after["rejected"] == before["rejected"] + 1
     assert after["misses"] == before["misses"] + 1
     assert after["fills"] == before["fills"] + 1
     assert after["errors"] == before["errors"]
     assert entry(raw_at(cache, 1))[1] == codec.ROW  # overwritten by the genuine row
-    sql.reset()
-    with Session() as s:
+    with expect_sql(sql, 0), Session() as s:  # and served from then on
         assert s.get(User, 1).name == "user1"
-    assert sql.count == 0  # and served from then on
 
 
 @on_sqlite
@@ -191,8 +188,7 @@ def test_get_many_rejects_each_poisoned_entry_and_answers_from_the_database(Sess
     put(cache, 1, b"\xc1" * FIVE_MB)
     put(cache, 2, good)  # user 1's genuine entry under user 2's key
     before = cache.stats()["models"]["User"]
-    sql.reset()
-    with Session() as s:
+    with expect_sql(sql, selects=1), Session() as s:  # one SELECT for the three misses
         users = s.get_many(User, [1, 2, 3, 404])
         assert [u and (u.id, u.name) for u in users] == [
             (1, "user1"),
@@ -200,14 +196,11 @@ def test_get_many_rejects_each_poisoned_entry_and_answers_from_the_database(Sess
             (3, "user3"),
             None,
         ]
-    assert sql.selects() == 1  # one SELECT for the three misses
     after = cache.stats()["models"]["User"]
     assert after["rejected"] == before["rejected"] + 2
     assert after["fills"] == before["fills"] + 4  # three rows and the absent marker of 404
-    sql.reset()
-    with Session() as s:
+    with expect_sql(sql, 0), Session() as s:
         assert [u and u.id for u in s.get_many(User, [1, 2, 3, 404])] == [1, 2, 3, None]
-    assert sql.count == 0
 
 
 @on_sqlite

@@ -17,6 +17,7 @@ from sa_cache import CachingSession, IdentityCache, codec
 from sa_cache.backend import Fill
 
 from .conftest import new_cache
+from .counting import expect_sql
 from .models import User
 
 
@@ -78,12 +79,11 @@ def test_a_fill_racing_an_eviction_does_not_undo_it(Session, hooked, cache, sql)
     with Session() as reader:
         assert reader.get(User, 1).name == "old"  # loaded before the writer committed
     assert raw_entry(cache, 1)[1] == codec.TOMBSTONE  # the reader's fill was refused
-    sql.reset()
-    with Session() as s:
-        assert s.get(User, 1).name == "new"
-    with Session() as s:
-        assert s.get(User, 1).name == "new"
-    assert sql.selects() == 1
+    with expect_sql(sql, selects=1):
+        with Session() as s:
+            assert s.get(User, 1).name == "new"
+        with Session() as s:
+            assert s.get(User, 1).name == "new"
 
 
 @pytest.mark.usefixtures("old_row")
@@ -142,10 +142,8 @@ def test_a_rollback_after_flush_leaves_the_cache_as_it_was(Session, cache, sql):
     with Session() as writer:
         writer.get(User, 1).name = "never"
         writer.flush()
-        with Session() as reader:
-            sql.reset()
+        with Session() as reader, expect_sql(sql, 0):
             assert reader.get(User, 1).name == "old"
-            assert sql.count == 0
         writer.rollback()
     assert cache.stats()["evictions"] == evictions
     with Session() as s:

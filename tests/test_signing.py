@@ -13,6 +13,7 @@ from sa_cache.backend import Write
 from sa_cache.signing import Signer
 
 from .conftest import register_all
+from .counting import expect_sql
 from .models import User
 
 
@@ -42,10 +43,8 @@ def test_signed_entries_are_served(engine, cache, sql):
     Session = sessionmaker(engine, class_=CachingSession, cache=signed)
     with Session() as s:
         s.get(User, 1)
-    sql.reset()
-    with Session() as s:
+    with expect_sql(sql, 0), Session() as s:
         assert s.get(User, 1).name == "mallory"
-    assert sql.count == 0
 
 
 @pytest.mark.usefixtures("users")
@@ -64,17 +63,13 @@ def test_an_entry_written_without_the_key_is_rejected_logged_and_overwritten(
     forged = codec.encode_row(entry[2], entry[3], entry[4], values)
     signed.store.write_many([Write(key, forged, None)])
     caplog.set_level(logging.WARNING, logger="sa_cache")
-    sql.reset()
-    with Session() as s:
+    with expect_sql(sql, selects=1), Session() as s:
         user = s.get(User, 1)
         assert user.active is False
-    assert sql.selects() == 1
     assert signed.stats()["rejected"] == 1
     assert any("bad or missing signature" in r.getMessage() for r in caplog.records)
-    sql.reset()
-    with Session() as s:  # the fill replaced the forgery
+    with expect_sql(sql, 0), Session() as s:  # the fill replaced the forgery
         assert s.get(User, 1).active is False
-    assert sql.count == 0
 
 
 @pytest.mark.usefixtures("users")
@@ -86,10 +81,8 @@ def test_a_genuine_entry_copied_to_another_key_is_rejected(engine, cache, sql):
         s.get(User, 1)
     admin_entry = signed.store.get_many([key_of(signed, 2)])[0]
     signed.store.write_many([Write(key_of(signed, 1), admin_entry, None)])
-    sql.reset()
-    with Session() as s:
+    with expect_sql(sql, selects=1), Session() as s:
         assert s.get(User, 1).name == "mallory"
-    assert sql.selects() == 1
 
 
 @pytest.mark.usefixtures("users")
@@ -102,10 +95,8 @@ def test_a_replayed_entry_is_rejected_once_it_has_expired(engine, cache, sql):
     genuine = Signer("s3cret").verify(key, signed.store.get_many([key])[0])
     stale_copy = Signer("s3cret").sign(key, genuine, ttl=-10)  # signed, but expired
     signed.store.write_many([Write(key, stale_copy, None)])
-    sql.reset()
-    with Session() as s:
+    with expect_sql(sql, selects=1), Session() as s:
         s.get(User, 1)
-    assert sql.selects() == 1
 
 
 @pytest.mark.usefixtures("users")
@@ -114,17 +105,19 @@ def test_key_rotation_verifies_old_and_new_and_signs_with_new(engine, cache, sql
     with sessionmaker(engine, class_=CachingSession, cache=old)() as s:
         s.get(User, 1)
     rotated = signed_cache(cache, ["new", "old"])
-    sql.reset()
-    with sessionmaker(engine, class_=CachingSession, cache=rotated)() as s:
+    with (
+        expect_sql(sql, selects=1),
+        sessionmaker(engine, class_=CachingSession, cache=rotated)() as s,
+    ):
         s.get(User, 1)  # an entry signed with the old secret still verifies
         s.get(User, 2)  # a fill: signed with the new secret
-    assert sql.selects() == 1
     only_new = signed_cache(cache, "new")
-    sql.reset()
-    with sessionmaker(engine, class_=CachingSession, cache=only_new)() as s:
+    with (
+        expect_sql(sql, selects=1),
+        sessionmaker(engine, class_=CachingSession, cache=only_new)() as s,
+    ):  # user 1 was signed with "old" only
         s.get(User, 2)
         s.get(User, 1)
-    assert sql.selects() == 1  # user 1 was signed with "old" only
 
 
 def test_the_secret_never_appears_in_reprs_or_stats(cache):

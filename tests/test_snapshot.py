@@ -10,6 +10,7 @@ from sqlalchemy.orm import sessionmaker
 
 from sa_cache import CachingSession, codec
 
+from .counting import expect_sql
 from .models import Address, User
 
 LEVELS = {
@@ -54,11 +55,9 @@ def test_a_reader_with_an_older_snapshot_never_fills_it(engine, db, cache, sql, 
     else:
         assert entry[1] == codec.ROW and "new" in entry[5]
 
-    sql.reset()
-    with Writer() as s:
-        assert s.get(User, 1).name == "new"
     # a snapshot reader filled nothing; a READ COMMITTED one filled the new row
-    assert sql.selects() == (1 if snapshot_per_transaction else 0)
+    with expect_sql(sql, selects=1 if snapshot_per_transaction else 0), Writer() as s:
+        assert s.get(User, 1).name == "new"
     with Writer() as s:
         assert s.get(User, 1).name == "new"
 
@@ -75,7 +74,5 @@ def test_a_lookup_that_begins_the_transaction_fills_even_under_repeatable_read(
         s.commit()
     with Reader() as s:
         s.get(User, 1)
-    sql.reset()
-    with Reader() as s:
+    with expect_sql(sql, 0), Reader() as s:
         assert s.get(User, 1).name == "a"
-    assert sql.count == 0
