@@ -1,24 +1,20 @@
-"""The randomized concurrency checker (benchmarks/checker.py) at a size that runs in well under a
+"""The randomized concurrency checker (tests/stress/checker.py) at a size that runs in well under a
 minute for both databases: worker processes and threads read and write a hot table through
 CachingSession on PostgreSQL (READ COMMITTED) and MariaDB (REPEATABLE READ) with Redis, and no
 read may see a row older than a commit that returned before it started.
 
 The checker is shown able to fail: with every eviction dropped it must report stale reads.
-Long runs: ``python -m benchmarks.checker --db postgresql --operations 100000``.
+Long runs: ``python -m tests.stress --db postgresql --operations 100000``.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from benchmarks import checker
-
 from .conftest import MARIADB_SERVER, PG_SERVER, REDIS_URL, require_service
+from .stress import checker
 
-SERVERS = {
-    "postgresql": (f"{PG_SERVER}/postgres", 5432),
-    "mariadb": (f"{MARIADB_SERVER}/test", 3306),
-}
+SERVERS = {"postgresql": (PG_SERVER, 5432), "mariadb": (MARIADB_SERVER, 3306)}
 
 
 @pytest.fixture(params=sorted(SERVERS))
