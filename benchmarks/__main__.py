@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import create_engine
 
 from . import env, micro, paths, profiling, report, web
-from .models import USERS, populate
+from .models import USERS, User, populate
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             "quick": args.quick,
             "command": "python -m benchmarks" + (" --quick" if args.quick else ""),
             "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores",
+            "users": USERS,
+            "columns": [type(c.type).__name__ for c in User.__table__.columns],
             "load_average": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
             "python": platform.python_version(),
             "sqlalchemy": version("SQLAlchemy"),

@@ -319,6 +319,7 @@ class Bench:
         flask = [int(b.client.strlen(k)) for k in memo_keys]
         flask = [n for n in flask if n > 100]  # leave out memoize's version keys
         return {
+            "rows": len(sample),
             "sa_cache": statistics.mean(sa),
             "pickle": statistics.mean(pickled),
             "dogpile": statistics.mean(dogpile),

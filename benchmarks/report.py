@@ -22,40 +22,6 @@ PATHS = ("a", "b", "c", "d", "e")
 DB_LABELS = {"sqlite": "SQLite", "postgresql": "PostgreSQL", "mariadb": "MariaDB"}
 
 
-#: What the first profile led to, measured before and after the change (kept with the report).
-BEFORE_AFTER = [
-    "What the first profile (this file's earlier run) led to, and what it changed: the hit",
-    "path no longer decides on fills, snapshots and negative caching until a lookup misses;",
-    "a single-column primary key skips the generic normalisation; a row whose columns need no",
-    "adapter is hydrated with one `dict(zip())` and its key checked before that. Measured with",
-    "`python -m benchmarks.hitpath CHECKOUT STORE`,",
-    "before (a worktree at commit ecf87fe) and after, one after the other on a quiet machine",
-    "(SQLite + the store named; a fresh session per hit; medians of 5 rounds):",
-    "",
-    "| | before | after |",
-    "|---|---:|---:|",
-    "| hit, in-process store, us | 28.5 | 26.6 |",
-    "| hit, Redis, us | 194 | 177 |",
-    "| get_many(1000), in-process store, us per key | 12.9 | 11.4 |",
-    "| get_many(1000), Redis, us per key | 14.3 | 12.9 |",
-    "",
-    "The second profile (pyinstrument, get_many(1000)) put `_same_key`, the check that a",
-    "cached row's primary key is the key asked for, first in self time: it built a list and ran",
-    "a generator per row. A single-column key is now compared directly. `IdentityCache.classify`",
-    "of one warm row, timed alone (best of 7 x 20 000 calls): 3.04 us before (commit 9ee2375),",
-    "2.24 us after. `benchmarks.hitpath` moved within its noise on this VM (get_many(1000) from",
-    "Redis 11.5-17.0 us per key before, 11.3-14.7 after), so it reports get_many with the cyclic",
-    "garbage collector paused as well: in process, 7.5-8.3 us per key before and 7.0-8.2 after",
-    "over five runs each (one more run after: 11.1, the VM's noise).",
-    "",
-    "Left as they are, on purpose: the cold miss takes 3 round trips (read; the lease, taken",
-    "together with a re-read; the fill, together with releasing the lease): folding the lease",
-    "into the read would need a script on every hit, and hits outnumber misses. Datetimes decode",
-    "through an extension hook (about 1 us a row) because msgpack's native timestamp loses the",
-    "time zone the database returned.",
-]
-
-
 def us(seconds: float) -> str:
     if seconds is None or math.isnan(seconds):
         return "n/a"
@@ -147,17 +113,20 @@ def markdown(results: dict[str, Any]) -> str:
         f"{meta['dogpile']}, Flask-Caching {meta['flask_caching']}. Took {meta['seconds']:.0f} s."
     )
     out.append("")
+    users = f"{meta['users']:,} users" if meta.get("users") else "one table of users"
+    columns = meta.get("columns") or []
     out.append(
-        "Same data for every path: 10 000 users of 10 columns (int, str, bool, datetime, float, "
-        "text), read back from each database and cache. Every operation runs all paths side by "
+        f"Same data for every path: {users}"
+        + (f" of {len(columns)} columns ({', '.join(dict.fromkeys(columns))})" if columns else "")
+        + ", read back from each database and cache. Every operation runs all paths side by "
         "side, interleaved: each round shuffles the order of the paths and times a block of "
         "operations one by one; a round's figure is its median operation and the figure shown "
         "is the median of the rounds "
         f"(hits: {meta['settings']['hit_rounds']} rounds x {meta['settings']['hit_ops']} "
         f"lookups; misses: {meta['settings']['miss_rounds']} x {meta['settings']['miss_ops']}). "
         "Redis round trips are counted on the real connections (a `redis.Connection` subclass), "
-        "SQL statements with `before_cursor_execute`. Redis, PostgreSQL and MariaDB run on "
-        "127.0.0.1, on the same 2-core machine as the client."
+        "SQL statements with `before_cursor_execute`. Redis and the database servers run on "
+        f"127.0.0.1, on the machine of the client ({meta['machine']})."
     )
     out.append("")
     out.append(
@@ -209,14 +178,14 @@ def _reading(results: dict[str, Any]) -> list[str]:
             f"({ratio(hit['d']['median'], floor)}), (e) {us(hit['e']['median'])} us."
         )
         web = r.get("web")
-        if web and web["cached"]["rps"] < web["uncached"]["rps"]:
+        if web and web["cached"]["rps_rounds"] and web["uncached"]["rps_rounds"]:
             c, u = web["cached"]["rps_rounds"], web["uncached"]["rps_rounds"]
+            faster = web["cached"]["rps"] >= web["uncached"]["rps"]
             out.append(
-                f"- {DB_LABELS[db]}, Flask-Login: the cached app was slower here. The uncached "
-                "user SELECT never leaves the process on SQLite, while the cached app pays a "
-                "Redis round trip, and Redis, two gunicorn workers and the client share two "
-                f"cores. Rounds ranged {min(c):.0f}-{max(c):.0f} req/s cached and "
-                f"{min(u):.0f}-{max(u):.0f} uncached: noisy, and not a win on SQLite."
+                f"- {DB_LABELS[db]}, Flask-Login: the cached app served "
+                f"{ratio(web['cached']['rps'], web['uncached']['rps'])} the uncached app's "
+                f"requests per second ({'faster' if faster else 'slower'}); rounds ranged "
+                f"{min(c):.0f}-{max(c):.0f} req/s cached and {min(u):.0f}-{max(u):.0f} uncached."
             )
     profile = results.get("profile")
     if profile:
@@ -375,7 +344,8 @@ def _database_section(db: str, r: dict[str, Any]) -> list[str]:
             )
         out.append("")
     p = r["payload"]
-    out.append("### Payload, bytes per row (mean of 200 users)")
+    sample = f"mean of {p['rows']} users" if p.get("rows") else "mean over a sample of users"
+    out.append(f"### Payload, bytes per row ({sample})")
     out.append("")
     out.append("| format | bytes | x pickle |")
     out.append("|---|---:|---:|")
@@ -392,8 +362,6 @@ def _database_section(db: str, r: dict[str, Any]) -> list[str]:
 
 def _profile_section(profile: dict[str, Any]) -> list[str]:
     out = ["## Profile: sa_cache (Redis) hit and get_many(1000)", ""]
-    out.extend(BEFORE_AFTER)
-    out.append("")
     out.append(
         f"Measured on {DB_LABELS[profile['db']]}. Each step of a warm hit timed alone "
         "(best of 3 loops), microseconds:"
