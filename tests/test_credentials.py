@@ -126,7 +126,7 @@ def all_logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
 @pytest.mark.parametrize("db", ["sqlite"])
 @pytest.mark.usefixtures("users")
 @pytest.mark.parametrize("verify", ["ca", "no_verification"])
-def test_rediss_urls_work(engine, sql, tls_server, verify):
+def test_a_rediss_url_connects_over_tls_and_serves_hits(engine, sql, tls_server, verify):
     server, folder = tls_server
     query = f"ssl_ca_certs={folder}/ca.crt" if verify == "ca" else "ssl_cert_reqs=none"
     cache = make_cache(f"rediss://127.0.0.1:{server.port}/0?{query}")
@@ -155,7 +155,9 @@ def auth_url(server: RedisServer, user: str, password: str, scheme: str = "redis
 @pytest.mark.parametrize(
     "user, password", [("", PASSWORD), ("default", PASSWORD), ("alice", ALICE_PASSWORD)]
 )
-def test_credentials_in_the_url_work(engine, sql, auth_server, all_logs, user, password):
+def test_credentials_in_the_url_authenticate_and_appear_in_no_log_or_repr(
+    engine, sql, auth_server, all_logs, user, password
+):
     cache = make_cache(auth_url(auth_server, user, password))
     assert_hits(engine, cache, sql)
     assert_no_secret(log_text(all_logs), repr(cache), str(cache.stats()), repr(cache.store))

@@ -1,4 +1,4 @@
-"""Behaviour 2: the row format. Never pickle: a cached row is the mapped class's column values,
+"""The row format. Never pickle: a cached row is the mapped class's column values,
 msgpack-encoded with an exact round-trip for every common column type, inside a value that carries
 a format version and a hash of the mapper's columns and types. Anything else found in the store is
 a miss that the fill overwrites, never an exception to the caller."""

@@ -200,7 +200,7 @@ def test_get_many_keeps_input_order_with_one_round_trip(Session, sql, cache, red
         assert [u.id if u else None for u in s.get_many(User, [5, 404, 3])] == [5, None, 3]
 
 
-def test_get_many_through_the_legacy_query(Session, sql):
+def test_get_many_through_the_legacy_query_keeps_the_order_asked(Session, sql):
     with Session() as s:
         s.add_all([User(id=i, name=f"u{i}") for i in range(1, 4)])
         s.commit()
@@ -208,7 +208,9 @@ def test_get_many_through_the_legacy_query(Session, sql):
         assert [u.name for u in s.query(User).get_many([3, 1])] == ["u3", "u1"]
 
 
-def test_a_cache_shared_by_two_factories(engine, cache: IdentityCache, sql):
+def test_a_row_filled_by_one_session_factory_is_a_hit_for_another_sharing_the_cache(
+    engine, cache: IdentityCache, sql
+):
     a = sessionmaker(engine, class_=CachingSession, cache=cache)
     b = sessionmaker(engine, class_=CachingSession, cache=cache)
     with a() as s:

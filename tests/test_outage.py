@@ -1,4 +1,4 @@
-"""Behaviour 10: Redis down or slow. Every lookup still returns the right answer from the database,
+"""Redis down or slow. Every lookup still returns the right answer from the database,
 a cache error never reaches the caller, and it is counted in stats() and logged once per outage.
 
 These tests start their own redis-server on a spare loopback port; the shared one is never

@@ -1,4 +1,4 @@
-"""Behaviour 8: no stale fill. An eviction is never undone by a reader that loaded the old row
+"""No stale fill. An eviction is never undone by a reader that loaded the old row
 before the commit and stores it afterwards.
 
 The interleavings are forced, not hoped for: :class:`HookedStore` is the real store with a
