@@ -18,7 +18,6 @@ proxy that overrides a write method is refused at construction rather than silen
 from __future__ import annotations
 
 from collections.abc import Callable
-from importlib import resources
 from typing import Any
 
 from dogpile.cache import make_region
@@ -40,11 +39,6 @@ _PROXY_WRITES = (
     "delete_multi",
     "get_mutex",
 )
-
-
-def lua_script(name: str) -> str:
-    """The text of ``stores/lua/<name>.lua``: scripts live in their own files, loaded by name."""
-    return (resources.files(__package__) / "lua" / f"{name}.lua").read_text()
 
 
 def memory_region() -> CacheRegion:

@@ -13,7 +13,7 @@ from typing import Any
 from dogpile.cache.api import NO_VALUE
 
 from ..store import Capabilities, Fill, Write
-from . import lua_script
+from .scripts import lua_script
 
 _COMPARE_AND_SET = lua_script("compare_and_set")
 
