@@ -28,11 +28,8 @@ from typing import Any, Final
 from sqlalchemy import inspect
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.attributes import instance_state
-from sqlalchemy.orm.base import LoaderCallableStatus, PassiveFlag
+from sqlalchemy.orm.base import PassiveFlag
 from sqlalchemy.util import EMPTY_DICT
-
-#: What ``_identity_lookup`` returns for an identity of another class in the hierarchy.
-CLASS_MISMATCH: Final = LoaderCallableStatus.PASSIVE_CLASS_MISMATCH
 
 _SQL_ALLOWED: Final = PassiveFlag.SQL_OK | PassiveFlag.RELATED_OBJECT_OK
 

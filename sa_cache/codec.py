@@ -135,6 +135,7 @@ class Tombstone(NamedTuple):
 Entry = Any  # one of the NamedTuple classes registered with entry_kind
 E = TypeVar("E", bound=tuple[Any, ...])
 
+_new_tuple = tuple.__new__
 _KINDS: dict[type, int] = {}
 _CLASSES: dict[int, tuple[type, int]] = {}  # kind -> (class, number of fields)
 
@@ -180,7 +181,7 @@ def decode(raw: bytes) -> Entry | None:
     known = _CLASSES.get(value[1])
     if known is None or len(value) != known[1] + 2:
         return None
-    return known[0](*value[2:])
+    return _new_tuple(known[0], value[2:])  # the NamedTuple, without its Python-level __new__
 
 
 def new_tombstone() -> bytes:

@@ -65,7 +65,8 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         if lookups is None:
             return None
         model = lookups.cache.registry.model_for(mapper)
-        if model is None or model in lookups.changes.bulk_models:
+        bulk = lookups.changes.bulk_models
+        if model is None or bulk and model in bulk:
             return None
         if execution_options.get("populate_existing") or _orm.session_populates_existing(self):
             return None
