@@ -17,6 +17,9 @@ from .errors import redact
 from .shared_stats import read_shared_stats
 from .stats import MODEL_COUNTERS
 
+#: The command line waits longer for Redis than a request would: one call, run by a person.
+CLI_SOCKET_TIMEOUT = 2.0
+
 
 @click.group()
 def main() -> None:
@@ -53,7 +56,7 @@ _prefix = click.option(
 
 def _open(redis_url: str, prefix: str) -> IdentityCache:
     try:
-        cache = IdentityCache(redis_url, prefix=prefix, socket_timeout=2.0)
+        cache = IdentityCache(redis_url, prefix=prefix, socket_timeout=CLI_SOCKET_TIMEOUT)
     except (ValueError, TypeError) as exc:
         raise click.BadParameter(str(exc), param_hint="--redis-url") from None
     return cache

@@ -16,6 +16,8 @@ from ..store import Capabilities, Fill, Write
 from .scripts import lua_script
 
 _COMPARE_AND_SET = lua_script("compare_and_set")
+#: Keys per SCAN step and per UNLINK of :meth:`RedisStore.delete_prefix`.
+SCAN_BATCH = 1000
 
 
 def _ms(seconds: float) -> int:
@@ -92,9 +94,9 @@ class RedisStore:
     def delete_prefix(self, prefix: str) -> int:
         removed = 0
         batch: list[bytes] = []
-        for key in self.client.scan_iter(match=_glob_escape(prefix) + "*", count=1000):
+        for key in self.client.scan_iter(match=_glob_escape(prefix) + "*", count=SCAN_BATCH):
             batch.append(key)
-            if len(batch) >= 1000:
+            if len(batch) >= SCAN_BATCH:
                 removed += self.client.unlink(*batch)
                 batch = []
         if batch:
