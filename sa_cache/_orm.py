@@ -14,7 +14,7 @@ changes one fails there first, by name.
 3. :func:`next_load_sees_fresh_snapshot` reads the connections a session's transaction holds,
    to refuse fills from a REPEATABLE READ snapshot older than the cache's state.
 4. :func:`place_in_session` puts a cached row into the identity map the way
-   ``loading._instance`` does for a fresh row (the brief measured ~4 µs against ~15 µs for
+   ``loading._instance`` does for a fresh row (measured at ~4 µs against ~15 µs for
    ``make_transient_to_detached`` + ``Session.add``), then fires the same ``load`` and
    ``loaded_as_persistent`` events, so ``@reconstructor`` and user listeners see a cache hit as a
    load.
@@ -28,11 +28,8 @@ from typing import Any, Final
 from sqlalchemy import inspect
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.attributes import instance_state
-from sqlalchemy.orm.base import LoaderCallableStatus, PassiveFlag
+from sqlalchemy.orm.base import PassiveFlag
 from sqlalchemy.util import EMPTY_DICT
-
-#: What ``_identity_lookup`` returns for an identity of another class in the hierarchy.
-CLASS_MISMATCH: Final = LoaderCallableStatus.PASSIVE_CLASS_MISMATCH
 
 _SQL_ALLOWED: Final = PassiveFlag.SQL_OK | PassiveFlag.RELATED_OBJECT_OK
 

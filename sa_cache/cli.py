@@ -17,6 +17,9 @@ from .errors import redact
 from .shared_stats import read_shared_stats
 from .stats import MODEL_COUNTERS
 
+#: The command line waits longer for Redis than a request would: one call, run by a person.
+CLI_SOCKET_TIMEOUT = 2.0
+
 
 @click.group()
 def main() -> None:
@@ -53,14 +56,14 @@ _prefix = click.option(
 
 def _open(redis_url: str, prefix: str) -> IdentityCache:
     try:
-        cache = IdentityCache(redis_url, prefix=prefix, socket_timeout=2.0)
+        cache = IdentityCache(redis_url, prefix=prefix, socket_timeout=CLI_SOCKET_TIMEOUT)
     except (ValueError, TypeError) as exc:
         raise click.BadParameter(str(exc), param_hint="--redis-url") from None
     return cache
 
 
 def _is_shared(cache: IdentityCache) -> bool:
-    return getattr(cache.store, "client", None) is not None
+    return cache.store.capabilities.shared
 
 
 def print_stats(cache: IdentityCache, *, as_json: bool = False) -> None:
@@ -103,12 +106,11 @@ def render_stats(stats: dict[str, Any]) -> str:
 
 def evict_row(cache: IdentityCache, model: type[Any], pk: Sequence[str]) -> None:
     """Evict one row of ``model``; ``pk`` as typed (normalised through the column types)."""
-    errors = cache.errors
     try:
-        cache.evict(model, pk[0] if len(pk) == 1 else tuple(pk))
+        delivered = cache.evict(model, pk[0] if len(pk) == 1 else tuple(pk))
     except (ValueError, TypeError) as exc:
         raise click.BadParameter(str(exc), param_hint="PK") from None
-    if cache.errors != errors:
+    if not delivered:
         raise click.ClickException("the cache backend is unavailable: nothing was evicted")
     click.echo(f"evicted {model.__name__} {', '.join(pk)}")
 
@@ -116,7 +118,7 @@ def evict_row(cache: IdentityCache, model: type[Any], pk: Sequence[str]) -> None
 def flush_cache(cache: IdentityCache) -> None:
     """Delete every key under ``prefix:`` (this cache's keys only; never FLUSHDB)."""
     try:
-        removed = cache.store.delete_prefix(cache.prefix + ":")
+        removed = cache.flush()
     except Exception as exc:
         raise click.ClickException(f"flush failed: {redact(str(exc))}") from None
     click.echo(f"removed {removed} keys under {cache.prefix + ':'!r}")

@@ -1,11 +1,14 @@
 """The cache's value format: msgpack, never pickle.
 
-A value is one of three entries, each a msgpack array that starts with :data:`FORMAT_VERSION`:
+A value is one typed entry, stored as a msgpack array ``[FORMAT_VERSION, kind, fields...]``:
 
-- a row: ``[version, ROW, schema_hash, generation, class_tag, [column values...]]``
-- an absent row (negative caching): ``[version, ABSENT, generation]``
-- a tombstone written by an eviction: ``[version, TOMBSTONE, token]``; the token is random, so
-  two evictions never write the same bytes and a fill that observed one cannot overwrite the other.
+- :class:`RowEntry` ``(schema_hash, generation, class_tag, [column values...])``: a cached row;
+- :class:`AbsentEntry` ``(generation,)``: "no row has this key" (negative caching);
+- :class:`Tombstone` ``(token,)``: written by an eviction; the token is random, so two evictions
+  never write the same bytes and a fill that observed one cannot overwrite the other.
+
+Further kinds of cached things (relationship collections, query results) add an entry class and
+a kind number with :func:`entry_kind`; :func:`decode` knows every registered kind.
 
 Only column values are stored (the dehydrated row, as Hibernate's second-level cache does), so a
 value is a few dozen bytes, carries no code, and is safe to decode from an untrusted store.
@@ -25,19 +28,13 @@ import os
 import uuid
 import zoneinfo
 from collections.abc import Callable, Sequence
-from typing import Any, Final
+from typing import Any, Final, NamedTuple, TypeVar
 
 import msgpack
 from sqlalchemy import types as sqltypes
 from sqlalchemy.schema import Column
 
 FORMAT_VERSION: Final = 1
-ROW: Final = 0
-ABSENT: Final = 1
-TOMBSTONE: Final = 2
-
-#: Returned by :func:`decode` for bytes that are not a valid entry of this format version.
-CORRUPT: Final = ("corrupt",)
 
 _EXT_DATETIME = 1
 _EXT_DATE = 2
@@ -113,34 +110,82 @@ def pack(value: Any) -> bytes:
     return result
 
 
-def decode(raw: bytes) -> Any:
-    """Decode one entry, or return :data:`CORRUPT` for anything not of this format version."""
+class RowEntry(NamedTuple):
+    """A cached row: its column values, the shape they were stored in, and the generation of
+    its model the reader observed before the database read."""
+
+    schema_hash: bytes
+    generation: bytes
+    class_tag: Any
+    values: list[Any]
+
+
+class AbsentEntry(NamedTuple):
+    """No row has this key, as of ``generation``."""
+
+    generation: bytes
+
+
+class Tombstone(NamedTuple):
+    """An eviction: random bytes no fill can have observed before the eviction was written."""
+
+    token: bytes
+
+
+Entry = Any  # one of the NamedTuple classes registered with entry_kind
+E = TypeVar("E", bound=tuple[Any, ...])
+
+_new_tuple = tuple.__new__
+_KINDS: dict[type, int] = {}
+_CLASSES: dict[int, tuple[type, int]] = {}  # kind -> (class, number of fields)
+
+
+def entry_kind(kind: int) -> Callable[[type[E]], type[E]]:
+    """Register an entry class (a NamedTuple) under ``kind``, the number stored in its value."""
+
+    def register(cls: type[E]) -> type[E]:
+        if kind in _CLASSES and _CLASSES[kind][0] is not cls:
+            raise ValueError(f"entry kind {kind} is already {_CLASSES[kind][0].__name__}")
+        _KINDS[cls] = kind
+        _CLASSES[kind] = (cls, len(cls._fields))  # type: ignore[attr-defined]
+        return cls
+
+    return register
+
+
+entry_kind(0)(RowEntry)
+entry_kind(1)(AbsentEntry)
+entry_kind(2)(Tombstone)
+
+
+def encode(entry: Entry) -> bytes:
+    """The stored form of ``entry``; raises TypeError for a value that cannot round-trip."""
+    return pack([FORMAT_VERSION, _KINDS[type(entry)], *entry])
+
+
+def decode(raw: bytes) -> Entry | None:
+    """The entry ``raw`` holds, or None for anything that is not an entry of this format version
+    (garbage, another version, an unknown kind, the wrong number of fields)."""
     try:
-        entry = msgpack.unpackb(raw, ext_hook=_ext_hook, raw=False, use_list=True)
+        value = msgpack.unpackb(raw, ext_hook=_ext_hook, raw=False, use_list=True)
     except Exception:
-        return CORRUPT
+        return None
     if (
-        type(entry) is not list
-        or len(entry) < 3
-        or type(entry[0]) is not int  # True == 1 and 1.0 == 1: not our version or kind
-        or type(entry[1]) is not int
-        or entry[0] != FORMAT_VERSION
-        or entry[1] not in (ROW, ABSENT, TOMBSTONE)
+        type(value) is not list
+        or len(value) < 2
+        or type(value[0]) is not int  # True == 1 and 1.0 == 1: not our version or kind
+        or type(value[1]) is not int
+        or value[0] != FORMAT_VERSION
     ):
-        return CORRUPT
-    return entry
-
-
-def encode_row(schema_hash: bytes, generation: bytes, class_tag: Any, values: list[Any]) -> bytes:
-    return pack([FORMAT_VERSION, ROW, schema_hash, generation, class_tag, values])
-
-
-def encode_absent(generation: bytes) -> bytes:
-    return pack([FORMAT_VERSION, ABSENT, generation])
+        return None
+    known = _CLASSES.get(value[1])
+    if known is None or len(value) != known[1] + 2:
+        return None
+    return _new_tuple(known[0], value[2:])  # the NamedTuple, without its Python-level __new__
 
 
 def new_tombstone() -> bytes:
-    return pack([FORMAT_VERSION, TOMBSTONE, os.urandom(8)])
+    return encode(Tombstone(os.urandom(8)))
 
 
 def new_generation() -> bytes:

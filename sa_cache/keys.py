@@ -39,7 +39,12 @@ def _coerce_int(value: Any) -> Any:
     if kind is int:
         return value
     if kind is str:
-        return int(value) if _INT_TEXT.match(value) else UNCACHEABLE
+        if not _INT_TEXT.match(value):
+            return UNCACHEABLE
+        try:
+            return int(value)
+        except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits)
+            return UNCACHEABLE
     if kind is float:
         return int(value) if value.is_integer() else UNCACHEABLE
     if kind is decimal.Decimal:

@@ -1,5 +1,9 @@
 """Session interception: where a primary-key lookup that missed the identity map asks the cache,
-and where a row loaded after a cache miss is written back.
+and where the cache's answer is placed in the session as a load would place it.
+
+Only SQLAlchemy interception lives here; the lookup sequence (read, lease, wait, write back) is
+:mod:`sa_cache.lookup`, and a session's whole cache state is one
+:class:`~sa_cache.lookup.Lookups` (``session._sa_cache``, None without a cache).
 
 ``sessionmaker(engine, class_=CachingSession, cache=cache)`` configures a whole factory; users
 with their own Session subclass mix in :class:`CachingSessionMixin` instead.
@@ -8,22 +12,23 @@ with their own Session subclass mix in :class:`CachingSessionMixin` instead.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any, Final, TypeVar
 
-from sqlalchemy import event, inspect, select, tuple_
+from sqlalchemy import inspect, select, tuple_
 from sqlalchemy.orm import Mapper, Query, Session
-from sqlalchemy.orm.state import InstanceState
 
 from . import _orm, tracking
-from .backend import Fill
-from .cache import Hit, IdentityCache, Observation
+from .cache import IdentityCache
 from .keys import coercer_for, normalise
-from .models import CachedModel
+from .kinds import Answer, Hit
+from .lookup import Lookups
+from .rows import CachedModel
 
 T = TypeVar("T")
 
-_IN_CHUNK = 500
+#: Primary keys per ``IN (...)`` SELECT of :meth:`CachingSessionMixin.get_many`.
+IN_CHUNK: Final = 500
 
 
 class CachingSessionMixin(_orm.IdentityLookupHooks):
@@ -33,13 +38,14 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
     """
 
     cache: IdentityCache | None
+    _sa_cache: Lookups | None
+    #: How a lookup waits for another caller's fill; a subclass driven from an event loop can
+    #: replace it with one that awaits (see :mod:`sa_cache.lookup`).
+    cache_sleep: Callable[[float], None] = staticmethod(time.sleep)
 
     def __init__(self, *args: Any, cache: IdentityCache | None = None, **kwargs: Any) -> None:
         self.cache = cache
-        self._sa_cache_tx = tracking.TransactionChanges()
-        self._sa_cache_pending: dict[Any, Observation] = {}
-        self._sa_cache_batch: list[tuple[CachedModel, Fill]] | None = None
-        self._sa_cache_current: Any = None
+        self._sa_cache = None if cache is None else Lookups(cache, self.cache_sleep)
         super().__init__(*args, **kwargs)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -55,15 +61,12 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
     def _cacheable(
         self, mapper: Mapper[Any], identity_token: Any, execution_options: Any
     ) -> CachedModel | None:
-        cache = self.cache
-        if cache is None:
+        lookups = self._sa_cache
+        if lookups is None:
             return None
-        model = cache._models.get(mapper.base_mapper)
-        if (
-            model is None
-            or self._sa_cache_tx.bulk_models
-            and model in self._sa_cache_tx.bulk_models
-        ):
+        model = lookups.cache.registry.model_for(mapper)
+        bulk = lookups.changes.bulk_models
+        if model is None or bulk and model in bulk:
             return None
         if execution_options.get("populate_existing") or _orm.session_populates_existing(self):
             return None
@@ -90,155 +93,47 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
                 return found
         self._sa_cache_lookup_pk = pk
         key = model.keys.row_key(pk, identity_token)
-        if key in self._sa_cache_tx.keys:
+        lookups = self._sa_cache
+        assert lookups is not None
+        if key in lookups.changes.keys:
             return None  # this transaction wrote the row: read our own write from the database
-        cache = self.cache
-        assert cache is not None
-        answer = self._read_and_place(model, mapper, [(key, pk, identity_token)])[0]
+        identity_key = mapper.identity_key_from_primary_key(pk, identity_token)
+        answer = lookups.read(model, [(key, pk, identity_key)], self._fill_rule, mapper)[0]
         if answer is None:
-            identity_key = mapper.identity_key_from_primary_key(pk, identity_token)
-            if identity_key in self._sa_cache_pending:
-                self._sa_cache_current = identity_key
-                if cache.lease_wait > 0:
-                    return self._lease_or_wait(model, mapper, pk, identity_key)
-        return answer
+            answer = lookups.lease_or_wait(model, pk, identity_key)
+        return None if answer is None else self._place(answer, mapper, identity_key)
 
     def lookup_done(self) -> None:
-        """A ``get`` ended: drop its observation if no load consumed it (the load raised, or
-        loaded nothing cacheable), releasing its lease so waiters need not time out."""
-        identity_key, self._sa_cache_current = self._sa_cache_current, None
-        if identity_key is None:
-            return
-        observation = self._sa_cache_pending.pop(identity_key, None)
-        if observation is not None and observation.leased and self.cache is not None:
-            self.cache.fill([], [self.cache.lease_key(observation.key)])
+        if self._sa_cache is not None:
+            self._sa_cache.done()
 
-    def _lease_or_wait(
-        self, model: CachedModel, mapper: Mapper[Any], pk: tuple[Any, ...], identity_key: Any
-    ) -> Any:
-        """After a miss: take the row's lease and load it, or wait for the caller who has it.
+    def _fill_rule(self, model: Any, mapper: Mapper[Any]) -> tuple[bool, bool]:
+        """Whether a miss may fill (nothing written yet, and the load will see data at least as
+        new as the observation), and may cache an absence."""
+        lookups = self._sa_cache
+        assert lookups is not None
+        may_fill = not lookups.changes.wrote and _orm.next_load_sees_fresh_snapshot(
+            self  # type: ignore[arg-type]
+        )
+        negative_ok = mapper is model.base_mapper and (
+            not model.string_pk or self._exact_string_comparison(mapper)
+        )
+        return may_fill, negative_ok
 
-        Taking the lease re-reads the row in the same round trip, so a caller whose miss came
-        just before another caller's fill is answered by that fill, not by a second load."""
-        cache = self.cache
-        assert cache is not None
-        observation = self._sa_cache_pending[identity_key]
-        lease = cache.acquire_lease(model, observation.key)
-        if lease is None:
-            return None  # the store failed: load (the fill will most likely fail too)
-        acquired, generation, raw = lease
-        if generation is not None and (raw, generation) != (
-            observation.raw,
-            observation.generation,
-        ):
-            outcome = cache.classify(model, observation.key, generation, raw, pk)
-            if outcome is not None:
-                del self._sa_cache_pending[identity_key]
-                if acquired:
-                    cache.fill([], [cache.lease_key(observation.key)])
-                model.stats.misses -= 1  # answered from the cache after all
-                model.stats.hits += 1
-                return self._place(outcome, mapper, identity_key)
-            observation = observation._replace(
-                raw=raw, generation=generation, observed_at=time.monotonic()
-            )
-        if acquired:
-            self._sa_cache_pending[identity_key] = observation._replace(leased=True)
-            return None
-        self._sa_cache_pending[identity_key] = observation
-        return self._wait_for_fill(model, mapper, pk, identity_key)
-
-    def _wait_for_fill(
-        self, model: CachedModel, mapper: Mapper[Any], pk: tuple[Any, ...], identity_key: Any
-    ) -> Any:
-        """Another caller holds the lease on this row and is loading it: poll the cache for its
-        fill. If the lease goes away without a fill, try to take it; if the wait times out, read
-        the database without filling (the thundering herd costs one load, not one per caller)."""
-        cache = self.cache
-        assert cache is not None
-        observation = self._sa_cache_pending[identity_key]
-        key, lease_key = observation.key, cache.lease_key(observation.key)
-        deadline = time.monotonic() + cache.lease_wait
-        delay = 0.001
-        while time.monotonic() < deadline:
-            time.sleep(delay)
-            delay = min(delay * 2, 0.025)
-            read = cache.read([model], [key, lease_key])
-            if read is None:
-                break
-            generations, (raw, lease) = read
-            outcome = cache.classify(model, key, generations[model], raw, pk)
-            if outcome is not None:
-                del self._sa_cache_pending[identity_key]
-                model.stats.misses -= 1  # answered from the cache after all
-                model.stats.hits += 1
-                return self._place(outcome, mapper, identity_key)
-            if lease is None:  # released without a fill: take it over
-                self._sa_cache_pending[identity_key] = observation._replace(
-                    raw=raw, generation=generations[model], observed_at=time.monotonic()
-                )
-                return self._lease_or_wait(model, mapper, pk, identity_key)
-        self._sa_cache_pending.pop(identity_key, None)  # timed out: load without filling
-        return None
-
-    def _place(self, outcome: Hit | str, mapper: Mapper[Any], identity_key: Any) -> Any:
+    def _place(self, answer: Answer, mapper: Mapper[Any], identity_key: Any) -> Any:
         """The session's answer for a cache hit: the instance, or :data:`_orm.KNOWN_ABSENT`."""
-        if type(outcome) is Hit:
-            shape = outcome.shape
+        if type(answer) is Hit:
+            shape = answer.shape
             if not shape.mapper.isa(mapper):
                 return _orm.KNOWN_ABSENT  # a row of another class: SQLAlchemy answers None
             return _orm.place_in_session(
                 self,  # type: ignore[arg-type]
                 shape.mapper,
                 identity_key,
-                outcome.values,
+                answer.value,
                 shape.expire_on_hit,
             )
         return _orm.KNOWN_ABSENT
-
-    def _read_and_place(
-        self,
-        model: CachedModel,
-        mapper: Mapper[Any],
-        wanted: Sequence[tuple[str, tuple[Any, ...], Any]],
-    ) -> list[Any]:
-        """Read ``wanted`` (key, pk, token) in one round trip; place hits in the session.
-
-        Returns, per row, the instance, :data:`_orm.KNOWN_ABSENT`, or None for a miss (the miss is
-        remembered so the row loaded next can be written back)."""
-        cache = self.cache
-        assert cache is not None
-        now = time.monotonic()
-        read = cache.read([model], [key for key, _, _ in wanted])
-        if read is None:
-            return [None] * len(wanted)
-        generations, raws = read
-        generation = generations[model]
-        may_fill: bool | None = None  # decided at the first miss: hits need none of this
-        negative_ok = False
-        answers: list[Any] = []
-        stats = model.stats
-        for (key, pk, token), raw in zip(wanted, raws, strict=True):
-            outcome = cache.classify(model, key, generation, raw, pk)
-            identity_key = mapper.identity_key_from_primary_key(pk, token)
-            if outcome is not None:
-                stats.hits += 1
-                answers.append(self._place(outcome, mapper, identity_key))
-                continue
-            stats.misses += 1
-            if may_fill is None:
-                may_fill = not self._sa_cache_tx.wrote and _orm.next_load_sees_fresh_snapshot(
-                    self  # type: ignore[arg-type]
-                )
-                negative_ok = mapper is model.base_mapper and (
-                    not model.string_pk or self._exact_string_comparison(mapper)
-                )
-            if may_fill:
-                self._sa_cache_pending[identity_key] = Observation(
-                    model, key, raw, generation, now, negative_ok
-                )
-            answers.append(None)
-        return answers
 
     def _exact_string_comparison(self, mapper: Mapper[Any]) -> bool:
         """Whether the database compares string keys exactly. MySQL/MariaDB (and SQL Server)
@@ -250,52 +145,13 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
 
     def loaded_nothing(self, mapper: Mapper[Any], primary_key_identity: Any) -> None:
         """A ``get`` went to the database and found no row: remember that (negative caching)."""
-        model = self.cache._models.get(mapper.base_mapper) if self.cache else None
-        if model is None:
+        lookups = self._sa_cache
+        model = None if lookups is None else lookups.cache.registry.model_for(mapper)
+        if model is None or lookups is None:
             return
         pk = model.normalise(primary_key_identity)
-        if pk is None:
-            return
-        observation = self._sa_cache_pending.pop(mapper.identity_key_from_primary_key(pk), None)
-        if observation is not None and self.cache is not None:
-            self._write_back(self._absent_fills([observation]), observation)
-
-    def _write_back(
-        self, fills: list[tuple[CachedModel, Fill]], observation: Observation | None = None
-    ) -> None:
-        """Apply fills in one round trip, releasing the lease the observation held, if any."""
-        cache = self.cache
-        assert cache is not None
-        release = [cache.lease_key(observation.key)] if observation and observation.leased else []
-        if fills or release:
-            cache.fill(fills, release)
-
-    def _absent_fills(self, observations: Iterable[Observation]) -> list[tuple[CachedModel, Fill]]:
-        cache = self.cache
-        if cache is None or self._sa_cache_tx.wrote:
-            return []
-        fills = []
-        for observation in observations:
-            if observation.negative_ok:
-                fill = cache.absent_fill(observation)
-                if fill is not None:
-                    fills.append((observation.model, fill))
-        return fills
-
-    def fill_from_load(self, state: InstanceState[Any]) -> None:
-        """Called for every instance a query loads: write it back if a miss was waiting for it."""
-        observation = self._sa_cache_pending.pop(state.key, None)
-        if observation is None or self.cache is None:
-            return
-        model = observation.model
-        fill = None
-        if not self._sa_cache_tx.wrote:
-            fill = self.cache.row_fill(observation, model.shape(state.mapper), state.dict)
-        if self._sa_cache_batch is not None:
-            if fill is not None:
-                self._sa_cache_batch.append((model, fill))
-        else:
-            self._write_back([] if fill is None else [(model, fill)], observation)
+        if pk is not None:
+            lookups.loaded_nothing(mapper.identity_key_from_primary_key(pk))
 
     # -- legacy bulk methods ----------------------------------------------------------------------
 
@@ -369,18 +225,23 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         missing: dict[tuple[Any, ...], list[int]],
         results: list[Any],
     ) -> None:
-        written = self._sa_cache_tx.keys
+        lookups = self._sa_cache
+        assert lookups is not None
+        written = lookups.changes.keys
         wanted = [
-            (key, pk, None) for pk in missing if (key := model.keys.row_key(pk)) not in written
+            (key, pk, mapper.identity_key_from_primary_key(pk))
+            for pk in missing
+            if (key := model.keys.row_key(pk)) not in written
         ]
         if not wanted:
             return
-        answers = self._read_and_place(model, mapper, wanted)
-        for (_, pk, _), answer in zip(wanted, answers, strict=True):
+        answers = lookups.read(model, wanted, self._fill_rule, mapper)
+        for (_, pk, identity_key), answer in zip(wanted, answers, strict=True):
             if answer is None:
                 continue
+            placed = self._place(answer, mapper, identity_key)
             for index in missing.pop(pk):
-                results[index] = None if answer is _orm.KNOWN_ABSENT else answer
+                results[index] = None if placed is _orm.KNOWN_ABSENT else placed
 
     def _get_many_from_database(
         self,
@@ -391,34 +252,37 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
     ) -> None:
         pk_columns = mapper.primary_key
         found: dict[tuple[Any, ...], Any] = {}
-        self._sa_cache_batch = []
+        lookups = self._sa_cache
+        if lookups is not None:
+            lookups.batch = []
         try:
             pks = list(missing)
-            for start in range(0, len(pks), _IN_CHUNK):
-                chunk = pks[start : start + _IN_CHUNK]
+            for start in range(0, len(pks), IN_CHUNK):
+                chunk = pks[start : start + IN_CHUNK]
                 if len(pk_columns) == 1:
                     criteria = pk_columns[0].in_([pk[0] for pk in chunk])
                 else:
                     criteria = tuple_(*pk_columns).in_(chunk)
                 for instance in self.execute(select(mapper).where(criteria)).scalars():  # type: ignore[attr-defined]
                     found[inspect(instance).identity] = instance
-            batch = self._sa_cache_batch
+            batch = [] if lookups is None else lookups.batch or []
         finally:
-            self._sa_cache_batch = None
-        absent = []
+            if lookups is not None:
+                lookups.batch = None
         for pk, indices in missing.items():
             instance = found.get(pk)
             for index in indices:
                 results[index] = instance
-            observation = self._sa_cache_pending.pop(
-                mapper.identity_key_from_primary_key(pk),
-                None,
-            )
-            if instance is None and observation is not None:
+        if lookups is None:
+            return
+        absent = []
+        for pk in missing:
+            observation = lookups.pending.pop(mapper.identity_key_from_primary_key(pk), None)
+            if pk not in found and observation is not None:
                 absent.append(observation)
-        fills = batch + self._absent_fills(absent)
+        fills = batch + lookups.absent_fills(absent)
         if fills:
-            self._write_back(fills)  # every write-back of this call in one round trip
+            lookups.write_back(fills)  # every write-back of this call in one round trip
 
 
 class CachingSession(CachingSessionMixin, Session):  # type: ignore[misc]
@@ -440,16 +304,3 @@ class CachingQuery(Query[T]):
             raise TypeError("get_many needs a session with CachingSessionMixin")
         entity = self.column_descriptions[0]["entity"]
         return session.get_many(entity, pks)
-
-
-def _on_load(state: InstanceState[Any], context: Any) -> None:
-    if context is None:  # placed by the cache itself
-        return
-    session = context.session
-    if isinstance(session, CachingSessionMixin) and session._sa_cache_pending:
-        session.fill_from_load(state)
-
-
-def listen_for_loads(cls: type[Any]) -> None:
-    if not event.contains(cls, "load", _on_load):
-        event.listen(cls, "load", _on_load, propagate=True, raw=True)

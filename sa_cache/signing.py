@@ -17,7 +17,6 @@ import struct
 import time
 from collections.abc import Sequence
 
-_MAC = 32
 _HEADER = struct.Struct(">32sQ")
 
 

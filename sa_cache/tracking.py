@@ -36,7 +36,8 @@ from sqlalchemy.orm import (
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.sql.elements import TextClause
 
-from .models import CachedModel
+from .kinds import CachedKind
+from .rows import CachedModel
 
 
 class TransactionChanges:
@@ -45,11 +46,12 @@ class TransactionChanges:
     __slots__ = ("keys", "bulk_models", "wrote")
 
     def __init__(self) -> None:
-        self.keys: dict[str, CachedModel] = {}
-        self.bulk_models: set[CachedModel] = set()
+        self.keys: dict[str, CachedKind] = {}
+        #: kinds evicted whole (their generation replaced) at commit
+        self.bulk_models: set[CachedKind] = set()
         self.wrote = False
 
-    def evict_at_commit(self, model: CachedModel, keys: dict[str, CachedModel] | None) -> None:
+    def evict_at_commit(self, model: CachedKind, keys: dict[str, CachedKind] | None) -> None:
         """Evict ``keys`` when the transaction commits, or the whole model if they are unknown."""
         if keys is None:
             self.bulk_models.add(model)
@@ -70,68 +72,67 @@ def listen(session_class: type[Session]) -> None:
     event.listen(session_class, "do_orm_execute", _do_orm_execute)
 
 
+def _lookups(session: Any) -> Any:
+    """The session's :class:`~sa_cache.lookup.Lookups`, or None for a session without a cache."""
+    return getattr(session, "_sa_cache", None)
+
+
 def _changes(session: Any) -> TransactionChanges | None:
-    if getattr(session, "cache", None) is None:
-        return None
-    changes: TransactionChanges = session._sa_cache_tx
-    return changes
+    lookups = _lookups(session)
+    return None if lookups is None else lookups.changes
+
+
+def _record(
+    changes: TransactionChanges, registry: Any, state: InstanceState[Any], *identities: Any
+) -> None:
+    """Every kind's keys that a change of ``state`` (with these identities) makes stale."""
+    for kind in registry.kinds_for(state.mapper):
+        for key in kind.changed_keys(state, identities):
+            changes.keys[key] = kind
 
 
 def _after_flush(session: Session, flush_context: UOWTransaction) -> None:
-    changes = _changes(session)
-    if changes is None:
+    lookups = _lookups(session)
+    if lookups is None:
         return
+    changes = lookups.changes
     changes.wrote = True
-    cache = session.cache  # type: ignore[attr-defined]
-    keys = changes.keys
+    registry = lookups.cache.registry
     for obj in session.new:
         state = instance_state(obj)
-        model = cache.model_for(state.mapper)
-        if model is not None:
-            identity = state.mapper.identity_key_from_instance(obj)
-            keys[_row_key(model, identity)] = model
+        _record(changes, registry, state, state.mapper.identity_key_from_instance(obj))
     for obj in session.dirty:
         state = instance_state(obj)
-        model = cache.model_for(state.mapper)
-        if model is None or state.key is None:
+        if state.key is None or not registry.kinds_for(state.mapper):
             continue
         if not session.is_modified(obj, include_collections=False):
             continue
-        keys[_row_key(model, state.key)] = model
         identity = state.mapper.identity_key_from_instance(obj)
         if identity != state.key:  # primary key changed: the new identity may be negatively cached
-            keys[_row_key(model, identity)] = model
+            _record(changes, registry, state, state.key, identity)
+        else:
+            _record(changes, registry, state, state.key)
     # every row the flush deleted: session.deleted lacks the orphans the flush itself removed
     for state, (isdelete, listonly) in flush_context.states.items():
-        if not isdelete or listonly or state.key is None:
-            continue
-        model = cache.model_for(state.mapper)
-        if model is not None:
-            keys[_row_key(model, state.key)] = model
-
-
-def _row_key(model: CachedModel, identity_key: Any) -> str:
-    """The cache key of a row the flush touched, its primary key normalised as a lookup's is: an
-    instance may hold ``"09"`` (or a UUID in capitals) for the row a lookup calls ``9``."""
-    pk = model.normalise(identity_key[1])
-    return model.keys.row_key(identity_key[1] if pk is None else pk, identity_key[2])
+        if isdelete and not listonly and state.key is not None:
+            _record(changes, registry, state, state.key)
 
 
 def _after_commit(session: Session) -> None:
-    changes = _changes(session)
-    if changes is None or session.in_nested_transaction():
+    lookups = _lookups(session)
+    if lookups is None or session.in_nested_transaction():
         return  # a savepoint released: nothing is visible to others yet
+    changes = lookups.changes
     if changes.keys or changes.bulk_models:
-        session.cache.evict_keys(dict(changes.keys), changes.bulk_models)  # type: ignore[attr-defined]
+        lookups.cache.guarded.evict(dict(changes.keys), changes.bulk_models)
     changes.reset()
 
 
 def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
     if transaction.parent is None:
-        changes = _changes(session)
-        if changes is not None:
-            changes.reset()
-            session._sa_cache_pending.clear()  # type: ignore[attr-defined]
+        lookups = _lookups(session)
+        if lookups is not None:
+            lookups.transaction_ended()
 
 
 _READ_ONLY_SQL = ("SELECT", "WITH", "SHOW", "EXPLAIN", "VALUES")
@@ -146,12 +147,12 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
                 changes.wrote = True  # rows unknown: at least never publish what it wrote
         return None
     session = state.session
-    changes = _changes(session)
-    if changes is None:
+    lookups = _lookups(session)
+    if lookups is None:
         return None
-    cache = session.cache  # type: ignore[attr-defined]
+    changes = lookups.changes
     statement: Any = state.statement
-    model = cache.models_for_table(statement.table)
+    model = lookups.cache.registry.model_for_table(statement.table)
     if model is None:
         return None
     changes.wrote = True
@@ -186,35 +187,33 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
 
 def bulk_mappings(session: Session, mapper: Mapper[Any], mappings: list[dict[str, Any]]) -> None:
     """``bulk_insert_mappings`` / ``bulk_update_mappings`` is about to write ``mappings``."""
-    changes = _changes(session)
-    if changes is None:
+    lookups = _lookups(session)
+    if lookups is None:
         return
-    changes.wrote = True  # as after a flush: whatever it wrote, publish nothing until commit
-    model = session.cache.model_for(mapper)  # type: ignore[attr-defined]
+    lookups.changes.wrote = True  # as after a flush: publish nothing until commit
+    model = lookups.cache.registry.model_for(mapper)
     if model is None:
         return
-    changes.evict_at_commit(model, _keys_from_parameters(model, mapper, mappings))
+    lookups.changes.evict_at_commit(model, _keys_from_parameters(model, mapper, mappings))
 
 
 def bulk_objects(session: Session, objects: list[Any]) -> None:
     """``bulk_save_objects`` is about to insert or update ``objects``."""
-    changes = _changes(session)
-    if changes is None:
+    lookups = _lookups(session)
+    if lookups is None:
         return
+    changes = lookups.changes
     changes.wrote = True
-    cache = session.cache  # type: ignore[attr-defined]
+    registry = lookups.cache.registry
     for obj in objects:
         state = inspect(obj, raiseerr=False)
         if not isinstance(state, InstanceState):
             continue  # not a mapped instance: SQLAlchemy's own error follows
-        model = cache.model_for(state.mapper)
-        if model is None:
-            continue
         identity = state.mapper.identity_key_from_instance(obj)
         if any(value is None for value in identity[1]):  # the database will assign it
-            changes.bulk_models.add(model)
+            changes.bulk_models.update(registry.kinds_for(state.mapper))
         else:
-            changes.keys[_row_key(model, identity)] = model
+            _record(changes, registry, state, identity)
 
 
 def _returning_matches_rows(state: ORMExecuteState, mapper: Mapper[Any], statement: Any) -> bool:
@@ -233,7 +232,7 @@ def _returning_matches_rows(state: ORMExecuteState, mapper: Mapper[Any], stateme
 
 def _keys_from_parameters(
     model: CachedModel, mapper: Mapper[Any] | None, parameters: Any
-) -> dict[str, CachedModel] | None:
+) -> dict[str, CachedKind] | None:
     """Keys named by an executemany's parameter sets (ORM bulk UPDATE by primary key, INSERT with
     explicit keys), or None when any set lacks the primary key."""
     if not parameters:
@@ -241,7 +240,7 @@ def _keys_from_parameters(
     param_sets = parameters if isinstance(parameters, list) else [parameters]
     base = model.base_mapper
     names = [(base.get_property_by_column(c).key, c.key) for c in base.primary_key]
-    keys = {}
+    keys: dict[str, CachedKind] = {}
     for params in param_sets:
         values = []
         for attr, column_key in names:

@@ -1,4 +1,6 @@
-"""What the cache knows about each registered model: its key space, how its primary keys are
+"""Rows, the first kind of cached thing: a registered model's rows by primary key.
+
+What the cache knows about each registered model: its key space, how its primary keys are
 normalised, and the shape of its cached rows (which attributes, in which order, with which
 schema hash). Built once at registration and on first use of each concrete mapper, so the hot path
 only indexes tuples."""
@@ -6,15 +8,17 @@ only indexes tuples."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import types as sqltypes
-from sqlalchemy.orm import Mapper
+from sqlalchemy.orm import InstanceState, Mapper
 from sqlalchemy.schema import Column
 
 from . import codec
+from .codec import AbsentEntry, RowEntry, Tombstone
 from .keys import Coercer, KeySpace, coercer_for, normalise
+from .kinds import ABSENT, REJECTED, Answer, CachedKind, Hit
 from .stats import ModelStats
 
 
@@ -82,8 +86,11 @@ class RowShape:
         }
 
 
-class CachedModel:
-    """One registered mapper hierarchy (identity keys always name the base mapper)."""
+class CachedModel(CachedKind):
+    """The rows of one registered mapper hierarchy (identity keys always name the base mapper).
+
+    A :class:`~sa_cache.kinds.Hit` of this kind carries the :class:`RowShape` and the attribute
+    values to place in the session."""
 
     def __init__(self, base_mapper: Mapper[Any], prefix: str, ttl: float) -> None:
         self.base_mapper = base_mapper
@@ -122,6 +129,78 @@ class CachedModel:
     def normalise(self, pk: Sequence[Any]) -> tuple[Any, ...] | None:
         """Primary-key values coerced through their column types, or None if any cannot be."""
         return normalise(self.coercers, pk)
+
+    def key_for_identity(self, identity_key: Any) -> str:
+        """The key of a row an instance holds, its primary key normalised as a lookup's is: an
+        instance may hold ``"09"`` (or a UUID in capitals) for the row a lookup calls ``9``."""
+        pk = self.normalise(identity_key[1])
+        return self.keys.row_key(identity_key[1] if pk is None else pk, identity_key[2])
+
+    # -- the CachedKind interface -----------------------------------------------------------------
+
+    def answer(
+        self, entry: codec.Entry, generation: bytes, ident: tuple[Any, ...]
+    ) -> Answer | None:
+        kind = type(entry)
+        if kind is RowEntry:
+            if entry.generation != generation:
+                # written under an earlier generation: a plain miss
+                return None if type(entry.generation) is bytes else REJECTED
+            shape = self.shape_for_tag(entry.class_tag)
+            values = entry.values
+            if (
+                shape is None
+                or entry.schema_hash != shape.schema_hash
+                or type(values) is not list
+                or len(values) != len(shape.attrs)
+            ):
+                return REJECTED
+            if shape.plain:  # stored values are the attribute values: check the key first
+                if _same_key(ident, values, shape.pk_positions):
+                    return Hit(shape, dict(zip(shape.attrs, values, strict=True)))
+                return REJECTED
+            try:
+                hydrated = shape.hydrate(values)
+            except Exception:
+                return REJECTED
+            if _same_key(ident, list(hydrated.values()), shape.pk_positions):
+                return Hit(shape, hydrated)
+            return REJECTED
+        if kind is AbsentEntry:
+            if type(entry.generation) is not bytes:
+                return REJECTED
+            return ABSENT if entry.generation == generation else None
+        if kind is Tombstone:
+            return None
+        return REJECTED
+
+    def fill_entry(self, generation: bytes, loaded: Any) -> RowEntry | None:
+        """``loaded`` is the :class:`~sqlalchemy.orm.InstanceState` of a freshly loaded
+        instance."""
+        shape = self.shape(loaded.mapper)
+        values = shape.dehydrate(loaded.dict)
+        if values is None:
+            return None  # not fully loaded (load_only, a subclass loaded through its base...)
+        return RowEntry(shape.schema_hash, generation, shape.class_tag, values)
+
+    def changed_keys(
+        self, state: InstanceState[Any], identity_keys: Iterable[Any]
+    ) -> Iterable[str]:
+        return [self.key_for_identity(identity) for identity in identity_keys]
+
+
+def _same_key(pk: tuple[Any, ...], values: list[Any], positions: tuple[int, ...]) -> bool:
+    """Whether a cached row's primary-key values (``values`` at ``positions``) are ``pk`` exactly:
+    equal and of the same types, so a row stored with ``id=True`` or ``id=1.0`` is no row of
+    ``get(Model, 1)``. On the hit path of every key, hence the single-column shortcut."""
+    if len(pk) != len(positions):
+        return False
+    if len(positions) == 1:
+        stored = values[positions[0]]
+        return type(stored) is type(pk[0]) and stored == pk[0]
+    return all(
+        type(values[i]) is type(a) and values[i] == a for a, i in zip(pk, positions, strict=True)
+    )
 
 
 def _hashable(value: Any) -> bool:

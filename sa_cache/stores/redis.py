@@ -10,16 +10,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..backend import Fill, Write
+from dogpile.cache.api import NO_VALUE
 
-# Replace the value only if it is still byte-for-byte what the miss observed.
-_COMPARE_AND_SET = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-  return 1
-end
-return 0
-"""
+from ..store import Capabilities, Fill, Write
+from .scripts import lua_script
+
+_COMPARE_AND_SET = lua_script("compare_and_set")
+#: Keys per SCAN step and per UNLINK of :meth:`RedisStore.delete_prefix`.
+SCAN_BATCH = 1000
 
 
 def _ms(seconds: float) -> int:
@@ -27,16 +25,26 @@ def _ms(seconds: float) -> int:
 
 
 class RedisStore:
-    """A :class:`~sa_cache.backend.Store` over a dogpile ``dogpile.cache.redis`` backend."""
+    """A :class:`~sa_cache.store.Store` over a dogpile ``dogpile.cache.redis`` backend.
 
-    def __init__(self, backend: Any) -> None:
+    ``reader`` is the region's outermost backend when it has dogpile proxies: they see every
+    :meth:`get_many`. Everything else goes to the writer client (see :mod:`sa_cache.stores`).
+    """
+
+    capabilities = Capabilities(shared=True, scans=True)
+
+    def __init__(self, backend: Any, reader: Any = None) -> None:
         self.client = backend.writer_client
+        self._reader = reader
         options = self.client.connection_pool.connection_kwargs
         if options.get("decode_responses"):
             raise ValueError("sa_cache needs a Redis client with decode_responses=False")
         self._cas = self.client.register_script(_COMPARE_AND_SET)
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        if self._reader is not None:
+            values = self._reader.get_serialized_multi(keys)
+            return [None if value is NO_VALUE else value for value in values]
         return self.client.mget(keys)  # type: ignore[no-any-return]
 
     def _queue_fill(self, target: Any, fill: Fill) -> None:
@@ -86,9 +94,9 @@ class RedisStore:
     def delete_prefix(self, prefix: str) -> int:
         removed = 0
         batch: list[bytes] = []
-        for key in self.client.scan_iter(match=_glob_escape(prefix) + "*", count=1000):
+        for key in self.client.scan_iter(match=_glob_escape(prefix) + "*", count=SCAN_BATCH):
             batch.append(key)
-            if len(batch) >= 1000:
+            if len(batch) >= SCAN_BATCH:
                 removed += self.client.unlink(*batch)
                 batch = []
         if batch:

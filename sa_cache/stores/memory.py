@@ -1,5 +1,8 @@
 """The embedded default: dogpile.cache's in-process memory backend, with the conditional fill done
-under a lock. Entries carry their own expiry time, because dogpile's memory backend has none."""
+under a lock. Entries carry their own expiry time, because dogpile's memory backend has none.
+
+Coherent within one process only: :attr:`MemoryStore.capabilities` says so, and the Flask
+integration warns when an application runs in several worker processes on it."""
 
 from __future__ import annotations
 
@@ -10,19 +13,26 @@ from typing import Any
 
 from dogpile.cache.api import NO_VALUE
 
-from ..backend import Fill, Write
+from ..store import Capabilities, Fill, Write
 
 
 class MemoryStore:
-    """A :class:`~sa_cache.backend.Store` over a dogpile ``dogpile.cache.memory`` backend."""
+    """A :class:`~sa_cache.store.Store` over a dogpile ``dogpile.cache.memory`` backend.
 
-    def __init__(self, backend: Any, entries: dict[str, Any] | None = None) -> None:
+    ``reader`` is the region's outermost backend: its dogpile proxies, if any, see every
+    :meth:`get_many`. Conditional writes go to the backend itself (see :mod:`sa_cache.stores`).
+    """
+
+    capabilities = Capabilities(shared=False, scans=True)
+
+    def __init__(self, backend: Any, reader: Any = None) -> None:
         self._backend = backend
-        self._entries = entries  # the backend's dict, when we created it (lets delete_prefix work)
+        self._reader = reader  # None: no proxies, read the backend directly
         self._lock = threading.Lock()
 
-    def _read(self, key: str, now: float) -> bytes | None:
-        stored = self._backend.get(key)
+    def _read(self, key: str, now: float, stored: Any = NO_VALUE) -> bytes | None:
+        if stored is NO_VALUE:
+            stored = self._backend.get(key)
         if stored is NO_VALUE:
             return None
         expires_at, value = stored
@@ -36,6 +46,10 @@ class MemoryStore:
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         now = time.monotonic()
+        if self._reader is not None:
+            stored = self._reader.get_serialized_multi(keys)
+            with self._lock:
+                return [self._read(k, now, v) for k, v in zip(keys, stored, strict=True)]
         with self._lock:
             return [self._read(key, now) for key in keys]
 
@@ -78,10 +92,9 @@ class MemoryStore:
             return current
 
     def delete_prefix(self, prefix: str) -> int:
-        if self._entries is None:
-            raise NotImplementedError("delete_prefix needs a memory region created by sa_cache")
+        entries = self._backend._cache  # the dict dogpile's memory backend keeps its entries in
         with self._lock:
-            doomed = [key for key in list(self._entries) if key.startswith(prefix)]
+            doomed = [key for key in list(entries) if key.startswith(prefix)]
             for key in doomed:
                 self._backend.delete(key)
         return len(doomed)

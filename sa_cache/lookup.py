@@ -1,0 +1,261 @@
+"""One session's cache lookups: read, lease, wait and write back, in one place.
+
+A :class:`Lookups` is the whole per-session state of the cache (the session module holds one and
+nothing else): the misses waiting for their load (observations), the lease the current ``get``
+holds, the fills a ``get_many`` batches, and what the current transaction changed
+(:class:`~sa_cache.tracking.TransactionChanges`).
+
+The sequence for one key, as :mod:`sa_cache.session` drives it:
+
+1. :meth:`Lookups.read`: one round trip for the keys and their kind's generation; hits and known
+   absences are answered, each miss is remembered as an :class:`~sa_cache.protocol.Observation`
+   if the session may fill it (the session decides that: it depends on the transaction);
+2. :meth:`Lookups.lease_or_wait`: for a single-key miss, take the key's lease (re-reading the key
+   in the same round trip) or wait for the caller holding it to fill it. The waiting is injected
+   (``sleep``), so an asyncio path can await instead of blocking;
+3. the database load happens in SQLAlchemy; :meth:`Lookups.loaded` (from the ``load`` event) and
+   :meth:`Lookups.loaded_nothing` write back what it found, conditionally, releasing the lease;
+4. :meth:`Lookups.done` releases a lease whose load never came (it raised, or loaded nothing
+   cacheable), so waiters need not time out.
+
+Nothing here touches an identity map: answers go back to the session, which places them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Final, Protocol
+
+from sqlalchemy import event
+from sqlalchemy.orm import InstanceState
+
+from .guarded import GuardedStore
+from .kinds import Answer, CachedKind
+from .protocol import Observation, absent_fill, classify, fill_for
+from .registry import Registry
+from .store import Fill
+from .tracking import TransactionChanges
+
+#: First and longest pause between two polls of a key another caller is loading.
+FIRST_POLL: Final = 0.001
+LONGEST_POLL: Final = 0.025
+
+Sleep = Callable[[float], None]
+#: ``rule(kind, context)`` decides, at a read's first miss, (may it fill, may it cache an
+#: absence); the session supplies it, since the answer depends on its transaction.
+FillRule = Callable[[CachedKind, Any], tuple[bool, bool]]
+
+
+class Settings(Protocol):
+    """What lookups read from :class:`~sa_cache.IdentityCache` (which satisfies this)."""
+
+    guarded: GuardedStore
+    registry: Registry
+    lease_wait: float
+    lease_ttl: float
+    max_fill_age: float
+    negative_ttl: float
+
+
+def lease_key(key: str) -> str:
+    """The lease on a key: inside the key's hash tag, so in the key's cluster slot."""
+    return key + ":lease"
+
+
+class Lookups:
+    """The cache state of one session; see the module docstring."""
+
+    __slots__ = ("cache", "changes", "pending", "batch", "current", "sleep")
+
+    def __init__(self, cache: Settings, sleep: Sleep = time.sleep) -> None:
+        self.cache = cache
+        self.changes = TransactionChanges()
+        #: misses waiting for their load, by identity key
+        self.pending: dict[Any, Observation] = {}
+        #: fills collected by a get_many, written back in one round trip; None outside one
+        self.batch: list[tuple[CachedKind, Fill]] | None = None
+        #: the identity key of the single-key lookup under way
+        self.current: Any = None
+        self.sleep = sleep
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def read(
+        self,
+        kind: CachedKind,
+        wanted: Sequence[tuple[str, tuple[Any, ...], Any]],
+        fill_rule: FillRule,
+        context: Any = None,
+    ) -> list[Answer | None]:
+        """Read ``wanted`` (key, normalised pk, identity key) in one round trip.
+
+        Returns, per key, its answer or None for a miss; a miss is remembered (so the load that
+        follows can be written back) when ``fill_rule(kind, context)`` allows it."""
+        now = time.monotonic()
+        read = self.cache.guarded.read([kind], [key for key, _, _ in wanted])
+        if read is None:
+            return [None] * len(wanted)
+        (generation,), stored, payloads = read
+        may_fill: bool | None = None  # decided at the first miss: hits need none of this
+        negative_ok = False
+        answers: list[Answer | None] = []
+        stats = kind.stats
+        for (key, pk, identity_key), raw, payload in zip(wanted, stored, payloads, strict=True):
+            answer = classify(kind, generation, payload, pk)
+            if answer is not None:
+                stats.hits += 1
+                answers.append(answer)
+                continue
+            stats.misses += 1
+            if may_fill is None:
+                may_fill, negative_ok = fill_rule(kind, context)
+            if may_fill:
+                self.pending[identity_key] = Observation(
+                    kind, key, raw, generation, now, negative_ok
+                )
+            answers.append(None)
+        return answers
+
+    def lease_or_wait(
+        self, kind: CachedKind, pk: tuple[Any, ...], identity_key: Any
+    ) -> Answer | None:
+        """After a single-key miss: take the key's lease and let the caller load it (None), or
+        wait for the caller who has it; an answer if the key was filled meanwhile.
+
+        Taking the lease re-reads the key in the same round trip, so a caller whose miss came
+        just before another caller's fill is answered by that fill, not by a second load."""
+        self.current = identity_key
+        if self.cache.lease_wait <= 0 or identity_key not in self.pending:
+            return None
+        observation = self.pending[identity_key]
+        lease = self.cache.guarded.acquire(
+            kind, observation.key, lease_key(observation.key), self.cache.lease_ttl
+        )
+        if lease is None:
+            return None  # the store failed: load (the fill will most likely fail too)
+        acquired, generation, stored, payload = lease
+        if generation is not None and (stored, generation) != (
+            observation.stored,
+            observation.generation,
+        ):
+            answer = classify(kind, generation, payload, pk)
+            if answer is not None:
+                del self.pending[identity_key]
+                if acquired:
+                    self.cache.guarded.fill([], [lease_key(observation.key)])
+                self._answered_after_all(kind)
+                return answer
+            observation = observation._replace(
+                stored=stored, generation=generation, observed_at=time.monotonic()
+            )
+        if acquired:
+            self.pending[identity_key] = observation._replace(leased=True)
+            return None
+        self.pending[identity_key] = observation
+        return self._wait_for_fill(kind, pk, identity_key)
+
+    def _wait_for_fill(
+        self, kind: CachedKind, pk: tuple[Any, ...], identity_key: Any
+    ) -> Answer | None:
+        """Another caller holds the lease and is loading: poll for its fill. If the lease goes
+        away without a fill, try to take it; if the wait times out, read the database without
+        filling (the thundering herd costs one load, not one per caller)."""
+        guarded = self.cache.guarded
+        observation = self.pending[identity_key]
+        key, lease = observation.key, lease_key(observation.key)
+        deadline = time.monotonic() + self.cache.lease_wait
+        delay = FIRST_POLL
+        while time.monotonic() < deadline:
+            self.sleep(delay)
+            delay = min(delay * 2, LONGEST_POLL)
+            read = guarded.read([kind], [key, lease])
+            if read is None:
+                break
+            (generation,), (stored, held), (payload, _) = read
+            answer = classify(kind, generation, payload, pk)
+            if answer is not None:
+                del self.pending[identity_key]
+                self._answered_after_all(kind)
+                return answer
+            if held is None:  # released without a fill: take it over
+                self.pending[identity_key] = observation._replace(
+                    stored=stored, generation=generation, observed_at=time.monotonic()
+                )
+                return self.lease_or_wait(kind, pk, identity_key)
+        self.pending.pop(identity_key, None)  # timed out: load without filling
+        return None
+
+    @staticmethod
+    def _answered_after_all(kind: CachedKind) -> None:
+        kind.stats.misses -= 1
+        kind.stats.hits += 1
+
+    # -- writing back --------------------------------------------------------------------------
+
+    def loaded(self, identity_key: Any, loaded: Any) -> None:
+        """A load produced ``loaded`` for ``identity_key``: fill it if a miss was waiting."""
+        observation = self.pending.pop(identity_key, None)
+        if observation is None:
+            return
+        fill = None
+        if not self.changes.wrote:
+            fill = fill_for(observation, loaded, time.monotonic(), self.cache.max_fill_age)
+        if self.batch is not None:
+            if fill is not None:
+                self.batch.append((observation.kind, fill))
+        else:
+            self.write_back([] if fill is None else [(observation.kind, fill)], observation)
+
+    def loaded_nothing(self, identity_key: Any) -> None:
+        """A ``get`` went to the database and found no row: remember that (negative caching)."""
+        observation = self.pending.pop(identity_key, None)
+        if observation is not None:
+            self.write_back(self.absent_fills([observation]), observation)
+
+    def absent_fills(self, observations: Iterable[Observation]) -> list[tuple[CachedKind, Fill]]:
+        if self.changes.wrote:
+            return []
+        now, cache = time.monotonic(), self.cache
+        fills = []
+        for observation in observations:
+            fill = absent_fill(observation, cache.negative_ttl, now, cache.max_fill_age)
+            if fill is not None:
+                fills.append((observation.kind, fill))
+        return fills
+
+    def write_back(
+        self, fills: list[tuple[CachedKind, Fill]], observation: Observation | None = None
+    ) -> None:
+        """Apply fills in one round trip, releasing the lease the observation held, if any."""
+        release = [lease_key(observation.key)] if observation and observation.leased else []
+        if fills or release:
+            self.cache.guarded.fill(fills, release)
+
+    def done(self) -> None:
+        """A single-key lookup ended: drop its observation if no load consumed it, releasing its
+        lease so waiters need not time out."""
+        identity_key, self.current = self.current, None
+        if identity_key is None:
+            return
+        observation = self.pending.pop(identity_key, None)
+        if observation is not None and observation.leased:
+            self.cache.guarded.fill([], [lease_key(observation.key)])
+
+    def transaction_ended(self) -> None:
+        self.changes.reset()
+        self.pending.clear()
+
+
+def _on_load(state: InstanceState[Any], context: Any) -> None:
+    if context is None:  # placed by the cache itself
+        return
+    lookups = getattr(context.session, "_sa_cache", None)
+    if lookups is not None and lookups.pending:
+        lookups.loaded(state.key, state)
+
+
+def listen_for_loads(cls: type[Any]) -> None:
+    """Write back what every load of ``cls`` (and its subclasses) brings, where a miss waits."""
+    if not event.contains(cls, "load", _on_load):
+        event.listen(cls, "load", _on_load, propagate=True, raw=True)

@@ -1,0 +1,80 @@
+"""The store seam: the few operations the cache protocol asks of a key-value store.
+
+Modelled on dogpile.cache's backend API (``dogpile/cache/api.py``): a small contract, one class
+per store in :mod:`sa_cache.stores`, and one test suite (``tests/test_stores.py``) that every
+store runs unchanged. dogpile gives sa_cache its configuration surface and connections, but its
+fill is an unconditional SET; serving rows correctly needs a fill that stores only if the key
+still holds exactly what the miss observed, or a reader that loaded a row before a commit could
+overwrite that commit's eviction. :class:`Store` names those operations.
+
+A store deals in stored bytes and nothing else: it knows no models, no entries, no signatures and
+no key prefixes (those belong to :mod:`sa_cache.protocol` and :mod:`sa_cache.guarded`). Every
+multi-key operation is one round trip. Implementations must be thread-safe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol
+
+from .errors import UnsupportedBackend
+
+__all__ = ["Capabilities", "Fill", "Store", "UnsupportedBackend", "Write"]
+
+
+class Fill(NamedTuple):
+    """Store ``value`` at ``key`` only if the key still holds ``expected`` (None: still absent)."""
+
+    key: str
+    expected: bytes | None
+    value: bytes
+    ttl: float
+
+
+class Write(NamedTuple):
+    """Store ``value`` at ``key`` unconditionally; ``ttl=None`` keeps it until it is replaced."""
+
+    key: str
+    value: bytes
+    ttl: float | None
+
+
+class Capabilities(NamedTuple):
+    """What a store declares about itself, so nothing has to probe its attributes.
+
+    :param shared: other processes see its writes (Redis); False for a store in this process's
+        memory, which is coherent only within one process (a forked worker has its own copy).
+    :param scans: :meth:`Store.delete_prefix` works (needed by ``flush``).
+    """
+
+    shared: bool
+    scans: bool
+
+
+class Store(Protocol):
+    """What sa_cache asks of a cache store."""
+
+    capabilities: Capabilities
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """The stored values of ``keys`` (None where absent), in one round trip."""
+
+    def fill_many(self, fills: Sequence[Fill], release: Sequence[str] = ()) -> list[bool]:
+        """Apply each conditional fill atomically per key, then delete the ``release`` keys (the
+        leases the fills were waited on for); one round trip for the batch. Returns, per fill,
+        whether it was stored."""
+
+    def write_many(self, writes: Sequence[Write]) -> None:
+        """Apply unconditional writes (tombstones, generation changes) in one round trip."""
+
+    def acquire(
+        self, key: str, token: bytes, ttl: float, read: Sequence[str]
+    ) -> tuple[bool, list[bytes | None]]:
+        """Set ``key`` (a lease) unless it exists, and read ``read`` after that, in one round
+        trip: whether this call set it, and the values read."""
+
+    def init_generation(self, key: str, token: bytes) -> bytes:
+        """Set ``key`` to ``token`` unless it exists; return whichever value it holds after."""
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every key that starts with ``prefix``; return how many were removed."""

@@ -1,0 +1,10 @@
+"""Lua scripts, kept in their own files (``stores/lua/*.lua``) and loaded by name."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+
+def lua_script(name: str) -> str:
+    """The text of ``stores/lua/<name>.lua``."""
+    return (resources.files("sa_cache.stores") / "lua" / f"{name}.lua").read_text()

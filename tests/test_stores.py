@@ -1,0 +1,290 @@
+"""One suite for every store: what the cache protocol relies on, checked the same way on each.
+
+Modelled on dogpile.cache's ``testing/fixtures.py``: each check is written once against the
+:class:`~sa_cache.store.Store` contract and run unchanged on every store (the in-process store,
+Redis, and each of them behind a read-only dogpile proxy). A store added later (Cluster, the near
+cache) joins by adding one factory to :data:`STORES`. The suite is itself tested: deliberately
+broken stores must each fail it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import pytest
+from dogpile.cache import make_region
+from dogpile.cache.proxy import ProxyBackend
+
+from sa_cache import IdentityCache
+from sa_cache.errors import UnsupportedBackend
+from sa_cache.store import Capabilities, Fill, Store, Write
+from sa_cache.stores import memory_region, redis_region, store_for
+
+from .conftest import REDIS_URL, require_service
+
+# -- the stores ---------------------------------------------------------------------------------
+
+
+class CountingReads(ProxyBackend):
+    """A read-only dogpile proxy: counts the reads that pass through it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def get_serialized_multi(self, keys: Sequence[Any]) -> Any:
+        self.reads += 1
+        return self.proxied.get_serialized_multi(keys)
+
+
+def _memory(proxied: bool) -> Store:
+    if not proxied:
+        return store_for(memory_region())
+    region = make_region().configure(
+        "dogpile.cache.memory", arguments={"cache_dict": {}}, wrap=[CountingReads()]
+    )
+    return store_for(region)
+
+
+def _redis(proxied: bool) -> Store:
+    require_service("redis", 6379)
+    region = redis_region(REDIS_URL, 1.0, 1)
+    if proxied:
+        region = make_region().configure(
+            "dogpile.cache.redis", arguments={"url": REDIS_URL}, wrap=[CountingReads()]
+        )
+    return store_for(region)
+
+
+STORES: dict[str, Callable[[], Store]] = {
+    "memory": lambda: _memory(False),
+    "memory+proxy": lambda: _memory(True),
+    "redis": lambda: _redis(False),
+    "redis+proxy": lambda: _redis(True),
+}
+
+
+@pytest.fixture(params=list(STORES))
+def store(request: pytest.FixtureRequest) -> Store:
+    return STORES[request.param]()
+
+
+@pytest.fixture
+def prefix(store: Store) -> Iterator[str]:
+    """A key prefix of this test's own; its keys are deleted afterwards."""
+    name = f"sa_cache_store_{uuid.uuid4().hex[:12]}:"
+    yield name
+    store.delete_prefix(name)
+
+
+# -- the suite: each check takes a store and a fresh key prefix -----------------------------------
+
+
+def check_absent_keys_read_as_none_in_order(store: Store, p: str) -> None:
+    store.write_many([Write(p + "b", b"B", None)])
+    assert store.get_many([p + "a", p + "b", p + "c"]) == [None, b"B", None]
+
+
+def check_values_round_trip_byte_for_byte(store: Store, p: str) -> None:
+    value = bytes(range(256)) + b"\x00tail"
+    store.write_many([Write(p + "k", value, 60)])
+    assert store.get_many([p + "k"]) == [value]
+
+
+def check_a_write_replaces_unconditionally(store: Store, p: str) -> None:
+    store.write_many([Write(p + "k", b"one", 60)])
+    store.write_many([Write(p + "k", b"two", 60), Write(p + "j", b"three", None)])
+    assert store.get_many([p + "k", p + "j"]) == [b"two", b"three"]
+
+
+def check_a_ttl_expires_and_none_keeps(store: Store, p: str) -> None:
+    store.write_many([Write(p + "short", b"x", 0.05), Write(p + "kept", b"y", None)])
+    time.sleep(0.15)  # expiry is wall-clock time passing, not an interleaving
+    assert store.get_many([p + "short", p + "kept"]) == [None, b"y"]
+
+
+def check_a_fill_expecting_absence_stores_only_into_an_absent_key(store: Store, p: str) -> None:
+    store.write_many([Write(p + "taken", b"old", 60)])
+    stored = store.fill_many(
+        [Fill(p + "free", None, b"new", 60), Fill(p + "taken", None, b"new", 60)]
+    )
+    assert stored == [True, False]
+    assert store.get_many([p + "free", p + "taken"]) == [b"new", b"old"]
+
+
+def check_a_fill_is_a_compare_and_set_on_the_exact_bytes(store: Store, p: str) -> None:
+    store.write_many([Write(p + "k", b"observed", 60), Write(p + "j", b"newer", 60)])
+    stored = store.fill_many(
+        [Fill(p + "k", b"observed", b"filled", 60), Fill(p + "j", b"observed", b"filled", 60)]
+    )
+    assert stored == [True, False]
+    assert store.get_many([p + "k", p + "j"]) == [b"filled", b"newer"]
+    assert store.fill_many([Fill(p + "gone", b"observed", b"filled", 60)]) == [False]
+    assert store.get_many([p + "gone"]) == [None]
+
+
+def check_a_fill_carries_its_ttl(store: Store, p: str) -> None:
+    store.write_many([Write(p + "k", b"observed", 60)])
+    assert store.fill_many([Fill(p + "k", b"observed", b"filled", 0.05)]) == [True]
+    assert store.fill_many([Fill(p + "j", None, b"filled", 0.05)]) == [True]
+    time.sleep(0.15)
+    assert store.get_many([p + "k", p + "j"]) == [None, None]
+
+
+def check_a_fill_batch_releases_its_leases(store: Store, p: str) -> None:
+    store.write_many([Write(p + "lease", b"1", 60), Write(p + "other", b"1", 60)])
+    assert store.fill_many([], [p + "lease"]) == []
+    assert store.get_many([p + "lease", p + "other"]) == [None, b"1"]
+
+
+def check_a_lease_goes_to_one_caller_and_reads_after_taking_it(store: Store, p: str) -> None:
+    store.write_many([Write(p + "row", b"R", 60)])
+    first = store.acquire(p + "lease", b"1", 60, [p + "lease", p + "row"])
+    second = store.acquire(p + "lease", b"1", 60, [p + "row"])
+    assert first == (True, [b"1", b"R"])
+    assert second == (False, [b"R"])
+
+
+def check_a_lease_expires(store: Store, p: str) -> None:
+    assert store.acquire(p + "lease", b"1", 0.05, [])[0] is True
+    time.sleep(0.15)
+    assert store.acquire(p + "lease", b"1", 60, [])[0] is True
+
+
+def check_a_generation_is_created_once(store: Store, p: str) -> None:
+    assert store.init_generation(p + "gen", b"first") == b"first"
+    assert store.init_generation(p + "gen", b"second") == b"first"
+    assert store.get_many([p + "gen"]) == [b"first"]
+
+
+def check_delete_prefix_removes_exactly_the_prefix(store: Store, p: str) -> None:
+    store.write_many([Write(p + "a", b"1", None), Write(p + "b*[?", b"2", 60)])
+    store.write_many([Write(p[:-1] + "X", b"kept", 60)])
+    try:
+        assert store.delete_prefix(p) == 2
+        assert store.get_many([p + "a", p + "b*[?", p[:-1] + "X"]) == [None, None, b"kept"]
+    finally:
+        store.delete_prefix(p[:-1] + "X")
+
+
+def check_capabilities_are_declared(store: Store, p: str) -> None:
+    assert isinstance(store.capabilities, Capabilities)
+
+
+CHECKS = [value for name, value in sorted(globals().items()) if name.startswith("check_")]
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__[len("check_") :])
+def test_every_store_keeps_the_contract(store: Store, prefix: str, check: Any) -> None:
+    check(store, prefix)
+
+
+# -- the suite catches broken stores -------------------------------------------------------------
+
+
+class Broken:
+    """The in-process store with one operation broken on purpose."""
+
+    def __init__(self, flaw: str) -> None:
+        self.inner = _memory(False)
+        self.flaw = flaw
+        self.capabilities = self.inner.capabilities
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def fill_many(self, fills: Sequence[Fill], release: Sequence[str] = ()) -> list[bool]:
+        if self.flaw == "unconditional fill":
+            self.inner.write_many([Write(f.key, f.value, f.ttl) for f in fills])
+            return [True] * len(fills)
+        if self.flaw == "fill keeps no ttl":
+            fills = [f._replace(ttl=3600) for f in fills]
+        if self.flaw == "release ignored":
+            release = ()
+        return self.inner.fill_many(fills, release)
+
+    def acquire(self, key: str, token: bytes, ttl: float, read: Sequence[str]) -> Any:
+        if self.flaw == "every caller gets the lease":
+            self.inner.write_many([Write(key, token, ttl)])
+            return True, self.inner.get_many(read)
+        return self.inner.acquire(key, token, ttl, read)
+
+    def init_generation(self, key: str, token: bytes) -> bytes:
+        if self.flaw == "generation overwritten":
+            self.inner.write_many([Write(key, token, None)])
+            return token
+        return self.inner.init_generation(key, token)
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        values = self.inner.get_many(keys)
+        return sorted(values, key=lambda v: v is None) if self.flaw == "reads reordered" else values
+
+
+FLAWS = [
+    "unconditional fill",
+    "fill keeps no ttl",
+    "release ignored",
+    "every caller gets the lease",
+    "generation overwritten",
+    "reads reordered",
+]
+
+
+@pytest.mark.parametrize("flaw", FLAWS)
+def test_a_deliberately_broken_store_fails_the_suite(flaw: str) -> None:
+    broken = Broken(flaw)
+    failures = []
+    for check in CHECKS:
+        prefix = f"broken_{uuid.uuid4().hex[:8]}:"
+        try:
+            check(broken, prefix)
+        except AssertionError:
+            failures.append(check.__name__)
+    assert failures, f"a store with {flaw!r} passed every check"
+
+
+# -- choosing a store ----------------------------------------------------------------------------
+
+
+def test_each_store_declares_whether_other_processes_share_it() -> None:
+    assert _memory(False).capabilities.shared is False
+    require_service("redis", 6379)
+    assert _redis(False).capabilities.shared is True
+
+
+def test_reads_go_through_the_regions_dogpile_proxies(backend: str) -> None:
+    proxy = CountingReads()
+    if backend == "redis":
+        region = make_region().configure(
+            "dogpile.cache.redis", arguments={"url": REDIS_URL}, wrap=[proxy]
+        )
+    else:
+        region = make_region().configure("dogpile.cache.memory", wrap=[proxy])
+    cache = IdentityCache(region, prefix=f"sa_cache_proxy_{uuid.uuid4().hex[:8]}")
+    cache.store.get_many(["a", "b"])
+    assert proxy.reads == 1
+
+
+def test_a_proxy_that_rewrites_writes_is_refused_by_name() -> None:
+    class Rewriting(ProxyBackend):
+        def set_serialized(self, key: Any, value: bytes) -> None:
+            self.proxied.set_serialized(key, value[::-1])
+
+    region = make_region().configure("dogpile.cache.memory", wrap=[Rewriting()])
+    with pytest.raises(UnsupportedBackend, match="Rewriting overrides set_serialized"):
+        IdentityCache(region)
+
+
+def test_a_pickling_backend_is_refused() -> None:
+    region = make_region().configure("dogpile.cache.memory_pickle")
+    with pytest.raises(UnsupportedBackend, match="never pickles"):
+        IdentityCache(region)
+
+
+def test_an_unknown_url_scheme_is_refused_without_its_password() -> None:
+    with pytest.raises(ValueError, match="unsupported cache URL") as raised:
+        IdentityCache("memcached://user:secret@127.0.0.1:11211")
+    assert "secret" not in str(raised.value)
