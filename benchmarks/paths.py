@@ -186,18 +186,18 @@ class SaCache(Path):
         self.cache = cache
         cache.register(User)
         self.Session = sessionmaker(engine, class_=CachingSession, cache=cache)
-        #: seconds of each ``IdentityCache.evict_keys`` call (the commit's eviction)
+        #: seconds of each ``GuardedStore.evict`` call (the commit's eviction)
         self.eviction_times: list[float] = []
-        original = cache.evict_keys
+        original = cache.guarded.evict
 
-        def timed_evict_keys(*args: Any, **kwargs: Any) -> Any:
+        def timed_evict(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
                 self.eviction_times.append(time.perf_counter() - start)
 
-        cache.evict_keys = timed_evict_keys  # type: ignore[method-assign]
+        cache.guarded.evict = timed_evict  # type: ignore[method-assign]
 
     def get_many(self, ids: Sequence[int]) -> list[Any]:
         with self.Session() as session:

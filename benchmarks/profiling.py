@@ -99,25 +99,21 @@ def steps(path: paths.SaCacheRedis, ids: list[int], repeat: int) -> dict[str, fl
     client = path.client
     attempt("redis MGET(generation, row) alone", lambda: client.mget([gen_key, key]))
     attempt("redis GET(row) alone", lambda: client.get(key))
-    attempt("IdentityCache.read (MGET + checks)", lambda: cache.read([model], [key]))
+    attempt("GuardedStore.read (MGET + checks)", lambda: cache.guarded.read([model], [key]))
     raw = client.get(key)
     from sa_cache import codec
+    from sa_cache.protocol import classify
 
     attempt("codec.decode (msgpack + ext_hook)", lambda: codec.decode(raw))
     entry = codec.decode(raw)
     shape = model.shape(mapper)
-    values = entry[-1]
+    values = entry.values
     attempt("RowShape.hydrate", lambda: shape.hydrate(values))
-    generation = cache.read([model], [key])
-    if generation is not None:
-        gen = generation[0][model]
-        try:  # the signature has changed once already
-            cache.classify(model, key, gen, raw, (uid,))
-            attempt("IdentityCache.classify (decode + hydrate + checks)",
-                    lambda: cache.classify(model, key, gen, raw, (uid,)))  # fmt: skip
-        except TypeError:
-            attempt("IdentityCache.classify (decode + hydrate + checks)",
-                    lambda: cache.classify(model, gen, raw, (uid,)))  # fmt: skip
+    read = cache.guarded.read([model], [key])
+    if read is not None:
+        gen = read[0][0]
+        attempt("protocol.classify (decode + hydrate + checks)",
+                lambda: classify(model, gen, raw, (uid,)))  # fmt: skip
     attempt("KeySpace.row_key", lambda: model.keys.row_key((uid,)))
     attempt("CachedModel.normalise", lambda: model.normalise((uid,)))
     attempt(

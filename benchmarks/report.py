@@ -296,7 +296,7 @@ def _database_section(db: str, r: dict[str, Any]) -> list[str]:
         "with the eviction the application must do by hand for (b) (`delete_memoized` per row) "
         "and (c) (`delete_multi`). The overhead is the median over rounds of the difference to "
         "(a) in the same round; commits wait for the disk, so it is noisy. sa_cache's own "
-        "eviction is also timed alone (`IdentityCache.evict_keys`, median call)."
+        "eviction is also timed alone (`GuardedStore.evict`, median call)."
     )
     out.append("")
     out.append(

@@ -233,7 +233,7 @@ class _State:
 
     @property
     def forked_in_process(self) -> bool:
-        return self.pid != os.getpid() and not hasattr(self.cache.store, "client")
+        return self.pid != os.getpid() and not self.cache.store.capabilities.shared
 
 
 #: the states of live applications, told about every mapper constructed after their init_app
@@ -321,7 +321,7 @@ class SACache:
         cache = IdentityCache(**options)
         state = _State(self, cache, db, models)
         url = options.get("backend")
-        if not hasattr(cache.store, "client"):  # the in-process backend
+        if not cache.store.capabilities.shared:  # the in-process backend
             reason = _multiprocess_reason()
             if reason is not None:
                 warnings.warn(

@@ -85,8 +85,6 @@ class IdentityCache:
         else:
             raise TypeError(f"backend must be None, a URL or a CacheRegion, not {backend!r}")
         self.region = region
-        #: the store itself, unguarded (tests and tools; lookups go through :attr:`guarded`)
-        self.store: Store = store_for(region)
         self.prefix = prefix
         self.ttl = ttl
         self.negative_ttl = negative_ttl
@@ -96,13 +94,23 @@ class IdentityCache:
         self.lease_ttl = max(LEASE_TTL_FACTOR * lease_wait, MIN_LEASE_TTL)
         self.breaker = CircuitBreaker(breaker_threshold, breaker_cooldown)
         self.guarded = GuardedStore(
-            self.store,
+            store_for(region),
             breaker=self.breaker,
             tombstone_ttl=tombstone_ttl,
             mangle=region.key_mangler,
             signer=None if signing_key is None else Signer(signing_key),
         )
         self.registry = Registry(prefix)
+
+    @property
+    def store(self) -> Store:
+        """The store itself, unguarded. Assigning one (a wrapper around it, say) puts it behind
+        the same guards, so every lookup and eviction from then on goes through it."""
+        return self.guarded.store
+
+    @store.setter
+    def store(self, store: Store) -> None:
+        self.guarded.store = store
 
     def __repr__(self) -> str:
         store = type(self.store).__name__

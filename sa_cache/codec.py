@@ -35,6 +35,10 @@ from sqlalchemy import types as sqltypes
 from sqlalchemy.schema import Column
 
 FORMAT_VERSION: Final = 1
+#: The kind numbers stored in the second field of every value.
+ROW: Final = 0
+ABSENT: Final = 1
+TOMBSTONE: Final = 2
 
 _EXT_DATETIME = 1
 _EXT_DATE = 2
@@ -153,9 +157,9 @@ def entry_kind(kind: int) -> Callable[[type[E]], type[E]]:
     return register
 
 
-entry_kind(0)(RowEntry)
-entry_kind(1)(AbsentEntry)
-entry_kind(2)(Tombstone)
+entry_kind(ROW)(RowEntry)
+entry_kind(ABSENT)(AbsentEntry)
+entry_kind(TOMBSTONE)(Tombstone)
 
 
 def encode(entry: Entry) -> bytes:

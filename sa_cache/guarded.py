@@ -228,6 +228,11 @@ class GuardedStore:
             kind.stats.evictions += 1
         return True
 
+    def journal(self) -> tuple[dict[str, CachedKind], set[CachedKind]]:
+        """The evictions waiting to be written: (keys, kinds whose generation is replaced)."""
+        with self._lock:
+            return dict(self._journal), set(self._journal_kinds)
+
     def _journal_evictions(self, keys: dict[str, CachedKind], kinds: set[CachedKind]) -> None:
         with self._lock:
             self._journal_writes += 1

@@ -20,9 +20,19 @@ def raw_entry(cache: IdentityCache, key: str) -> bytes | None:
 
 
 def entry_kind(cache: IdentityCache, model: type[Any], *pk: Any) -> Any:
-    """What the store holds for one row: None, or codec.ROW / ABSENT / TOMBSTONE."""
+    """What the store holds for one row: None, or the entry's class (codec.RowEntry,
+    codec.AbsentEntry, codec.Tombstone; None also for bytes that decode to no entry)."""
     raw = raw_entry(cache, row_key(cache, model, *pk))
-    return None if raw is None else codec.decode(raw)[1]
+    entry = None if raw is None else codec.decode(raw)
+    return None if entry is None else type(entry)
+
+
+def wire_fields(raw: bytes | None) -> list[Any]:
+    """A stored value as the msgpack array it is stored as: ``[version, kind, fields...]``."""
+    entry = codec.decode(raw or b"")
+    assert entry is not None, "not an entry of this format"
+    kinds = {codec.RowEntry: codec.ROW, codec.AbsentEntry: codec.ABSENT}
+    return [codec.FORMAT_VERSION, kinds.get(type(entry), codec.TOMBSTONE), *entry]
 
 
 def generation(cache: IdentityCache, model: type[Any]) -> bytes | None:

@@ -65,7 +65,7 @@ def test_an_orm_delete_evicts_exactly_the_rows_it_matched_where_delete_has_retur
             s.commit()
     assert (generation(cache, User) == gen) is exact
     if exact:
-        assert entry_kind(cache, User, 1) == entry_kind(cache, User, 2) == codec.TOMBSTONE
+        assert entry_kind(cache, User, 1) == entry_kind(cache, User, 2) == codec.Tombstone
     assert cached(Session, sql, [1, 2, 3]) == ([3] if exact else [])
     with Session() as s:
         assert [u.name if u else None for u in s.get_many(User, [1, 2, 3])] == [None, None, "u3"]
@@ -81,7 +81,7 @@ def test_an_orm_bulk_update_by_primary_key_evicts_exactly_those_rows(
         with expect_commands(redis_counter, {"SET": 1}, round_trips=1):
             s.commit()
     assert generation(cache, User) == gen
-    assert entry_kind(cache, User, 1) == codec.TOMBSTONE
+    assert entry_kind(cache, User, 1) == codec.Tombstone
     assert cached(Session, sql, [1, 2, 3]) == [2, 3]
     with Session() as s:
         assert s.get(User, 1).name == "y"
@@ -355,7 +355,7 @@ def test_evict_an_instance_evicts_its_row(Session, sql, cache, redis_counter):
         user = s.get(User, 1)
         with expect_commands(redis_counter, {"SET": 1}):
             cache.evict(user)
-    assert entry_kind(cache, User, 1) == codec.TOMBSTONE
+    assert entry_kind(cache, User, 1) == codec.Tombstone
     assert cached(Session, sql, [1, 2, 3]) == [2, 3]
 
 

@@ -50,7 +50,7 @@ def test_a_row_flushed_by_this_transaction_is_read_from_the_database_and_others_
         a.rollback()
     finally:
         a.close()
-    assert entry_kind(cache, User, 1) == codec.ROW
+    assert entry_kind(cache, User, 1) == codec.RowEntry
     assert stat(cache, "evictions") == evictions
     hits = stat(cache, "hits")
     with expect_sql(sql, 0), Session() as b:
@@ -73,7 +73,7 @@ def test_a_row_deleted_by_this_transaction_is_not_served_from_the_cache(Session,
 def test_a_row_inserted_by_this_transaction_is_not_hidden_by_a_negative_entry(Session, sql, cache):
     with Session() as s:
         assert s.get(User, 9) is None
-    assert entry_kind(cache, User, 9) == codec.ABSENT
+    assert entry_kind(cache, User, 9) == codec.AbsentEntry
     with Session() as a:
         a.add(User(id=9, name="nine"))
         a.flush()
@@ -85,7 +85,7 @@ def test_a_row_inserted_by_this_transaction_is_not_hidden_by_a_negative_entry(Se
         with Session() as b:
             assert b.get(User, 9) is None  # uncommitted: others still see the absence
         a.rollback()
-    assert entry_kind(cache, User, 9) == codec.ABSENT
+    assert entry_kind(cache, User, 9) == codec.AbsentEntry
 
 
 @pytest.mark.usefixtures("users")
@@ -160,7 +160,7 @@ def test_a_session_that_has_written_fills_nothing_until_its_transaction_ends(
             assert [u.name if u else None for u in a.get_many(User, [2, 405])] == ["u2", None]
         assert stat(cache, "fills") == fills
         a.commit()
-    assert entry_kind(cache, User, 4) == codec.TOMBSTONE
+    assert entry_kind(cache, User, 4) == codec.Tombstone
     assert entry_kind(cache, User, 404) is None
     assert entry_kind(cache, User, 405) is None
 
@@ -175,7 +175,7 @@ def test_fills_work_again_in_the_next_transaction(Session, sql, cache, end):
         getattr(a, end)()
         assert a.get(User, 4).name == "u4"
     assert stat(cache, "fills") == fills + 1
-    assert entry_kind(cache, User, 4) == codec.ROW
+    assert entry_kind(cache, User, 4) == codec.RowEntry
     with expect_sql(sql, 0), Session() as s:
         assert s.get(User, 4).name == "u4"
 
@@ -197,7 +197,7 @@ def test_the_fill_after_the_transaction_ends_is_one_compare_and_set(
             # the read, then a compare-and-set replacing the tombstone the insert left
             with expect_commands(redis_counter, {"MGET": 1, "EVALSHA": 1}, round_trips=2):
                 assert a.get(User, 4).name == "u4"
-        assert entry_kind(cache, User, 4) == codec.ROW
+        assert entry_kind(cache, User, 4) == codec.RowEntry
     finally:
         if backend == "redis":
             cache.store.delete_prefix(cache.prefix + ":")

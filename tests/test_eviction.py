@@ -79,15 +79,15 @@ def test_a_primary_key_change_evicts_both_the_old_and_the_new_identity(
 ):
     with Session() as s:
         assert s.get(User, 7) is None  # the new identity is negatively cached
-    assert entry_kind(cache, User, 7) == codec.ABSENT
+    assert entry_kind(cache, User, 7) == codec.AbsentEntry
     before = evictions(cache)
     with Session() as s:
         s.get(User, 1).id = 7
         with expect_commands(redis_counter, {"SET": 2}, round_trips=1):
             s.commit()
     assert evictions(cache) == before + 2
-    assert entry_kind(cache, User, 1) == codec.TOMBSTONE
-    assert entry_kind(cache, User, 7) == codec.TOMBSTONE
+    assert entry_kind(cache, User, 1) == codec.Tombstone
+    assert entry_kind(cache, User, 7) == codec.Tombstone
     with expect_sql(sql, selects=2):
         with Session() as s:
             assert s.get(User, 1) is None
@@ -113,11 +113,11 @@ def test_a_delete_is_evicted_and_the_next_lookup_returns_none(Session, sql, cach
 def test_an_insert_evicts_the_negative_entry_for_its_primary_key(Session, sql, cache):
     with Session() as s:
         assert s.get(User, 9) is None
-    assert entry_kind(cache, User, 9) == codec.ABSENT
+    assert entry_kind(cache, User, 9) == codec.AbsentEntry
     with Session() as s:
         s.add(User(id=9, name="nine"))
         s.commit()
-    assert entry_kind(cache, User, 9) == codec.TOMBSTONE
+    assert entry_kind(cache, User, 9) == codec.Tombstone
     with expect_sql(sql, selects=1), Session() as s:
         assert s.get(User, 9).name == "nine"
 

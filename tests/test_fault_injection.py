@@ -30,7 +30,7 @@ from sqlalchemy import event
 from sqlalchemy.orm import sessionmaker
 
 from sa_cache import CachingSession, IdentityCache, codec
-from sa_cache.models import RowShape
+from sa_cache.rows import RowShape
 
 from .conftest import register_all, require_service
 from .models import User
@@ -237,9 +237,9 @@ class Fault:
             return True
         if self.errors_at_open is None:
             if cache.breaker.is_open:
-                self.errors_at_open = cache.errors
+                self.errors_at_open = cache.guarded.errors
             return False
-        return cache.errors >= self.errors_at_open + self.probes
+        return cache.guarded.errors >= self.errors_at_open + self.probes
 
     def recover(self) -> None:
         pass
@@ -341,18 +341,16 @@ def shape_index(attr: str) -> int:
 
 def healthy(cache: IdentityCache) -> bool:
     """The breaker is closed and every journaled eviction has been replayed."""
-    return not cache.breaker.is_open and not cache._journal and not cache._journal_models
+    return not cache.breaker.is_open and cache.guarded.journal() == ({}, set())
 
 
-def stored_row(cache: IdentityCache, pk: int, client: Any) -> list[Any] | None:
+def stored_row(cache: IdentityCache, pk: int, client: Any) -> codec.RowEntry | None:
     """The row entry Redis holds for user ``pk``, decoded; None if it holds anything else."""
     model = cache.model_for(User.__mapper__)
     assert model is not None
     raw = client.get(model.keys.row_key((pk,)))
     entry = None if raw is None else codec.decode(raw)
-    if entry is None or entry is codec.CORRUPT or entry[1] != codec.ROW:
-        return None
-    return list(entry)
+    return entry if type(entry) is codec.RowEntry else None
 
 
 @pytest.fixture(scope="module")
@@ -418,7 +416,7 @@ def test_under_load_no_request_fails_no_read_is_stale_and_latency_stays_bounded(
         version_at = shape_index("version")
         for pk, version in [*load.committed.items(), (CANARY, 2)]:
             entry = stored_row(cache, pk, admin)
-            assert entry is None or entry[5][version_at] == version, f"stale entry for {pk}"
+            assert entry is None or entry.values[version_at] == version, f"stale entry for {pk}"
     finally:
         event.remove(User, "load", load.on_load)
         load.injected.set()

@@ -194,7 +194,7 @@ def test_init_app_setdefaults_every_config_key_and_reads_each_once(redis_client)
         "SA_CACHE_STATS_INTERVAL": 5.0,
     }
     cache = sacache.cache  # None: IdentityCache's own defaults
-    assert (cache.prefix, cache.ttl, cache._signer) == (prefix, 3600, None)
+    assert (cache.prefix, cache.ttl, cache.guarded._signer) == (prefix, 3600, None)
     assert app.extensions[EXTENSION_KEY].publisher.interval == 5.0
     app.config["SA_CACHE_DEFAULT_TTL"] = 1  # read once: a later change is not applied
     assert sacache.cache.ttl == 3600
@@ -425,7 +425,7 @@ def test_the_publisher_thread_publishes_within_its_interval(redis_client):
     cache.register(example_app.User)
     publisher = StatsPublisher(cache, interval=0.05)
     try:
-        cache._models[example_app.User.__mapper__].stats.hits += 7
+        cache.model_for(example_app.User.__mapper__).stats.hits += 7  # type: ignore[union-attr]
         publisher.ensure_running()
         deadline = time.monotonic() + 5
         while read_shared_stats(redis_client, cache.prefix)["hits"] != 7:

@@ -30,9 +30,10 @@ from sqlalchemy import (
 from sqlalchemy.orm import sessionmaker
 
 from sa_cache import CachingSession, IdentityCache, codec
-from sa_cache.backend import Write
+from sa_cache.store import Write
 
 from .counting import expect_commands, expect_sql
+from .entries import wire_fields
 from .models import Color, Everything, User
 
 COLUMNS = [prop.key for prop in inspect(Everything).column_attrs]
@@ -172,7 +173,7 @@ def test_a_hit_gives_exactly_the_values_and_types_the_database_load_gave(
     ids=repr,
 )
 def test_every_common_type_round_trips_exactly_through_the_codec(value):
-    (back,) = codec.decode(codec.encode_row(b"h" * 8, b"g" * 8, None, [value]))[5]
+    (back,) = codec.decode(codec.encode(codec.RowEntry(b"h" * 8, b"g" * 8, None, [value]))).values
     assert same(back, value), (back, value)
     if isinstance(value, dt.datetime | dt.time) and isinstance(value.tzinfo, zoneinfo.ZoneInfo):
         assert back.tzinfo is value.tzinfo  # the zone keeps its key, not just its offset
@@ -181,7 +182,7 @@ def test_every_common_type_round_trips_exactly_through_the_codec(value):
 def test_a_value_msgpack_cannot_carry_is_refused_not_pickled():
     for value in (object(), {1, 2}, Color.red, dt.timezone.utc):
         with pytest.raises(TypeError):
-            codec.encode_row(b"h" * 8, b"g" * 8, None, [value])
+            codec.encode(codec.RowEntry(b"h" * 8, b"g" * 8, None, [value]))
 
 
 def test_an_enum_is_stored_by_name_and_restored_through_its_column(cache):
@@ -255,10 +256,6 @@ def test_the_schema_hash_covers_class_column_names_types_and_nullability():
 # -- what the store may hold instead: each is a miss, rejected, and overwritten by the fill -----
 
 
-def _entry(raw: bytes) -> list[Any]:
-    entry = codec.decode(raw)
-    assert entry is not codec.CORRUPT
-    return list(entry)
 
 
 def _garbage(raw: bytes, other: bytes) -> bytes:
@@ -270,13 +267,13 @@ def _truncated(raw: bytes, other: bytes) -> bytes:
 
 
 def _other_version(raw: bytes, other: bytes) -> bytes:
-    entry = _entry(raw)
+    entry = wire_fields(raw)
     entry[0] = codec.FORMAT_VERSION + 1
     return codec.pack(entry)
 
 
 def _other_schema(raw: bytes, other: bytes) -> bytes:
-    entry = _entry(raw)
+    entry = wire_fields(raw)
     entry[2] = b"\x00" * 8
     return codec.pack(entry)
 
@@ -286,31 +283,31 @@ def _other_primary_key(raw: bytes, other: bytes) -> bytes:
 
 
 def _unknown_class_tag(raw: bytes, other: bytes) -> bytes:
-    entry = _entry(raw)
+    entry = wire_fields(raw)
     entry[4] = "no-such-class"
     return codec.pack(entry)
 
 
 def _unhashable_class_tag(raw: bytes, other: bytes) -> bytes:
-    entry = _entry(raw)
+    entry = wire_fields(raw)
     entry[4] = ["not", "hashable"]
     return codec.pack(entry)
 
 
 def _missing_column(raw: bytes, other: bytes) -> bytes:
-    entry = _entry(raw)
+    entry = wire_fields(raw)
     entry[5] = entry[5][:-1]
     return codec.pack(entry)
 
 
 def _unknown_enum_member(raw: bytes, other: bytes) -> bytes:
-    entry = _entry(raw)
+    entry = wire_fields(raw)
     entry[5][COLUMNS.index("color")] = "purple"
     return codec.pack(entry)
 
 
 def _values_not_a_list(raw: bytes, other: bytes) -> bytes:
-    entry = _entry(raw)
+    entry = wire_fields(raw)
     entry[5] = {"id": 1}
     return codec.pack(entry)
 
@@ -340,7 +337,7 @@ def test_a_value_that_is_not_a_valid_row_is_a_rejected_miss_and_is_overwritten(
         s.get(Everything, 2)
     good, other = stored(cache, 1), stored(cache, 2)
     assert good is not None and other is not None
-    assert _entry(good)[1] == _entry(other)[1] == codec.ROW
+    assert wire_fields(good)[1] == wire_fields(other)[1] == codec.ROW
     bad = corrupt(good, other)
     assert bad != good
     put(cache, backend, row_key(cache, 1), bad)
@@ -359,7 +356,7 @@ def test_a_value_that_is_not_a_valid_row_is_a_rejected_miss_and_is_overwritten(
     assert after["rejected"] == before["rejected"] + 1
     assert after["misses"] == before["misses"] + 1
     assert after["fills"] == before["fills"] + 1
-    assert _entry(stored(cache, 1) or b"")[1] == codec.ROW
+    assert wire_fields(stored(cache, 1) or b"")[1] == codec.ROW
 
     with expect_sql(sql, 0), Session() as s:
         hit = s.get(Everything, 1)
@@ -377,13 +374,13 @@ def test_an_entry_of_another_deploy_is_a_miss_and_both_deploys_share_the_key(
         s.get(Everything, 1)
     ours = stored(cache, 1)
     assert ours is not None
-    entry = _entry(ours)
+    entry = wire_fields(ours)
     entry[2] = codec.schema_hash("old.Everything", [])
     entry[5] = entry[5][:3]
     put(cache, backend, row_key(cache, 1), codec.pack(entry))
     with expect_sql(sql, selects=1), Session() as s:
         assert s.get(Everything, 1).s == AWKWARD["s"]
-    assert _entry(stored(cache, 1) or b"")[2] == entry_hash(cache)
+    assert wire_fields(stored(cache, 1) or b"")[2] == entry_hash(cache)
 
 
 def entry_hash(cache: IdentityCache) -> bytes:

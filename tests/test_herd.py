@@ -13,6 +13,7 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.orm import sessionmaker
 
 from sa_cache import CachingSession, IdentityCache
+from sa_cache.lookup import lease_key
 
 from .conftest import REDIS_URL, require_service
 from .counting import counting_sql, expect_sql
@@ -124,7 +125,8 @@ def test_a_waiter_that_times_out_reads_the_database_without_filling(engine, back
         s.add(User(id=1, name="cold"))
         s.commit()
     key = cache.model_for(User.__mapper__).keys.row_key((1,))
-    assert cache.acquire_lease(cache.model_for(User.__mapper__), key)  # a loader that never fills
+    model = cache.model_for(User.__mapper__)
+    assert cache.guarded.acquire(model, key, lease_key(key), cache.lease_ttl)  # never fills
     with expect_sql(sql, selects=1), Session() as s:
         assert s.get(User, 1).name == "cold"
     assert cache.stats()["fills"] == 0
@@ -155,6 +157,6 @@ def test_a_load_that_raises_releases_its_lease(engine, backend):
 
         with pytest.raises(LoadFailed):
             s.get(User, 1)
-    assert cache.store.get_many([cache.lease_key(key)]) == [None]
+    assert cache.store.get_many([lease_key(key)]) == [None]
     if backend == "redis":
         cache.store.delete_prefix(cache.prefix + ":")

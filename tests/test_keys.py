@@ -18,6 +18,7 @@ from sqlalchemy.orm import sessionmaker
 
 from sa_cache import CachingSession, IdentityCache, codec
 from sa_cache.keys import KeySpace
+from sa_cache.lookup import lease_key
 
 from .counting import expect_commands, expect_sql
 from .entries import raw_entry
@@ -27,9 +28,9 @@ TOKEN_ID = uuid.UUID("0f0e0d0c-0b0a-4908-8706-050403020100")
 
 
 def kind(cache: IdentityCache, key: str) -> Any:
-    """What the store holds at ``key``: None, or codec.ROW / ABSENT / TOMBSTONE."""
+    """What the store holds at ``key``: None, or the entry's class (codec.RowEntry...)."""
     value = raw_entry(cache, key)
-    return None if value is None else codec.decode(value)[1]
+    return None if value is None else type(codec.decode(value))
 
 
 def lookups(cache: IdentityCache) -> int:
@@ -57,14 +58,14 @@ def test_a_row_key_is_prefix_brace_table_colon_pk_brace(Session, cache, sql):
     with Session() as s:
         s.get(User, 1)
     key = f"{cache.prefix}:{{users:1}}"
-    assert kind(cache, key) == codec.ROW
+    assert kind(cache, key) == codec.RowEntry
     assert cache.model_for(inspect(User)).keys.row_key((1,)) == key
     assert cache.model_for(inspect(User)).keys.generation_key == f"{cache.prefix}:gen:{{users}}"
     # the row, the model's generation, and (from the INSERT's commit) the other rows' tombstones
     with Session() as s:
         s.get(User, 404)
-    assert kind(cache, f"{cache.prefix}:{{users:404}}") == codec.ABSENT
-    assert kind(cache, f"{cache.prefix}:{{users:2}}") == codec.TOMBSTONE
+    assert kind(cache, f"{cache.prefix}:{{users:404}}") == codec.AbsentEntry
+    assert kind(cache, f"{cache.prefix}:{{users:2}}") == codec.Tombstone
     assert cache.store.delete_prefix(f"{cache.prefix}:{{users:") == 3
     with expect_sql(sql, selects=1), Session() as s:  # it really was that key the lookup read
         s.get(User, 1)
@@ -74,7 +75,7 @@ def test_a_row_key_is_prefix_brace_table_colon_pk_brace(Session, cache, sql):
 def test_a_composite_key_joins_the_primary_key_in_mapper_order(Session, cache, sql):
     with Session() as s:
         assert s.get(Membership, ("acme", 7)).role == "owner"
-    assert kind(cache, f"{cache.prefix}:{{memberships:acme:7}}") == codec.ROW
+    assert kind(cache, f"{cache.prefix}:{{memberships:acme:7}}") == codec.RowEntry
     with expect_sql(sql, 0), Session() as s:
         assert s.get(Membership, {"member": 7, "org": "acme"}).role == "owner"
 
@@ -87,7 +88,7 @@ def test_separators_in_a_string_key_are_percent_escaped_so_keys_never_collide(Se
         assert s.get(Membership, ("a%3Ab%7Bc%7D%25d%40e", 8)).role == "escaped-looking"
     odd = f"{cache.prefix}:{{memberships:a%3Ab%7Bc%7D%25d%40e:8}}"
     looks_escaped = f"{cache.prefix}:{{memberships:a%253Ab%257Bc%257D%2525d%2540e:8}}"
-    assert kind(cache, odd) == kind(cache, looks_escaped) == codec.ROW
+    assert kind(cache, odd) == kind(cache, looks_escaped) == codec.RowEntry
     with expect_sql(sql, 0), Session() as s:
         assert s.get(Membership, ("a:b{c}%d@e", 8)).role == "odd"
         assert s.get(Membership, ("a%3Ab%7Bc%7D%25d%40e", 8)).role == "escaped-looking"
@@ -111,8 +112,8 @@ def test_an_identity_token_is_part_of_the_key_after_an_at_sign(Session, cache, s
     with expect_sql(sql, selects=1), Session() as s:
         user = s.get(User, 1, identity_token="t1")
         assert user.name == "alice" and inspect(user).key == (User, (1,), "t1")
-    assert kind(cache, f"{cache.prefix}:{{users:1@t1}}") == codec.ROW
-    assert kind(cache, f"{cache.prefix}:{{users:1}}") == codec.TOMBSTONE  # untouched
+    assert kind(cache, f"{cache.prefix}:{{users:1@t1}}") == codec.RowEntry
+    assert kind(cache, f"{cache.prefix}:{{users:1}}") == codec.Tombstone  # untouched
     # only the token-less lookup goes to the database
     with expect_sql(sql, selects=1), Session() as s:
         user = s.get(User, 1, identity_token="t1")
@@ -152,7 +153,7 @@ def test_the_identity_map_and_the_cache_agree_on_a_normalised_key(Session, sql):
 def test_a_uuid_key_given_as_a_uuid_or_as_text_shares_one_entry(Session, cache, sql, db):
     with Session() as s:
         assert s.get(Token, TOKEN_ID).label == "t"
-    assert kind(cache, f"{cache.prefix}:{{tokens:{TOKEN_ID}}}") == codec.ROW
+    assert kind(cache, f"{cache.prefix}:{{tokens:{TOKEN_ID}}}") == codec.RowEntry
     with expect_sql(sql, 0), Session() as s:
         assert s.get(Token, TOKEN_ID).label == "t"
         s.expunge_all()
@@ -244,7 +245,7 @@ def test_a_rows_data_negative_entry_tombstone_and_lease_share_one_cluster_slot(S
     slot = key_slot(key.encode())
     assert slot == key_slot(b"users:1")  # the slot is the hash tag's: the per-row part
     assert slot == key_slot(b"another-prefix:{users:1}")
-    assert slot == key_slot(cache.lease_key(key).encode())
+    assert slot == key_slot(lease_key(key).encode())
     assert key_slot(f"{cache.prefix}:{{users:2}}".encode()) == key_slot(b"users:2")
 
     seen = [kind(cache, key)]  # the INSERT's commit evicted it
@@ -261,7 +262,7 @@ def test_a_rows_data_negative_entry_tombstone_and_lease_share_one_cluster_slot(S
     with Session() as s:
         assert s.get(User, 1) is None
     seen.append(kind(cache, key))
-    assert seen == [codec.TOMBSTONE, codec.ROW, codec.TOMBSTONE, codec.ABSENT]
+    assert seen == [codec.Tombstone, codec.RowEntry, codec.Tombstone, codec.AbsentEntry]
 
 
 @pytest.mark.usefixtures("rows")
@@ -269,7 +270,7 @@ def test_a_composite_rows_hash_tag_holds_its_whole_primary_key(Session, cache):
     with Session() as s:
         s.get(Membership, ("acme", 7))
     key = f"{cache.prefix}:{{memberships:acme:7}}"
-    assert kind(cache, key) == codec.ROW
+    assert kind(cache, key) == codec.RowEntry
     assert key_slot(key.encode()) == key_slot(b"memberships:acme:7")
 
 

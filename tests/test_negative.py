@@ -50,7 +50,7 @@ def alice(Session: sessionmaker[CachingSession]) -> None:
 def test_a_missing_row_is_looked_up_in_the_database_once(Session, sql, cache, redis_counter):
     with expect_sql(sql, selects=1), Session() as s:
         assert s.get(User, 404) is None
-    assert entry_kind(cache, User, 404) == codec.ABSENT
+    assert entry_kind(cache, User, 404) == codec.AbsentEntry
     assert stat(cache, "fills") == 2  # alice, then the absence
     with expect_sql(sql, selects=0), expect_commands(redis_counter, {"MGET": 2}, round_trips=2):
         for _ in range(2):
@@ -73,7 +73,7 @@ def test_caching_an_absence_is_one_read_and_one_conditional_write(
             Session() as s,
         ):
             assert s.get(User, 404) is None
-        assert entry_kind(cache, User, 404) == codec.ABSENT
+        assert entry_kind(cache, User, 404) == codec.AbsentEntry
     finally:
         if backend == "redis":
             cache.store.delete_prefix(cache.prefix + ":")
@@ -90,8 +90,8 @@ def test_an_absence_lives_at_most_negative_ttl_and_a_row_much_longer(engine, sho
         assert s.get(User, 404) is None
     with Session() as s:
         assert s.get_many(User, [405]) == [None]
-    assert entry_kind(short_cache, User, 404) == codec.ABSENT
-    assert entry_kind(short_cache, User, 405) == codec.ABSENT
+    assert entry_kind(short_cache, User, 404) == codec.AbsentEntry
+    assert entry_kind(short_cache, User, 405) == codec.AbsentEntry
     for pk in (404, 405):
         assert 0 < seconds_to_live(short_cache, backend, User, pk) <= NEGATIVE_TTL
     assert seconds_to_live(short_cache, backend, User, 1) > short_cache.ttl - 60
@@ -104,7 +104,7 @@ def test_inserting_the_row_in_another_session_evicts_its_absence(Session, sql, c
     with Session() as s:
         s.add(User(id=2, name="bob"))
         s.commit()
-    assert entry_kind(cache, User, 2) == codec.TOMBSTONE
+    assert entry_kind(cache, User, 2) == codec.Tombstone
     with expect_sql(sql, selects=1):
         with Session() as s:
             assert s.get(User, 2).name == "bob"
@@ -119,7 +119,7 @@ def test_inserting_the_row_with_its_key_spelled_differently_evicts_its_absence(S
     with Session() as s:
         s.add(User(id="09", name="nine"))  # the database stores 9; the instance holds "09"
         s.commit()
-    assert entry_kind(cache, User, 9) == codec.TOMBSTONE
+    assert entry_kind(cache, User, 9) == codec.Tombstone
     with Session() as s:
         assert s.get(User, 9).name == "nine"
 
@@ -148,7 +148,7 @@ def test_a_subclass_lookup_of_a_row_of_a_sibling_class_caches_no_absence(Session
         s.commit()
     with Session() as s:
         assert s.get(Engineer, 5) is None  # the row exists: it is a Manager
-    assert entry_kind(cache, Employee, 5) == codec.TOMBSTONE  # the insert's, untouched
+    assert entry_kind(cache, Employee, 5) == codec.Tombstone  # the insert's, untouched
     with Session() as s:
         manager = s.get(Employee, 5)
         assert isinstance(manager, Manager) and manager.name == "mia"
@@ -159,7 +159,7 @@ def test_a_base_lookup_of_a_missing_row_caches_the_absence_for_the_whole_hierarc
 ):
     with expect_sql(sql, selects=1), Session() as s:
         assert s.get(Employee, 7) is None
-    assert entry_kind(cache, Employee, 7) == codec.ABSENT
+    assert entry_kind(cache, Employee, 7) == codec.AbsentEntry
     with expect_sql(sql, selects=0):
         with Session() as s:
             assert s.get(Employee, 7) is None
@@ -178,7 +178,7 @@ def test_get_many_caches_the_absence_of_every_missing_row_in_one_write(
         Session() as s,
     ):
         assert s.get_many(User, [404, 1, 405]) == [None, s.get(User, 1), None]
-    assert entry_kind(cache, User, 404) == entry_kind(cache, User, 405) == codec.ABSENT
+    assert entry_kind(cache, User, 404) == entry_kind(cache, User, 405) == codec.AbsentEntry
     with expect_sql(sql, 0):
         with Session() as s:
             assert s.get_many(User, [405, 404]) == [None, None]

@@ -136,7 +136,7 @@ def test_a_killed_and_restarted_redis_is_used_again(engine, server, sql):
 @pytest.mark.usefixtures("users")
 def test_an_overflowing_journal_evicts_whole_models_when_redis_is_back(engine, server, sql):
     cache = make_cache(server.url, breaker_cooldown=0)
-    cache.journal_limit = 2
+    cache.guarded.journal_limit = 2
     Session = sessionmaker(engine, class_=CachingSession, cache=cache)
     for pk in (1, 2, 3):
         with Session() as s:
@@ -151,8 +151,8 @@ def test_an_overflowing_journal_evicts_whole_models_when_redis_is_back(engine, s
                 s.commit()
     finally:
         server.resume()
-    assert cache._journal == {} and cache._journal_models == {model}
+    assert cache.guarded.journal() == ({}, {model})
     with Session() as s:  # the replay replaces the generation: every old entry is a miss
         assert [s.get(User, pk).name for pk in (1, 2, 3)] == [f"changed {pk}" for pk in (1, 2, 3)]
     assert cache.store.get_many([model.keys.generation_key])[0] != generation
-    assert not cache._journal_models
+    assert cache.guarded.journal() == ({}, set())

@@ -23,11 +23,13 @@ from sqlalchemy import inspect
 from sqlalchemy.orm import sessionmaker
 
 from sa_cache import CachingSession, IdentityCache, codec
-from sa_cache.backend import Write
-from sa_cache.cache import ABSENT, Hit
-from sa_cache.models import CachedModel, RowShape
+from sa_cache.kinds import ABSENT, Hit
+from sa_cache.protocol import classify
+from sa_cache.rows import CachedModel, RowShape
+from sa_cache.store import Write
 
 from .counting import expect_sql
+from .entries import wire_fields
 from .models import CACHED, Everything, User
 
 on_sqlite = pytest.mark.parametrize("db", ["sqlite"])  # the store is what is under test
@@ -63,12 +65,6 @@ def generation(cache: IdentityCache) -> bytes:
     return gen
 
 
-def entry(raw: bytes | None) -> list[Any]:
-    decoded = codec.decode(raw or b"")
-    assert decoded is not codec.CORRUPT
-    return list(decoded)
-
-
 # -- the poisons: (cache, genuine entry of user 1, genuine entry of user 2) -> bytes -------------
 
 Poison = Callable[[IdentityCache, bytes, bytes], bytes]
@@ -76,7 +72,7 @@ Poison = Callable[[IdentityCache, bytes, bytes], bytes]
 
 def with_field(index: int, value: Any) -> Poison:
     def poison(cache: IdentityCache, good: bytes, other: bytes) -> bytes:
-        fields = entry(good)
+        fields = wire_fields(good)
         fields[index] = value
         return msgpack.packb(fields, use_bin_type=True)
 
@@ -87,14 +83,14 @@ def another_model(cache: IdentityCache, good: bytes, other: bytes) -> bytes:
     """A genuine-looking Everything row (its schema hash, its width) under a User key."""
     shape = cache.model_for(inspect(Everything)).shape(inspect(Everything))  # type: ignore[union-attr]
     values = [1] + [None] * (len(shape.attrs) - 1)
-    return codec.encode_row(shape.schema_hash, generation(cache), None, values)
+    return codec.encode(codec.RowEntry(shape.schema_hash, generation(cache), None, values))
 
 
 def bad_extension(text: bytes) -> Poison:
     """A row whose name column is an extension value that does not decode."""
 
     def poison(cache: IdentityCache, good: bytes, other: bytes) -> bytes:
-        fields = entry(good)
+        fields = wire_fields(good)
         fields[5][user_shape(cache).attrs.index("name")] = msgpack.ExtType(1, text)
         return msgpack.packb(fields, use_bin_type=True)
 
@@ -119,9 +115,9 @@ POISONS: dict[str, Poison] = {
     "generation_as_text": with_field(3, "gen"),
     "version_as_true": with_field(0, True),
     "kind_as_false": with_field(1, False),
-    "primary_key_as_true": lambda c, g, o: with_field(5, [True, *entry(g)[5][1:]])(c, g, o),
-    "primary_key_as_float": lambda c, g, o: with_field(5, [1.0, *entry(g)[5][1:]])(c, g, o),
-    "values_too_long": lambda c, g, o: with_field(5, [*entry(g)[5], 1])(c, g, o),
+    "primary_key_as_true": lambda c, g, o: with_field(5, [True, *wire_fields(g)[5][1:]])(c, g, o),
+    "primary_key_as_float": lambda c, g, o: with_field(5, [1.0, *wire_fields(g)[5][1:]])(c, g, o),
+    "values_too_long": lambda c, g, o: with_field(5, [*wire_fields(g)[5], 1])(c, g, o),
     "values_as_map": with_field(5, {"id": 1}),
     "other_primary_key": lambda c, g, o: o,  # user 2's genuine entry under user 1's key
     "another_model": another_model,
@@ -155,7 +151,7 @@ def cache_users(Session: sessionmaker[CachingSession], cache: IdentityCache) -> 
             s.get(User, pk)
     good, other = raw_at(cache, 1), raw_at(cache, 2)
     assert good is not None and other is not None
-    assert entry(good)[1] == entry(other)[1] == codec.ROW
+    assert wire_fields(good)[1] == wire_fields(other)[1] == codec.ROW
     return good, other
 
 
@@ -176,7 +172,7 @@ def test_a_poisoned_entry_is_a_counted_miss_that_the_fill_overwrites(Session, ca
     assert after["misses"] == before["misses"] + 1
     assert after["fills"] == before["fills"] + 1
     assert after["errors"] == before["errors"]
-    assert entry(raw_at(cache, 1))[1] == codec.ROW  # overwritten by the genuine row
+    assert wire_fields(raw_at(cache, 1))[1] == codec.ROW  # overwritten by the genuine row
     with expect_sql(sql, 0), Session() as s:  # and served from then on
         assert s.get(User, 1).name == "user1"
 
@@ -296,7 +292,9 @@ def mutated(raw: bytes) -> st.SearchStrategy[bytes]:
     ) | st.integers(0, len(raw)).map(lambda n: raw[:n])
 
 
-_GENUINE = codec.encode_row(_SHAPE.schema_hash, _GENERATION, None, [1, "n", None, True, 3])
+_GENUINE = codec.encode(
+    codec.RowEntry(_SHAPE.schema_hash, _GENERATION, None, [1, "n", None, True, 3])
+)
 raw_bytes = st.binary(max_size=300) | almost_valid.map(packed) | mutated(_GENUINE)
 
 
@@ -346,11 +344,11 @@ def is_absent_marker(raw: bytes) -> bool:
 @given(raw_bytes)
 def test_fuzz_decode_and_classify_never_raise_and_never_hit_on_an_invalid_row(raw):
     decoded = codec.decode(raw)  # never raises
-    assert decoded is codec.CORRUPT or (type(decoded) is list and len(decoded) >= 3)
-    outcome = _CACHE.classify(_MODEL, _KEY, _GENERATION, raw, _PK)  # never raises
+    assert decoded is None or type(decoded) in (codec.RowEntry, codec.AbsentEntry, codec.Tombstone)
+    outcome = classify(_MODEL, _GENERATION, raw, _PK)  # never raises
     if type(outcome) is Hit:
         assert is_valid_row_for_key(raw), raw
-        assert outcome.values["id"] == 1
+        assert outcome.value["id"] == 1
     elif outcome is ABSENT:
         assert is_absent_marker(raw), raw
     else:
@@ -359,15 +357,15 @@ def test_fuzz_decode_and_classify_never_raise_and_never_hit_on_an_invalid_row(ra
 
 def test_the_fuzz_strategies_reach_hits_absent_markers_and_rejections():
     """The generators are not vacuous: they produce each kind of outcome."""
-    assert type(_CACHE.classify(_MODEL, _KEY, _GENERATION, _GENUINE, _PK)) is Hit
-    absent = codec.encode_absent(_GENERATION)
-    assert _CACHE.classify(_MODEL, _KEY, _GENERATION, absent, _PK) is ABSENT
+    assert type(classify(_MODEL, _GENERATION, _GENUINE, _PK)) is Hit
+    absent = codec.encode(codec.AbsentEntry(_GENERATION))
+    assert classify(_MODEL, _GENERATION, absent, _PK) is ABSENT
     seen: set[str] = set()
 
     @settings(max_examples=300, deadline=None, database=None)
     @given(almost_valid.map(packed))
     def sample(raw: bytes) -> None:
-        outcome = _CACHE.classify(_MODEL, _KEY, _GENERATION, raw, _PK)
+        outcome = classify(_MODEL, _GENERATION, raw, _PK)
         seen.add(type(outcome).__name__ if outcome is not None else "miss")
 
     sample()

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy.orm import sessionmaker
 
 from sa_cache import CachingSession, IdentityCache, codec
-from sa_cache.backend import Fill
+from sa_cache.store import Fill
 
 from .conftest import new_cache
 from .counting import expect_sql
@@ -78,7 +78,7 @@ def test_a_fill_racing_an_eviction_does_not_undo_it(Session, hooked, cache, sql)
     hooked.before_fill.append(lambda: rename(Session, 1, "new"))
     with Session() as reader:
         assert reader.get(User, 1).name == "old"  # loaded before the writer committed
-    assert raw_entry(cache, 1)[1] == codec.TOMBSTONE  # the reader's fill was refused
+    assert type(raw_entry(cache, 1)) is codec.Tombstone  # the reader's fill was refused
     with expect_sql(sql, selects=1):
         with Session() as s:
             assert s.get(User, 1).name == "new"
@@ -101,10 +101,10 @@ def test_two_evictions_during_one_fill_leave_the_newest_tombstone(Session, hooke
     with Session() as reader1:  # observed an absent key, loads "old"
         assert reader1.get(User, 1).name == "old"
     final = raw_entry(cache, 1)
-    assert final[1] == codec.TOMBSTONE and final != tombstones[0]
+    assert type(final) is codec.Tombstone and final != tombstones[0]
     with Session() as s:
         assert s.get(User, 1).name == "v2"
-    assert raw_entry(cache, 1)[1] == codec.ROW
+    assert type(raw_entry(cache, 1)) is codec.RowEntry
 
 
 @pytest.mark.usefixtures("old_row")
@@ -115,8 +115,8 @@ def test_a_fill_racing_an_eviction_in_get_many_does_not_undo_it(Session, hooked,
     hooked.before_fill.append(lambda: rename(Session, 1, "new"))
     with Session() as reader:
         assert [u.name for u in reader.get_many(User, [1, 2])] == ["old", "other"]
-    assert raw_entry(cache, 1)[1] == codec.TOMBSTONE
-    assert raw_entry(cache, 2)[1] == codec.ROW
+    assert type(raw_entry(cache, 1)) is codec.Tombstone
+    assert type(raw_entry(cache, 2)) is codec.RowEntry
     with Session() as s:
         assert s.get(User, 1).name == "new"
 
@@ -148,7 +148,7 @@ def test_a_rollback_after_flush_leaves_the_cache_as_it_was(Session, cache, sql):
     assert cache.stats()["evictions"] == evictions
     with Session() as s:
         assert s.get(User, 1).name == "old"
-    assert raw_entry(cache, 1)[1] == codec.ROW
+    assert type(raw_entry(cache, 1)) is codec.RowEntry
 
 
 @pytest.mark.usefixtures("old_row")

@@ -9,8 +9,8 @@ import pytest
 from sqlalchemy.orm import sessionmaker
 
 from sa_cache import CachingSession, IdentityCache, codec
-from sa_cache.backend import Write
 from sa_cache.signing import Signer
+from sa_cache.store import Write
 
 from .conftest import register_all
 from .counting import expect_sql
@@ -57,10 +57,10 @@ def test_an_entry_written_without_the_key_is_rejected_logged_and_overwritten(
         s.get(User, 1)
     key = key_of(signed, 1)
     entry = codec.decode(Signer("s3cret").verify(key, signed.store.get_many([key])[0]))
-    values = entry[5]
+    values = entry.values
     shape = signed.model_for(User.__mapper__).shape(User.__mapper__)
     values[shape.attrs.index("active")] = True  # the attacker flips the flag, without the secret
-    forged = codec.encode_row(entry[2], entry[3], entry[4], values)
+    forged = codec.encode(entry._replace(values=values))
     signed.store.write_many([Write(key, forged, None)])
     caplog.set_level(logging.WARNING, logger="sa_cache")
     with expect_sql(sql, selects=1), Session() as s:
@@ -123,7 +123,7 @@ def test_key_rotation_verifies_old_and_new_and_signs_with_new(engine, cache, sql
 def test_the_secret_never_appears_in_reprs_or_stats(cache):
     signed = signed_cache(cache, "hunter2-secret")
     assert "hunter2" not in repr(signed)
-    assert "hunter2" not in repr(signed._signer)
+    assert "hunter2" not in repr(signed.guarded._signer)
     assert "hunter2" not in str(signed.stats())
 
 
@@ -143,5 +143,5 @@ def test_the_flask_extension_reads_the_signing_key_from_config():
     db.init_app(app)
     sacache = SACache(app, db)
     with app.app_context():
-        assert sacache.cache._signer is not None
-        assert "new" not in repr(sacache.cache) and "old" not in repr(sacache.cache._signer)
+        assert sacache.cache.guarded._signer is not None
+        assert "new" not in repr(sacache.cache) and "old" not in repr(sacache.cache.guarded._signer)

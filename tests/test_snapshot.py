@@ -51,9 +51,9 @@ def test_a_reader_with_an_older_snapshot_never_fills_it(engine, db, cache, sql, 
     key = cache.model_for(User.__mapper__).keys.row_key((1,))
     entry = codec.decode(cache.store.get_many([key])[0])
     if snapshot_per_transaction:
-        assert entry[1] == codec.TOMBSTONE
+        assert type(entry) is codec.Tombstone
     else:
-        assert entry[1] == codec.ROW and "new" in entry[5]
+        assert type(entry) is codec.RowEntry and "new" in entry.values
 
     # a snapshot reader filled nothing; a READ COMMITTED one filled the new row
     with expect_sql(sql, selects=1 if snapshot_per_transaction else 0), Writer() as s:

@@ -86,7 +86,8 @@ from sqlalchemy.orm import (
 )
 
 from sa_cache import CachingSession, IdentityCache
-from sa_cache.backend import Write
+from sa_cache.protocol import classify
+from sa_cache.store import Write
 
 from ..databases import SERVERS, create_database, drop_database
 
@@ -763,14 +764,14 @@ def check_quiescent(db_url: str, redis_url: str, prefix: str) -> tuple[int, list
     bad: dict[int, str] = {}
     # 1. the raw entries, judged the way a lookup judges them
     keys = [model.keys.row_key((row,)) for row in rows]
-    read = cache.read([model], keys)
+    read = cache.guarded.read([model], keys)
     assert read is not None, "Redis did not answer"
-    generations, raws = read
-    for row, key, raw in zip(rows, keys, raws, strict=True):
-        outcome = cache.classify(model, key, generations[model], raw, (row,))
+    (generation,), _, payloads = read
+    for row, payload in zip(rows, payloads, strict=True):
+        outcome = classify(model, generation, payload, (row,))
         if outcome is None:
             continue  # a miss: nothing to serve
-        cached = None if isinstance(outcome, str) else (outcome.values["version"],)
+        cached = None if isinstance(outcome, str) else (outcome.value["version"],)
         actual = None if row not in truth else (truth[row][0],)
         if cached != actual:
             bad[row] = f"row {row}: cache entry holds {cached}, the database {actual}"
