@@ -1,4 +1,4 @@
-"""Lua scripts, kept in their own files (``stores/lua/*.lua``) and loaded by name."""
+"""Lua scripts, kept in their own files (``stores/*.lua``) and loaded by name."""
 
 from __future__ import annotations
 
@@ -6,5 +6,5 @@ from importlib import resources
 
 
 def lua_script(name: str) -> str:
-    """The text of ``stores/lua/<name>.lua``."""
-    return (resources.files("sa_cache.stores") / "lua" / f"{name}.lua").read_text()
+    """The text of ``stores/<name>.lua``."""
+    return (resources.files("sa_cache.stores") / f"{name}.lua").read_text()
