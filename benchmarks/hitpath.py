@@ -1,10 +1,14 @@
 """The hit path and get_many alone, for before/after comparisons of a change to sa_cache.
 
-``python -m benchmarks.hitpath [CHECKOUT] [memory|REDIS_URL]`` imports sa_cache from CHECKOUT
-(default: this one), so two checkouts (``git worktree add /tmp/before <commit>``) can be measured
-one after the other with the same script. SQLite in memory, a 10-column model, 1000 rows; a
-fresh session per operation; prints the median of 5 rounds, and get_many once more with
-Python's cyclic garbage collector paused, whose share of a bulk load swings with the heap.
+``python -m benchmarks.hitpath [CHECKOUT] [memory|REDIS_URL] [--cpu]`` imports sa_cache from
+CHECKOUT (default: this one), so two checkouts (``git worktree add /tmp/before <commit>``) can be
+measured with the same script; ``python -m benchmarks.compare`` runs two of them in alternation.
+``--cpu`` times with the process's CPU clock instead of the wall clock, so other work on a shared
+machine weighs less (a Redis round trip's wait then does not count: compare like with like).
+
+SQLite in memory, a 10-column model, 1000 rows; a fresh session per operation; prints the median
+of 5 rounds, and get_many once more with Python's cyclic garbage collector paused, whose share of
+a bulk load swings with the heap.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from sqlalchemy import Boolean, DateTime, Float, Integer, String, Text, create_e
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 
-def measure(checkout: str | None, backend: str | None) -> dict[str, float]:
+def measure(
+    checkout: str | None, backend: str | None, clock: Callable[[], float] = time.perf_counter
+) -> dict[str, float]:
     if checkout:
         sys.path.insert(0, checkout)
     import sa_cache
@@ -80,10 +86,10 @@ def measure(checkout: str | None, backend: str | None) -> dict[str, float]:
     def median_us(fn: Callable[[], Any], n: int) -> float:
         rounds = []
         for _ in range(5):
-            started = time.perf_counter()
+            started = clock()
             for _ in range(n):
                 fn()
-            rounds.append((time.perf_counter() - started) / n * 1e6)
+            rounds.append((clock() - started) / n * 1e6)
         return statistics.median(rounds)
 
     def paused(fn: Callable[[], Any]) -> Callable[[], Any]:
@@ -105,6 +111,8 @@ def measure(checkout: str | None, backend: str | None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    checkout = sys.argv[1] if len(sys.argv) > 1 else None
-    backend = sys.argv[2] if len(sys.argv) > 2 and sys.argv[2] != "memory" else None
-    print(measure(checkout, backend))
+    args = [a for a in sys.argv[1:] if a != "--cpu"]
+    checkout = args[0] if args else None
+    backend = args[1] if len(args) > 1 and args[1] != "memory" else None
+    clock = time.process_time if "--cpu" in sys.argv else time.perf_counter
+    print(measure(checkout, backend, clock))

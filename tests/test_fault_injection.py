@@ -291,7 +291,7 @@ class MaxMemory(Fault):
         # journal keeps it from being served
         canary = stored_row(self.load.cache, CANARY, self.admin)
         assert canary is not None
-        assert canary[5][shape_index("version")] == 1
+        assert canary.values[shape_index("version")] == 1
         with self.load.Session() as s:
             assert s.get(User, CANARY).version == 2
 
