@@ -130,6 +130,18 @@ class CachedModel(CachedKind):
         """Primary-key values coerced through their column types, or None if any cannot be."""
         return normalise(self.coercers, pk)
 
+    def may_cache_absence(self, mapper: Mapper[Any], dialect: Any) -> bool:
+        """Whether a lookup of ``mapper`` that found no row may cache "no such row" on
+        ``dialect``: only when the database compares this key exactly as the cache does.
+
+        Not for a subclass lookup (the row may exist as a sibling class). Not for string keys on
+        MySQL/MariaDB (and SQL Server): their collations are case- and trailing-space-insensitive
+        by default, so ``get(M, "ACME")`` may find the row stored as "acme", and an absence cached
+        under "ACME" would outlive the insert of "acme", which evicts only its own key."""
+        if mapper is not self.base_mapper:
+            return False
+        return not self.string_pk or dialect.name in ("postgresql", "sqlite", "oracle")
+
     def key_for_identity(self, identity_key: Any) -> str:
         """The key of a row an instance holds, its primary key normalised as a lookup's is: an
         instance may hold ``"09"`` (or a UUID in capitals) for the row a lookup calls ``9``."""

@@ -115,8 +115,9 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         may_fill = not lookups.changes.wrote and _orm.next_load_sees_fresh_snapshot(
             self  # type: ignore[arg-type]
         )
-        negative_ok = mapper is model.base_mapper and (
-            not model.string_pk or self._exact_string_comparison(mapper)
+        negative_ok = model.may_cache_absence(
+            mapper,
+            self.get_bind(mapper=mapper).dialect,  # type: ignore[attr-defined]
         )
         return may_fill, negative_ok
 
@@ -134,14 +135,6 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
                 shape.expire_on_hit,
             )
         return _orm.KNOWN_ABSENT
-
-    def _exact_string_comparison(self, mapper: Mapper[Any]) -> bool:
-        """Whether the database compares string keys exactly. MySQL/MariaDB (and SQL Server)
-        collations are case- and trailing-space-insensitive by default: ``get(M, "ACME")`` may
-        find the row stored as "acme", so an absence cached under "ACME" would outlive the
-        insert of "acme", which evicts only its own key. No negative caching there."""
-        dialect = self.get_bind(mapper=mapper).dialect.name  # type: ignore[attr-defined]
-        return dialect in ("postgresql", "sqlite", "oracle")
 
     def loaded_nothing(self, mapper: Mapper[Any], primary_key_identity: Any) -> None:
         """A ``get`` went to the database and found no row: remember that (negative caching)."""

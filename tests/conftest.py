@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -53,15 +53,6 @@ def counted_region(counter: RedisCounter, url: str | None = None) -> Any:
 # -- databases ----------------------------------------------------------------------------------
 
 
-def _create_database(server: str, port: int, name: str) -> str:
-    """tests/databases.py's ``create_database``, skipped when the server is down (for
-    flask_support.py, which imports these two by name)."""
-    require_service(server.split(":")[0], port)
-    return create_database(server, name)
-
-
-_drop_database = drop_database
-
 _engines: dict[str, Engine] = {}
 
 
@@ -69,8 +60,10 @@ def database_url(kind: str, tmp_root: str) -> str:
     if kind == "sqlite":
         return f"sqlite:///{tmp_root}/{RUN_ID}.sqlite"
     if kind == "postgresql":
-        return _create_database(PG_SERVER, 5432, RUN_ID)
-    return _create_database(MARIADB_SERVER, 3306, RUN_ID)
+        require_service("postgresql", 5432)
+        return create_database(PG_SERVER, RUN_ID)
+    require_service("mariadb", 3306)
+    return create_database(MARIADB_SERVER, RUN_ID)
 
 
 @pytest.fixture(scope="session")
@@ -158,22 +151,45 @@ def users(Session: sessionmaker[CachingSession]) -> None:  # noqa: N803
 
 
 def new_cache(backend: str, counter: RedisCounter, **options: Any) -> IdentityCache:
+    """A registered cache under a prefix of its own: ``backend`` "memory", "redis" (the tests'
+    Redis, counted by ``counter``) or a Redis URL (a server of the test's own, not counted)."""
     prefix = f"{RUN_ID}_{uuid.uuid4().hex[:8]}"
     if backend == "redis":
         cache = IdentityCache(counted_region(counter), prefix=prefix, **options)
         cache.store.client.ping()  # type: ignore[attr-defined]
         counter.reset()
-    else:
+    elif backend == "memory":
         cache = IdentityCache(prefix=prefix, **options)
+    else:
+        cache = IdentityCache(backend, prefix=prefix, **options)
     return register_all(cache)
 
 
+CacheFactory = Callable[..., IdentityCache]
+
+
 @pytest.fixture
-def cache(backend: str, redis_counter: RedisCounter) -> Iterator[IdentityCache]:
-    cache = new_cache(backend, redis_counter)
-    yield cache
-    if backend == "redis":
-        cache.store.delete_prefix(cache.prefix + ":")
+def cache_factory(redis_counter: RedisCounter) -> Iterator[CacheFactory]:
+    """``cache_factory(backend, **options)``: a cache as :func:`new_cache` makes it, with
+    IdentityCache options of the test's own (``cache_factory(backend, lease_wait=0)``). The keys
+    of every cache made on the tests' Redis are removed after the test; a server of the test's
+    own (a URL) is discarded with its keys."""
+    shared: list[tuple[Any, str]] = []
+
+    def make(backend: str, **options: Any) -> IdentityCache:
+        cache = new_cache(backend, redis_counter, **options)
+        if backend == "redis":
+            shared.append((cache.store, cache.prefix + ":"))  # the store, even if a test swaps it
+        return cache
+
+    yield make
+    for store, prefix in shared:
+        store.delete_prefix(prefix)
+
+
+@pytest.fixture
+def cache(backend: str, cache_factory: CacheFactory) -> IdentityCache:
+    return cache_factory(backend)
 
 
 @pytest.fixture
