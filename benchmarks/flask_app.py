@@ -3,7 +3,8 @@ benchmark: ``gunicorn 'benchmarks.flask_app:create_app()'``.
 
 Environment: ``BENCH_DATABASE_URL``; ``BENCH_CACHE`` (a Redis URL for the sa_cache variant, empty
 for the uncached one); ``BENCH_CACHE_PREFIX``. Every response carries ``X-SQL-Count``, the number
-of statements the request sent to the database.
+of statements the request sent to the database, counted by the tests' ``counting_sql``
+(tests/counting.py).
 
 sa_cache is plugged in through ``session_options`` with a Session class of its own (a subclass of
 :class:`sa_cache.CachingSessionMixin` and Flask-SQLAlchemy's Session), not through
@@ -13,15 +14,16 @@ sa_cache is plugged in through ``session_options`` with a Session class of its o
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack
 from typing import Any
 
-from flask import Flask, g, has_app_context
+from flask import Flask
 from flask_login import LoginManager, UserMixin, current_user, login_required, login_user
 from flask_sqlalchemy import SQLAlchemy
 from flask_sqlalchemy.session import Session as FlaskSession
-from sqlalchemy import event
 
 from sa_cache import CachingSessionMixin, IdentityCache
+from tests.counting import counting_sql
 
 from .models import UserColumns
 
@@ -62,16 +64,20 @@ def create_app() -> Flask:
     def load_user(user_id: str) -> Any:
         return db.session.get(User, int(user_id))
 
+    # one counter for the worker's life, kept open on the app (gunicorn's sync workers serve one
+    # request at a time), reset as each request begins: no listener added per request
+    counting = ExitStack()
     with app.app_context():
+        sql = counting.enter_context(counting_sql(db.engine))
+    app.extensions["bench_sql_counting"] = counting
 
-        @event.listens_for(db.engine, "before_cursor_execute")
-        def count(*args: Any) -> None:
-            if has_app_context():
-                g.sql_count = g.get("sql_count", 0) + 1
+    @app.before_request
+    def count_sql() -> None:
+        sql.reset()
 
     @app.after_request
     def sql_header(response: Any) -> Any:
-        response.headers["X-SQL-Count"] = str(g.get("sql_count", 0))
+        response.headers["X-SQL-Count"] = str(sql.count)
         return response
 
     @app.route("/login/<int:user_id>")

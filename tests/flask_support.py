@@ -1,6 +1,7 @@
 """Fixtures for the Flask tests: the example application (``docs/examples/flask_app.py``, not part
 of the package) on a real database (its own database per run, apart from the core tests' tables)
-and a real cache, with SQL counted per request."""
+and a real cache, its SQL counted by tests/counting.py's :class:`SQLCounter` (assert on a
+request with ``expect_sql``)."""
 
 from __future__ import annotations
 
@@ -15,18 +16,11 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from .conftest import (
-    MARIADB_SERVER,
-    PG_SERVER,
-    REDIS_URL,
-    RUN_ID,
-    _create_database,
-    _drop_database,
-    require_service,
-)
+from .conftest import MARIADB_SERVER, PG_SERVER, REDIS_URL, RUN_ID, require_service
+from .counting import SQLCounter, counting_sql
+from .databases import create_database, drop_database
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
 #: the example's module name, as ``flask --app docs/examples/flask_app.py`` and
@@ -59,9 +53,9 @@ _urls: dict[str, str] = {}
 def flask_databases_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     yield _urls
     if "postgresql" in _urls:
-        _drop_database(PG_SERVER, FLASK_DB)
+        drop_database(PG_SERVER, FLASK_DB)
     if "mariadb" in _urls:
-        _drop_database(MARIADB_SERVER, FLASK_DB)
+        drop_database(MARIADB_SERVER, FLASK_DB)
 
 
 def flask_database_url(kind: str, urls: dict[str, str], tmp_root: str) -> str:
@@ -69,9 +63,11 @@ def flask_database_url(kind: str, urls: dict[str, str], tmp_root: str) -> str:
         if kind == "sqlite":
             urls[kind] = f"sqlite:///{tmp_root}/{FLASK_DB}.sqlite"
         elif kind == "postgresql":
-            urls[kind] = _create_database(PG_SERVER, 5432, FLASK_DB)
+            require_service("postgresql", 5432)
+            urls[kind] = create_database(PG_SERVER, FLASK_DB)
         else:
-            urls[kind] = _create_database(MARIADB_SERVER, 3306, FLASK_DB)
+            require_service("mariadb", 3306)
+            urls[kind] = create_database(MARIADB_SERVER, FLASK_DB)
     return urls[kind]
 
 
@@ -121,54 +117,34 @@ def close_app(app: Flask) -> None:
             engine.dispose()
 
 
-class SQLLog:
-    """Statements the app's engine sent, per request."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.statements: list[str] = []
-        event.listen(engine, "before_cursor_execute", self)
-
-    def __call__(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        self.statements.append(statement)
-
-    def user_selects(self) -> list[str]:
-        return [
-            s
-            for s in self.statements
-            if s.lstrip().upper().startswith("SELECT") and "FROM users" in s
-        ]
+def is_user_select(statement: str) -> bool:
+    """A SELECT from the users table (the user loader's, not a role check's)."""
+    return statement.lstrip().upper().startswith("SELECT") and "FROM users" in statement
 
 
 class Browser:
-    """A test client that logs in and records the SQL each request sent."""
+    """A test client that logs in; a request that fails with a 5xx fails the test. What a request
+    sends to the database: ``with expect_sql(sql, ...): browser.get(...)``."""
 
-    def __init__(self, app: Flask, sql: SQLLog) -> None:
+    def __init__(self, app: Flask) -> None:
         self.app = app
         self.client: FlaskClient = app.test_client()
-        self.sql = sql
-        self.last: list[str] = []
 
-    def _track(self, method: str, path: str, **kwargs: Any) -> Any:
-        start = len(self.sql.statements)
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
         response = getattr(self.client, method)(path, **kwargs)
-        self.last = self.sql.statements[start:]
         assert response.status_code < 500, response.get_data(as_text=True)
         return response
 
     def get(self, path: str, **kwargs: Any) -> Any:
-        return self._track("get", path, **kwargs)
+        return self._request("get", path, **kwargs)
 
     def post(self, path: str, **kwargs: Any) -> Any:
-        return self._track("post", path, **kwargs)
+        return self._request("post", path, **kwargs)
 
     def login(self, email: str) -> Browser:
         response = self.post("/login", data={"email": email, "password": PASSWORDS[email]})
         assert response.status_code == 302, response.get_data(as_text=True)
         return self
-
-    @property
-    def statements(self) -> int:
-        return len(self.last)
 
 
 @pytest.fixture(name="example")
@@ -177,13 +153,14 @@ def example_fixture(
     backend: str,
     flask_databases: dict[str, str],
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[Flask, SQLLog]]:
+) -> Iterator[tuple[Flask, SQLCounter]]:
+    """The example app on database ``db`` and cache ``backend``, and the counter of every
+    statement its engine sends during the test."""
     url = flask_database_url(db, flask_databases, str(tmp_path_factory.getbasetemp()))
     app = make_example_app(url, **cache_config(backend))
     reset_database(app)
-    with app.app_context():
-        sql = SQLLog(db_engine(app))
-    yield app, sql
+    with counting_sql(db_engine(app)) as sql:
+        yield app, sql
     close_app(app)
 
 

@@ -12,7 +12,6 @@ import logging
 import os
 import shutil
 import tempfile
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,7 +21,7 @@ from sqlalchemy.orm import sessionmaker
 
 from sa_cache import CachingSession, IdentityCache
 
-from .conftest import IN_CI, RUN_ID, register_all, require_service
+from .conftest import IN_CI, require_service
 from .counting import expect_sql
 from .models import User
 from .redis_server import RedisServer, free_port, make_tls_files
@@ -76,12 +75,8 @@ def auth_server() -> Iterator[RedisServer]:
     server.stop()
 
 
-def make_cache(url: str, **options: Any) -> IdentityCache:
-    """A cache at ``url`` under a prefix of its own (the servers outlive one test)."""
-    prefix = f"{RUN_ID}_{uuid.uuid4().hex[:8]}"
-    cache = IdentityCache(url, socket_timeout=0.5, prefix=prefix, **options)
-    register_all(cache)
-    return cache
+#: every cache here (from ``cache_factory``, under a prefix of its own: the servers outlive a test)
+SOCKET_TIMEOUT = 0.5
 
 
 def assert_hits(engine: Any, cache: IdentityCache, sql: Any) -> None:
@@ -126,18 +121,23 @@ def all_logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
 @pytest.mark.parametrize("db", ["sqlite"])
 @pytest.mark.usefixtures("users")
 @pytest.mark.parametrize("verify", ["ca", "no_verification"])
-def test_a_rediss_url_connects_over_tls_and_serves_hits(engine, sql, tls_server, verify):
+def test_a_rediss_url_connects_over_tls_and_serves_hits(
+    engine, sql, tls_server, cache_factory, verify
+):
     server, folder = tls_server
     query = f"ssl_ca_certs={folder}/ca.crt" if verify == "ca" else "ssl_cert_reqs=none"
-    cache = make_cache(f"rediss://127.0.0.1:{server.port}/0?{query}")
+    url = f"rediss://127.0.0.1:{server.port}/0?{query}"
+    cache = cache_factory(url, socket_timeout=SOCKET_TIMEOUT)
     assert_hits(engine, cache, sql)
 
 
 @pytest.mark.parametrize("db", ["sqlite"])
 @pytest.mark.usefixtures("users")
-def test_a_plain_connection_to_a_tls_port_degrades_to_the_database(engine, sql, tls_server):
+def test_a_plain_connection_to_a_tls_port_degrades_to_the_database(
+    engine, sql, tls_server, cache_factory
+):
     server, _ = tls_server
-    cache = make_cache(f"redis://127.0.0.1:{server.port}/0")
+    cache = cache_factory(f"redis://127.0.0.1:{server.port}/0", socket_timeout=SOCKET_TIMEOUT)
     with sessionmaker(engine, class_=CachingSession, cache=cache)() as s:
         assert s.get(User, 1).name == "one"
     assert cache.stats()["errors"] >= 1
@@ -156,9 +156,9 @@ def auth_url(server: RedisServer, user: str, password: str, scheme: str = "redis
     "user, password", [("", PASSWORD), ("default", PASSWORD), ("alice", ALICE_PASSWORD)]
 )
 def test_credentials_in_the_url_authenticate_and_appear_in_no_log_or_repr(
-    engine, sql, auth_server, all_logs, user, password
+    engine, sql, auth_server, all_logs, cache_factory, user, password
 ):
-    cache = make_cache(auth_url(auth_server, user, password))
+    cache = cache_factory(auth_url(auth_server, user, password), socket_timeout=SOCKET_TIMEOUT)
     assert_hits(engine, cache, sql)
     assert_no_secret(log_text(all_logs), repr(cache), str(cache.stats()), repr(cache.store))
 
@@ -177,9 +177,10 @@ def test_credentials_in_the_url_authenticate_and_appear_in_no_log_or_repr(
     ids=["default_user", "acl_user", "unknown_user", "password_in_query", "refused"],
 )
 def test_a_wrong_password_degrades_to_the_database_and_is_never_shown(
-    engine, sql, auth_server, all_logs, url
+    engine, sql, auth_server, all_logs, cache_factory, url
 ):
-    cache = make_cache(url.format(wrong=WRONG, port=auth_server.port, free=free_port()))
+    url = url.format(wrong=WRONG, port=auth_server.port, free=free_port())
+    cache = cache_factory(url, socket_timeout=SOCKET_TIMEOUT)
     Session = sessionmaker(engine, class_=CachingSession, cache=cache)  # noqa: N806
     for _ in range(2):
         with Session() as s:

@@ -12,7 +12,6 @@ from sqlalchemy.orm import sessionmaker
 
 from sa_cache import CachingSession, codec
 
-from .conftest import new_cache
 from .counting import expect_commands, expect_sql
 from .entries import entry_kind, stat
 from .models import Address, User
@@ -182,25 +181,21 @@ def test_fills_work_again_in_the_next_transaction(Session, sql, cache, end):
 
 @pytest.mark.parametrize("end", ["commit", "rollback"])
 def test_the_fill_after_the_transaction_ends_is_one_compare_and_set(
-    engine, backend, redis_counter, end
+    engine, backend, cache_factory, redis_counter, end
 ):
-    cache = new_cache(backend, redis_counter, lease_wait=0)  # the herd lease is test_herd's
-    try:
-        Session = sessionmaker(engine, class_=CachingSession, cache=cache)
-        with Session() as s:
-            s.add_all([User(id=1, name="u1"), User(id=4, name="u4")])
-            s.commit()
-        with Session() as a:
-            a.get(User, 1).name = "written"
-            a.flush()
-            getattr(a, end)()
-            # the read, then a compare-and-set replacing the tombstone the insert left
-            with expect_commands(redis_counter, {"MGET": 1, "EVALSHA": 1}, round_trips=2):
-                assert a.get(User, 4).name == "u4"
-        assert entry_kind(cache, User, 4) == codec.RowEntry
-    finally:
-        if backend == "redis":
-            cache.store.delete_prefix(cache.prefix + ":")
+    cache = cache_factory(backend, lease_wait=0)  # the herd lease is test_herd's
+    Session = sessionmaker(engine, class_=CachingSession, cache=cache)
+    with Session() as s:
+        s.add_all([User(id=1, name="u1"), User(id=4, name="u4")])
+        s.commit()
+    with Session() as a:
+        a.get(User, 1).name = "written"
+        a.flush()
+        getattr(a, end)()
+        # the read, then a compare-and-set replacing the tombstone the insert left
+        with expect_commands(redis_counter, {"MGET": 1, "EVALSHA": 1}, round_trips=2):
+            assert a.get(User, 4).name == "u4"
+    assert entry_kind(cache, User, 4) == codec.RowEntry
 
 
 def test_a_session_that_ran_a_textual_write_fills_nothing_until_its_transaction_ends(

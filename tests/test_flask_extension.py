@@ -27,7 +27,7 @@ from sa_cache.integrations.flask import (
     SACache,
 )
 from sa_cache.integrations.flask_login import safe_user_loader
-from sqlalchemy import String, TypeDecorator, Uuid, create_engine, event
+from sqlalchemy import String, TypeDecorator, Uuid, create_engine
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -41,10 +41,10 @@ from sa_cache.cli import main
 from sa_cache.shared_stats import StatsPublisher, read_shared_stats, stats_key
 
 from .conftest import REDIS_URL, require_service
+from .counting import counting_sql, expect_sql
 from .flask_support import (  # noqa: F401 - fixtures
     EXAMPLES,
     Browser,
-    SQLLog,
     cache_config,
     close_app,
     db_engine,
@@ -54,12 +54,6 @@ from .flask_support import (  # noqa: F401 - fixtures
     new_prefix,
     reset_database,
 )
-
-
-def counted(engine):
-    statements: list[str] = []
-    event.listen(engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
-    return statements
 
 
 @pytest.fixture
@@ -99,18 +93,18 @@ def test_three_lines_make_db_session_and_model_query_cached(tmp_path):
         db.create_all()
         db.session.add(Thing(id=1, label="one"))
         db.session.commit()
-        statements = counted(db.engine)
-    with app.app_context():
-        assert db.session.get(Thing, 1).label == "one"
-    assert len(statements) == 1
-    with app.app_context():
-        assert db.session.get(Thing, 1).label == "one"
-        assert Thing.query.get(1).label == "one"
-        assert db.get_or_404(Thing, 1).label == "one"
-    with app.app_context():
-        assert Thing.query.get(1).label == "one"
-        assert Thing.query.get_many([1]) == [db.session.get(Thing, 1)]
-    assert len(statements) == 1  # only the first, cold lookup
+        engine = db.engine
+    with counting_sql(engine) as sql:
+        with expect_sql(sql, 1), app.app_context():  # the first, cold lookup
+            assert db.session.get(Thing, 1).label == "one"
+        with expect_sql(sql, 0):
+            with app.app_context():
+                assert db.session.get(Thing, 1).label == "one"
+                assert Thing.query.get(1).label == "one"
+                assert db.get_or_404(Thing, 1).label == "one"
+            with app.app_context():
+                assert Thing.query.get(1).label == "one"
+                assert Thing.query.get_many([1]) == [db.session.get(Thing, 1)]
     with app.app_context():  # the rest of Flask-SQLAlchemy's Query still works
         assert Thing.query.filter_by(label="one").paginate(page=1, per_page=5).total == 1
     assert sacache.cache.stats()["models"]["Thing"]["hits"] >= 4
@@ -318,13 +312,11 @@ def test_a_plain_scoped_session_app_with_flask_login(tmp_path):
         s.add(Account(id=1, email="plain@example.com"))
         s.commit()
     Session.remove()
-    statements = counted(engine)
     client = app.test_client()
     client.post("/login/1")
     assert client.get("/me").get_data(as_text=True) == "plain@example.com"
-    statements.clear()
-    assert client.get("/me").get_data(as_text=True) == "plain@example.com"
-    assert statements == []
+    with counting_sql(engine) as sql, expect_sql(sql, 0):
+        assert client.get("/me").get_data(as_text=True) == "plain@example.com"
     with client.session_transaction() as session:
         session["_user_id"] = "nope"
     assert client.get("/me").status_code == 401
@@ -335,7 +327,7 @@ def test_a_plain_scoped_session_app_with_flask_login(tmp_path):
 
 def test_flush_removes_only_this_caches_keys(sqlite_app, redis_client):
     prefix = sqlite_app.config["SA_CACHE_PREFIX"]
-    browser = Browser(sqlite_app, SQLLog(db_engine(sqlite_app))).login("bob@example.com")
+    browser = Browser(sqlite_app).login("bob@example.com")
     browser.get("/me")
     neighbours = [f"{prefix}_other:x", f"{prefix}x", f"other:{prefix}:x", f"{prefix}"]
     for key in neighbours:
@@ -347,7 +339,8 @@ def test_flush_removes_only_this_caches_keys(sqlite_app, redis_client):
         assert redis_client.keys(f"{prefix}:*") == []
         assert all(redis_client.get(key) == b"keep" for key in neighbours)
         browser.get("/me")  # the app carries on: a miss, refilled
-        assert browser.get("/me").status_code == 200 and browser.statements == 0
+        with counting_sql(db_engine(sqlite_app)) as sql, expect_sql(sql, 0):
+            assert browser.get("/me").status_code == 200
         result = sqlite_app.test_cli_runner().invoke(args=["sa-cache", "flush"])
         assert result.exit_code == 0 and "removed" in result.output
         assert redis_client.keys(f"{prefix}:*") == []
@@ -358,29 +351,33 @@ def test_flush_removes_only_this_caches_keys(sqlite_app, redis_client):
 @pytest.mark.parametrize("model", ["users", "flask_app:User"])
 def test_console_evict_makes_the_next_request_a_miss(sqlite_app, model):
     prefix = sqlite_app.config["SA_CACHE_PREFIX"]
-    browser = Browser(sqlite_app, SQLLog(db_engine(sqlite_app))).login("bob@example.com")
+    browser = Browser(sqlite_app).login("bob@example.com")
     browser.get("/me")
-    assert browser.get("/me").status_code == 200 and browser.statements == 0
-    bob_id = str(browser.get("/me").json["id"])
-    args = ["evict", "--redis-url", REDIS_URL, "--prefix", prefix, model, bob_id]
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, result.output
-    browser.get("/me")
-    assert browser.statements == 1  # evicted: loaded again
-    assert browser.get("/me").status_code == 200 and browser.statements == 0
+    with counting_sql(db_engine(sqlite_app)) as sql:
+        with expect_sql(sql, 0):
+            assert browser.get("/me").status_code == 200
+        bob_id = str(browser.get("/me").json["id"])
+        args = ["evict", "--redis-url", REDIS_URL, "--prefix", prefix, model, bob_id]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        with expect_sql(sql, 1):  # evicted: loaded again
+            browser.get("/me")
+        with expect_sql(sql, 0):
+            assert browser.get("/me").status_code == 200
 
 
 def test_flask_evict_resolves_class_and_table_names(sqlite_app):
-    browser = Browser(sqlite_app, SQLLog(db_engine(sqlite_app))).login("bob@example.com")
+    browser = Browser(sqlite_app).login("bob@example.com")
     bob_id = str(browser.get("/me").json["id"])
     runner = sqlite_app.test_cli_runner()
-    for name in ("User", "users"):
-        browser.get("/me")
-        assert browser.statements == 0
-        result = runner.invoke(args=["sa-cache", "evict", name, bob_id])
-        assert result.exit_code == 0, result.output
-        browser.get("/me")
-        assert browser.statements == 1
+    with counting_sql(db_engine(sqlite_app)) as sql:
+        for name in ("User", "users"):
+            with expect_sql(sql, 0):
+                browser.get("/me")
+            result = runner.invoke(args=["sa-cache", "evict", name, bob_id])
+            assert result.exit_code == 0, result.output
+            with expect_sql(sql, 1):
+                browser.get("/me")
     result = runner.invoke(args=["sa-cache", "evict", "Nothing", "1"])
     assert result.exit_code != 0 and "no cached model" in result.output
     result = runner.invoke(args=["sa-cache", "evict", "User", "abc"])
@@ -396,7 +393,7 @@ def test_stats_sums_every_process(sqlite_app, redis_client):
     )
     try:
         for app in (sqlite_app, other):
-            browser = Browser(app, SQLLog(db_engine(app))).login("bob@example.com")
+            browser = Browser(app).login("bob@example.com")
             for _ in range(3):
                 browser.get("/me")
         caches = [app.extensions[EXTENSION_KEY].cache for app in (sqlite_app, other)]
@@ -487,13 +484,12 @@ def test_models_chooses_what_is_cached_and_register_adds_to_it():
         db.session.commit()
         sacache.register(Later, ttl=30)
         sacache.register(Cached, ttl=40)  # already cached: the TTL still applies
-        statements = counted(db.engine)
-        for _ in range(2):
-            db.session.remove()
-            for model in (Cached, Uncached, Later):
-                assert db.session.get(model, 1) is not None
         # Cached and Later: one miss each, then hits; Uncached: a SELECT every time
-        assert len(statements) == 4
+        with counting_sql(db.engine) as sql, expect_sql(sql, 4):
+            for _ in range(2):
+                db.session.remove()
+                for model in (Cached, Uncached, Later):
+                    assert db.session.get(model, 1) is not None
         assert set(sacache.cache.stats()["models"]) == {"Cached", "Later"}
         assert sacache.cache.model_for(Later.__mapper__).ttl == 30
         assert sacache.cache.model_for(Cached.__mapper__).ttl == 40
@@ -642,19 +638,20 @@ def members(tmp_path):
         session.add_all([Member(id=7), Member(id=8), Device(id=DEVICE), Badge(id="abc")])
         session.commit()
     Session.remove()
-    yield Session, cache, counted(engine)
+    with counting_sql(engine) as sql:
+        yield Session, cache, sql
     Session.remove()
     engine.dispose()
 
 
 def test_the_safe_loader_turns_malformed_out_of_range_and_deleted_ids_into_none(members):
-    Session, cache, statements = members  # noqa: N806
+    Session, cache, sql = members  # noqa: N806
     load = safe_user_loader(Member, Session)
     malformed = ["abc", "", "1.5", "0x10", " 7", "7\n", "\u0667", "1e3", "7 OR 1=1", "None"]
     out_of_range = [str(2**63), str(-(2**63)), "9" * 20, "9" * 5000]  # 5000: past int()'s limit
-    for user_id in malformed + out_of_range:
-        assert load(user_id) is None, user_id
-    assert statements == []  # refused without a query
+    with expect_sql(sql, 0):  # refused without a query
+        for user_id in malformed + out_of_range:
+            assert load(user_id) is None, user_id
     assert load("7").id == 7
     with Session() as session:
         session.delete(session.get(Member, 8))
@@ -665,32 +662,31 @@ def test_the_safe_loader_turns_malformed_out_of_range_and_deleted_ids_into_none(
 
 
 def test_the_safe_loader_reads_ids_as_the_cache_keys_do(members):
-    Session, cache, statements = members  # noqa: N806
+    Session, cache, sql = members  # noqa: N806
     load = safe_user_loader(Member, Session)
     assert load("7").id == 7  # a miss, filled
     Session.remove()
-    statements.clear()
-    for user_id in ("7", "007", "+7"):  # one primary key, one cache entry, as session.get(...)
-        assert load(user_id).id == 7
-        Session.remove()
-    assert statements == []
+    with expect_sql(sql, 0):
+        for user_id in ("7", "007", "+7"):  # one primary key, one cache entry, as session.get
+            assert load(user_id).id == 7
+            Session.remove()
     assert cache.stats()["models"]["Member"]["hits"] == 3
     load_device = safe_user_loader(Device, Session)
     assert load_device(str(DEVICE).upper()).id == DEVICE
     assert load_device(DEVICE.hex).id == DEVICE
-    statements.clear()
-    assert load_device("not-a-uuid") is None and statements == []
+    with expect_sql(sql, 0):
+        assert load_device("not-a-uuid") is None
 
 
 def test_an_id_type_the_cache_keys_cannot_read_goes_to_sqlalchemy_as_it_is(members):
-    Session, cache, statements = members  # noqa: N806
+    Session, cache, sql = members  # noqa: N806
     load = safe_user_loader(Badge, Session)
     assert load("ABC").id == "abc"  # the TypeDecorator lowers it
     assert load("nobody") is None
 
 
 def test_sacache_user_loader_registers_the_safe_loader(members):
-    Session, cache, statements = members  # noqa: N806
+    Session, cache, sql = members  # noqa: N806
     app = Flask(__name__)
     sacache = SACache(app, models=LoginBase)
     login_manager = flask_login.LoginManager(app)

@@ -4,7 +4,6 @@ inserting that key evicts it."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -12,7 +11,7 @@ from sqlalchemy.orm import sessionmaker
 
 from sa_cache import CachingSession, IdentityCache, codec
 
-from .conftest import RedisCounter, new_cache
+from .conftest import CacheFactory
 from .counting import expect_commands, expect_sql
 from .entries import entry_kind, row_key, stat
 from .models import Employee, Engineer, Manager, Membership, User
@@ -30,11 +29,8 @@ def seconds_to_live(cache: IdentityCache, backend: str, model: type[Any], *pk: A
 
 
 @pytest.fixture
-def short_cache(backend: str, redis_counter: RedisCounter) -> Iterator[IdentityCache]:
-    cache = new_cache(backend, redis_counter, negative_ttl=NEGATIVE_TTL)
-    yield cache
-    if backend == "redis":
-        cache.store.delete_prefix(cache.prefix + ":")
+def short_cache(backend: str, cache_factory: CacheFactory) -> IdentityCache:
+    return cache_factory(backend, negative_ttl=NEGATIVE_TTL)
 
 
 @pytest.fixture
@@ -60,23 +56,19 @@ def test_a_missing_row_is_looked_up_in_the_database_once(Session, sql, cache, re
 
 
 def test_caching_an_absence_is_one_read_and_one_conditional_write(
-    engine, backend, redis_counter, sql
+    engine, backend, cache_factory, redis_counter, sql
 ):
-    cache = new_cache(backend, redis_counter, lease_wait=0)  # the herd lease is test_herd's
-    try:
-        Session = sessionmaker(engine, class_=CachingSession, cache=cache)
-        with Session() as s:
-            assert s.get(User, 1) is None  # creates User's generation
-        with (
-            expect_sql(sql, selects=1),
-            expect_commands(redis_counter, {"MGET": 1, "SET": 1}, round_trips=2),  # SET NX
-            Session() as s,
-        ):
-            assert s.get(User, 404) is None
-        assert entry_kind(cache, User, 404) == codec.AbsentEntry
-    finally:
-        if backend == "redis":
-            cache.store.delete_prefix(cache.prefix + ":")
+    cache = cache_factory(backend, lease_wait=0)  # the herd lease is test_herd's
+    Session = sessionmaker(engine, class_=CachingSession, cache=cache)
+    with Session() as s:
+        assert s.get(User, 1) is None  # creates User's generation
+    with (
+        expect_sql(sql, selects=1),
+        expect_commands(redis_counter, {"MGET": 1, "SET": 1}, round_trips=2),  # SET NX
+        Session() as s,
+    ):
+        assert s.get(User, 404) is None
+    assert entry_kind(cache, User, 404) == codec.AbsentEntry
 
 
 def test_an_absence_lives_at_most_negative_ttl_and_a_row_much_longer(engine, short_cache, backend):

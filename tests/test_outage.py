@@ -14,9 +14,9 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy.orm import sessionmaker
 
-from sa_cache import CachingSession, IdentityCache
+from sa_cache import CachingSession
 
-from .conftest import register_all, require_service
+from .conftest import require_service
 from .counting import expect_sql
 from .models import User
 from .redis_server import RedisServer, free_port
@@ -30,10 +30,8 @@ def server() -> Iterator[RedisServer]:
     server.stop()
 
 
-def make_cache(url: str, **options: float) -> IdentityCache:
-    cache = IdentityCache(url, socket_timeout=0.2, retries=1, **options)
-    register_all(cache)
-    return cache
+#: every cache here: a short timeout and one retry (the caches come from ``cache_factory``)
+FAST_FAILURE = {"socket_timeout": 0.2, "retries": 1}
 
 
 @pytest.fixture
@@ -48,8 +46,10 @@ def sa_cache_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 @pytest.mark.usefixtures("users")
-def test_with_nothing_listening_every_lookup_is_answered_by_the_database(engine, sql, caplog):
-    cache = make_cache(f"redis://127.0.0.1:{free_port()}/0")
+def test_with_nothing_listening_every_lookup_is_answered_by_the_database(
+    engine, sql, caplog, cache_factory
+):
+    cache = cache_factory(f"redis://127.0.0.1:{free_port()}/0", **FAST_FAILURE)
     Session = sessionmaker(engine, class_=CachingSession, cache=cache)
     caplog.set_level(logging.WARNING, logger="sa_cache")
     for _ in range(3):
@@ -69,8 +69,10 @@ def test_with_nothing_listening_every_lookup_is_answered_by_the_database(engine,
 
 
 @pytest.mark.usefixtures("users")
-def test_a_hung_redis_costs_a_bounded_timeout_and_never_an_error(engine, server, sql):
-    cache = make_cache(server.url)
+def test_a_hung_redis_costs_a_bounded_timeout_and_never_an_error(
+    engine, server, sql, cache_factory
+):
+    cache = cache_factory(server.url, **FAST_FAILURE)
     Session = sessionmaker(engine, class_=CachingSession, cache=cache)
     with Session() as s:
         s.get(User, 1)
@@ -90,8 +92,10 @@ def test_a_hung_redis_costs_a_bounded_timeout_and_never_an_error(engine, server,
 
 
 @pytest.mark.usefixtures("users")
-def test_a_row_changed_while_redis_was_unreachable_is_never_served_stale(engine, server, caplog):
-    cache = make_cache(server.url, breaker_cooldown=0)
+def test_a_row_changed_while_redis_was_unreachable_is_never_served_stale(
+    engine, server, caplog, cache_factory
+):
+    cache = cache_factory(server.url, **FAST_FAILURE, breaker_cooldown=0)
     Session = sessionmaker(engine, class_=CachingSession, cache=cache)
     caplog.set_level(logging.WARNING, logger="sa_cache")
     with Session() as s:
@@ -113,8 +117,8 @@ def test_a_row_changed_while_redis_was_unreachable_is_never_served_stale(engine,
 
 
 @pytest.mark.usefixtures("users")
-def test_a_killed_and_restarted_redis_is_used_again(engine, server, sql):
-    cache = make_cache(server.url, breaker_cooldown=0)
+def test_a_killed_and_restarted_redis_is_used_again(engine, server, sql, cache_factory):
+    cache = cache_factory(server.url, **FAST_FAILURE, breaker_cooldown=0)
     Session = sessionmaker(engine, class_=CachingSession, cache=cache)
     with Session() as s:
         s.get(User, 1)
@@ -134,8 +138,10 @@ def test_a_killed_and_restarted_redis_is_used_again(engine, server, sql):
 
 
 @pytest.mark.usefixtures("users")
-def test_an_overflowing_journal_evicts_whole_models_when_redis_is_back(engine, server, sql):
-    cache = make_cache(server.url, breaker_cooldown=0)
+def test_an_overflowing_journal_evicts_whole_models_when_redis_is_back(
+    engine, server, sql, cache_factory
+):
+    cache = cache_factory(server.url, **FAST_FAILURE, breaker_cooldown=0)
     cache.guarded.journal_limit = 2
     Session = sessionmaker(engine, class_=CachingSession, cache=cache)
     for pk in (1, 2, 3):

@@ -7,7 +7,7 @@ callback run at the critical point, between the reader's database read and its c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -16,7 +16,7 @@ from sqlalchemy.orm import sessionmaker
 from sa_cache import CachingSession, IdentityCache, codec
 from sa_cache.store import Fill
 
-from .conftest import new_cache
+from .conftest import CacheFactory
 from .counting import expect_sql
 from .models import User
 
@@ -38,13 +38,10 @@ class HookedStore:
 
 
 @pytest.fixture
-def cache(backend: str, redis_counter: Any) -> Iterator[IdentityCache]:
+def cache(backend: str, cache_factory: CacheFactory) -> IdentityCache:
     """Leases off: these tests are about the fill protocol itself (tests/test_herd.py covers the
     leases; with them on, a writer inside the hook would wait for the reader's lease)."""
-    cache = new_cache(backend, redis_counter, lease_wait=0)
-    yield cache
-    if backend == "redis":
-        cache.store.delete_prefix(cache.prefix + ":")
+    return cache_factory(backend, lease_wait=0)
 
 
 @pytest.fixture
@@ -153,9 +150,9 @@ def test_a_rollback_after_flush_leaves_the_cache_as_it_was(Session, cache, sql):
 
 @pytest.mark.usefixtures("old_row")
 def test_a_fill_slower_than_a_quarter_of_the_tombstone_ttl_is_dropped(
-    engine, backend, redis_counter
+    engine, backend, cache_factory
 ):
-    cache = new_cache(backend, redis_counter, tombstone_ttl=1e-9)
+    cache = cache_factory(backend, tombstone_ttl=1e-9)
     Session = sessionmaker(engine, class_=CachingSession, cache=cache)
     with Session() as s:
         assert s.get(User, 1).name == "old"
