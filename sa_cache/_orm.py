@@ -22,9 +22,11 @@ changes one fails there first, by name.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import inspect
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.attributes import instance_state
@@ -35,6 +37,21 @@ _SQL_ALLOWED: Final = PassiveFlag.SQL_OK | PassiveFlag.RELATED_OBJECT_OK
 
 #: Returned by :meth:`IdentityLookupHooks.cache_lookup` when the cache knows the row is absent.
 KNOWN_ABSENT: Final = object()
+
+
+class Request(NamedTuple):
+    """What SQLAlchemy's own lookup would do next, as far as a cache must know it.
+
+    :param execution_options: the lookup's execution options.
+    :param options: loader options that apply to the row (``get(..., options=[...])``, or the
+        options the parent of a lazy load was loaded with): a cached row cannot honour them.
+    :param autoflush: whether the SELECT SQLAlchemy would run next autoflushes first (not for a
+        lazy load from a pending object, nor with ``NO_AUTOFLUSH``).
+    """
+
+    execution_options: Any
+    options: bool
+    autoflush: bool
 
 
 class IdentityLookupHooks:
@@ -48,13 +65,15 @@ class IdentityLookupHooks:
     _sa_cache_last_absent: Any = None
     #: the normalised primary key the cache was asked for during the current ``get``
     _sa_cache_lookup_pk: Any = None
+    #: whether the ``get`` under way carries loader options
+    _sa_cache_get_options: bool = False
 
     def cache_lookup(
         self,
         mapper: Mapper[Any],
         primary_key_identity: Any,
         identity_token: Any,
-        execution_options: Any,
+        request: Request,
     ) -> Any:
         return None
 
@@ -84,12 +103,17 @@ class IdentityLookupHooks:
         )
         if found is not None or passive & _SQL_ALLOWED != _SQL_ALLOWED:
             return found
-        answer = self.cache_lookup(
-            mapper,
-            primary_key_identity,
-            identity_token,
+        parent = kw.get("lazy_loaded_from")  # the InstanceState a lazy load started from
+        if parent is None:
+            options, autoflush = self._sa_cache_get_options, True
+        else:
+            options, autoflush = bool(parent.load_options), parent.key is not None
+        request = Request(
             kw.get("execution_options") or EMPTY_DICT,
+            options,
+            autoflush and not passive & PassiveFlag.NO_AUTOFLUSH,
         )
+        answer = self.cache_lookup(mapper, primary_key_identity, identity_token, request)
         if answer is KNOWN_ABSENT:
             self._sa_cache_last_absent = primary_key_identity
             return None
@@ -100,6 +124,8 @@ class IdentityLookupHooks:
     ) -> Any:
         self._sa_cache_last_absent = None
         self._sa_cache_lookup_pk = None
+        outer_options = self._sa_cache_get_options
+        self._sa_cache_get_options = bool(kw.get("options"))
 
         def load_unless_known_absent(session: Any, statement: Any, pk: Any, **load_kw: Any) -> Any:
             if self._sa_cache_last_absent is not None:
@@ -118,6 +144,7 @@ class IdentityLookupHooks:
                 entity, primary_key_identity, load_unless_known_absent, **kw
             )
         finally:
+            self._sa_cache_get_options = outer_options
             self.lookup_done()
 
 
@@ -149,12 +176,69 @@ def next_load_sees_fresh_snapshot(session: Session) -> bool:
     return True
 
 
+def autoflush(session: Session) -> None:
+    """Flush as the SELECT of a lookup would before running (``Session._autoflush``: honours
+    ``autoflush=False`` and ``no_autoflush``, and wraps errors as a query-invoked autoflush)."""
+    session._autoflush()
+
+
 def session_populates_existing(session: Any) -> bool:
     """Whether the session was configured with ``execution_options={"populate_existing": True}``.
 
     ``Session.execution_options`` exists from SQLAlchemy 2.1; in 2.0 no session has it."""
     options = getattr(session, "execution_options", None)
     return bool(options and options.get("populate_existing"))
+
+
+class EagerPlan(NamedTuple):
+    """What a load of one mapper fills in beyond its cached columns, and how a hit does the same.
+
+    :param refresh: attributes one ``Session.refresh`` loads in one SELECT: SQL expressions
+        (``column_property``, ``query_expression``) and ``lazy="joined"`` relationships, which a
+        load fills from its own SELECT.
+    :param trigger: ``selectin`` / ``subquery`` / ``immediate`` relationships, each one more
+        SELECT on a load too (a many-to-one by primary key may come from the cache instead).
+
+    A hit that carries these out costs at most the SQL of a miss, and leaves the instance as a
+    load leaves it (no attribute left to load after the session closes).
+    """
+
+    refresh: tuple[str, ...]
+    trigger: tuple[str, ...]
+
+
+#: The plan of a mapper whose load fills in nothing beyond its columns.
+NO_EAGER_LOADS: Final = EagerPlan((), ())
+_EAGER_LOADERS: Final = frozenset({"selectin", "subquery", "immediate"})
+_plans: weakref.WeakKeyDictionary[Mapper[Any], EagerPlan] = weakref.WeakKeyDictionary()
+
+
+def eager_plan(mapper: Mapper[Any], expressions: frozenset[str]) -> EagerPlan:
+    """The :class:`EagerPlan` of ``mapper``; ``expressions`` are its column attributes a cached
+    row does not hold."""
+    plan: EagerPlan | None = _plans.get(mapper)
+    if plan is None:
+        joined = [r.key for r in mapper.relationships if r.lazy == "joined"]
+        trigger = [r.key for r in mapper.relationships if r.lazy in _EAGER_LOADERS]
+        plan = EagerPlan(tuple(sorted(expressions)) + tuple(joined), tuple(trigger))
+        _plans[mapper] = plan
+    return plan
+
+
+def complete_like_a_load(session: Session, instance: Any, plan: EagerPlan) -> bool:
+    """Load what ``plan`` names on a freshly placed hit; False if the row is gone meanwhile (a
+    refresh found nothing: SQLAlchemy's SELECT would have found nothing too)."""
+    if plan.refresh:
+        try:
+            session.refresh(instance, attribute_names=plan.refresh)
+        except sa_exc.InvalidRequestError:
+            if instance_state(instance).key is None or instance not in session:
+                raise
+            session.expunge(instance)
+            return False
+    for key in plan.trigger:
+        getattr(instance, key)
+    return True
 
 
 def place_in_session(

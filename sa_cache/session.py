@@ -79,18 +79,22 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         mapper: Mapper[Any],
         primary_key_identity: Any,
         identity_token: Any,
-        execution_options: Any,
+        request: _orm.Request,
     ) -> Any:
-        model = self._cacheable(mapper, identity_token, execution_options)
+        model = self._cacheable(mapper, identity_token, request.execution_options)
         if model is None:
+            return None
+        if request.options or self._rewrites_statements():
+            model.stats.skipped += 1  # SQLAlchemy's SELECT may differ from a primary-key load
             return None
         pk = model.normalise(primary_key_identity)
         if pk is None:
             return None  # SQLAlchemy's own answer for a value we cannot coerce
-        if pk != tuple(primary_key_identity):
-            found = self.identity_map_lookup(mapper, pk, identity_token)
-            if found is not None:
-                return found
+        if request.autoflush:
+            _orm.autoflush(self)  # type: ignore[arg-type]  # as the SELECT would
+        found = self.identity_map_lookup(mapper, pk, identity_token)
+        if found is not None:
+            return found
         self._sa_cache_lookup_pk = pk
         key = model.keys.row_key(pk, identity_token)
         lookups = self._sa_cache
@@ -102,6 +106,13 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         if answer is None:
             answer = lookups.lease_or_wait(model, pk, identity_key)
         return None if answer is None else self._place(answer, mapper, identity_key)
+
+    def _rewrites_statements(self) -> bool:
+        """Whether a ``do_orm_execute`` listener other than sa_cache's own is installed: it may
+        add criteria (the multi-tenant recipe's ``with_loader_criteria``) or options to the
+        SELECT a primary-key lookup runs, which a cached row cannot honour."""
+        listeners = self.dispatch.do_orm_execute  # type: ignore[attr-defined]
+        return len(listeners) > 1 or any(fn is not tracking.on_orm_execute for fn in listeners)
 
     def lookup_done(self) -> None:
         if self._sa_cache is not None:
@@ -127,13 +138,21 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
             shape = answer.shape
             if not shape.mapper.isa(mapper):
                 return _orm.KNOWN_ABSENT  # a row of another class: SQLAlchemy answers None
-            return _orm.place_in_session(
+            instance = _orm.place_in_session(
                 self,  # type: ignore[arg-type]
                 shape.mapper,
                 identity_key,
                 answer.value,
                 shape.expire_on_hit,
             )
+            plan = _orm.eager_plan(shape.mapper, shape.expire_on_hit)
+            if (plan.refresh or plan.trigger) and not _orm.complete_like_a_load(
+                self,  # type: ignore[arg-type]
+                instance,
+                plan,
+            ):
+                return _orm.KNOWN_ABSENT
+            return instance
         return _orm.KNOWN_ABSENT
 
     def loaded_nothing(self, mapper: Mapper[Any], primary_key_identity: Any) -> None:
@@ -220,6 +239,13 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
     ) -> None:
         lookups = self._sa_cache
         assert lookups is not None
+        if self._rewrites_statements() or any(
+            _orm.eager_plan(m, model.shape(m).expire_on_hit) != _orm.NO_EAGER_LOADS
+            for m in mapper.self_and_descendants
+        ):
+            # one SELECT for all of them does what a hit would do once per row
+            model.stats.skipped += len(missing)
+            return
         written = lookups.changes.keys
         wanted = [
             (key, pk, mapper.identity_key_from_primary_key(pk))

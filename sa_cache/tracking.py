@@ -69,7 +69,7 @@ def listen(session_class: type[Session]) -> None:
     event.listen(session_class, "after_flush", _after_flush)
     event.listen(session_class, "after_commit", _after_commit, insert=True)
     event.listen(session_class, "after_transaction_end", _after_transaction_end)
-    event.listen(session_class, "do_orm_execute", _do_orm_execute)
+    event.listen(session_class, "do_orm_execute", on_orm_execute)
 
 
 def _lookups(session: Any) -> Any:
@@ -138,7 +138,8 @@ def _after_transaction_end(session: Session, transaction: SessionTransaction) ->
 _READ_ONLY_SQL = ("SELECT", "WITH", "SHOW", "EXPLAIN", "VALUES")
 
 
-def _do_orm_execute(state: ORMExecuteState) -> Any:
+def on_orm_execute(state: ORMExecuteState) -> Any:
+    """Bulk and Core statements through the session: note what they write."""
     if not (state.is_update or state.is_delete or state.is_insert):
         if isinstance(state.statement, TextClause):
             changes = _changes(state.session)

@@ -75,8 +75,11 @@ class Address(Base):
     user: Mapped[User | None] = relationship(back_populates="addresses")
 
 
+#: deferred: a load does not fill it either, so a hit needs no SQL (an undeferred one is loaded
+#: on a hit as a load loads it: tests/test_fidelity_lookups.py)
 User.address_count = column_property(  # type: ignore[attr-defined]
-    select(func.count(Address.id)).where(Address.user_id == User.id).scalar_subquery()
+    select(func.count(Address.id)).where(Address.user_id == User.id).scalar_subquery(),
+    deferred=True,
 )
 
 
