@@ -220,7 +220,10 @@ def eager_plan(mapper: Mapper[Any], expressions: frozenset[str]) -> EagerPlan:
     if plan is None:
         joined = [r.key for r in mapper.relationships if r.lazy == "joined"]
         trigger = [r.key for r in mapper.relationships if r.lazy in _EAGER_LOADERS]
-        plan = EagerPlan(tuple(sorted(expressions)) + tuple(joined), tuple(trigger))
+        refresh = tuple(sorted(expressions)) + tuple(joined)
+        if refresh:  # a refresh must load at least one table column: the key is one
+            refresh = (mapper.get_property_by_column(mapper.primary_key[0]).key, *refresh)
+        plan = EagerPlan(refresh, tuple(trigger))
         _plans[mapper] = plan
     return plan
 

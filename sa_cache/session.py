@@ -282,7 +282,8 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
                     criteria = pk_columns[0].in_([pk[0] for pk in chunk])
                 else:
                     criteria = tuple_(*pk_columns).in_(chunk)
-                for instance in self.execute(select(mapper).where(criteria)).scalars():  # type: ignore[attr-defined]
+                rows = self.execute(select(mapper).where(criteria))  # type: ignore[attr-defined]
+                for instance in rows.unique().scalars():  # joined collections repeat rows
                     found[inspect(instance).identity] = instance
             batch = [] if lookups is None else lookups.batch or []
         finally:
