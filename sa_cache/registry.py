@@ -7,12 +7,13 @@ included).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import inspect
 from sqlalchemy.exc import NoInspectionAvailable
 from sqlalchemy.orm import Mapper
 from sqlalchemy.schema import Table
+from sqlalchemy.sql.expression import TableClause
 
 from .errors import NotRegistered
 from .kinds import CachedKind
@@ -25,7 +26,8 @@ class Registry:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self._models: dict[Mapper[Any], CachedModel] = {}
-        self._by_table: dict[Table, CachedModel | None] = {}
+        #: by table name (casefolded): the registered models mapping a table of that name
+        self._by_table: dict[str, tuple[TableMatch, ...]] = {}
 
     def __len__(self) -> int:
         return len(self._models)
@@ -49,16 +51,27 @@ class Registry:
         model = self._models.get(mapper.base_mapper)
         return () if model is None else (model,)
 
-    def model_for_table(self, table: Any) -> CachedModel | None:
-        """The registered model that maps ``table``, for Core statements that name a table."""
-        if table in self._by_table:
-            return self._by_table[table]
-        cached = None
-        for model in list(self._models.values()):
-            if any(table in mapper.tables for mapper in model.base_mapper.self_and_descendants):
-                cached = model
-        self._by_table[table] = cached  # unregistered tables too: asked on every statement
-        return cached
+    def models_for_table(self, table: Any) -> tuple[TableMatch, ...]:
+        """Every registered model that maps a table named as ``table`` (a ``Table`` of any
+        metadata, a lightweight ``table()``), with the mapper and the table it maps under that
+        name. Names compare case-insensitively (SQLite's do); whether schema and bind name the
+        same database table is the caller's to decide (it knows the binds)."""
+        if not isinstance(table, TableClause):
+            return ()
+        name = table.name.casefold()
+        found = self._by_table.get(name)
+        if found is None:
+            matches: dict[tuple[CachedModel, Any], TableMatch] = {}
+            for model in list(self._models.values()):
+                for mapper in model.base_mapper.self_and_descendants:  # the base first
+                    if mapper.concrete and mapper is not model.base_mapper:
+                        continue  # a concrete class: its rows are its own model's
+                    for mapped in mapper.tables:
+                        if mapped.name.casefold() == name:
+                            matches.setdefault((model, mapped), TableMatch(model, mapper, mapped))
+            found = tuple(matches.values())
+            self._by_table[name] = found  # unregistered names too: asked on every statement
+        return found
 
     def registered(self, target: Any) -> CachedModel:
         cached = self._models.get(mapper_of(target).base_mapper)
@@ -75,3 +88,12 @@ def mapper_of(target: Any) -> Mapper[Any]:
     if not isinstance(mapper, Mapper):
         raise TypeError(f"{target!r} is not a mapped class")
     return mapper
+
+
+class TableMatch(NamedTuple):
+    """A registered model that maps a table of the name asked for: through ``mapper``, as
+    ``table``."""
+
+    model: CachedModel
+    mapper: Mapper[Any]
+    table: Any  # a Table, or what else a mapper maps (mapper.tables)

@@ -35,6 +35,7 @@ from sqlalchemy.orm import (
 )
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.sql.elements import TextClause
+from sqlalchemy.sql.expression import Alias, Join
 
 from .kinds import CachedKind
 from .rows import CachedModel
@@ -83,12 +84,69 @@ def _changes(session: Any) -> TransactionChanges | None:
 
 
 def _record(
-    changes: TransactionChanges, registry: Any, state: InstanceState[Any], *identities: Any
+    changes: TransactionChanges,
+    registry: Any,
+    session: Session,
+    state: InstanceState[Any],
+    *identities: Any,
 ) -> None:
-    """Every kind's keys that a change of ``state`` (with these identities) makes stale."""
-    for kind in registry.kinds_for(state.mapper):
+    """Every kind's keys that a change of ``state`` (with these identities) makes stale: its own
+    model's, and those of every registered model whose table its class writes too (a second
+    class mapped to a cached table, registered or not)."""
+    kinds = registry.kinds_for(state.mapper)
+    for kind in kinds:
         for key in kind.changed_keys(state, identities):
             changes.keys[key] = kind
+    mapper = state.mapper
+    for model, keys in _other_models_written(registry, session, mapper, kinds, identities):
+        changes.evict_at_commit(model, keys)
+
+
+def _other_models_written(
+    registry: Any,
+    session: Session,
+    mapper: Mapper[Any],
+    own: tuple[CachedKind, ...],
+    identities: tuple[Any, ...],
+) -> list[tuple[CachedModel, dict[str, CachedKind] | None]]:
+    """Registered models other than ``own`` whose tables ``mapper`` writes, each with the keys an
+    instance of these ``identities`` names in it (None: the whole model)."""
+    found: list[tuple[CachedModel, dict[str, CachedKind] | None]] = []
+    bind: Any = None
+    for table in mapper.tables:
+        for match in registry.models_for_table(table):
+            if match.model in own:
+                continue
+            if bind is None:
+                bind = _bind(session, mapper=mapper)
+            if not _same_table(table, bind, match.table, _bind(session, mapper=match.mapper)):
+                continue
+            keys = _keys_from_identities(match.model, mapper, table, identities)
+            found.append((match.model, keys))
+    return found
+
+
+def _keys_from_identities(
+    model: CachedModel, mapper: Mapper[Any], table: Any, identities: tuple[Any, ...]
+) -> dict[str, CachedKind] | None:
+    """The keys of ``model`` that rows of another class (``mapper``, writing ``table``) with
+    these identities are: only when ``table`` is the model's own table and the class's primary
+    key is that table's primary key, column for column; else None (the whole model)."""
+    base = model.base_mapper
+    if _name(table) != _name(base.local_table):
+        return None
+    names = [column.name for column in base.primary_key]
+    if [getattr(column, "name", None) for column in mapper.primary_key] != names:
+        return None
+    if any(getattr(column, "table", None) is not table for column in mapper.primary_key):
+        return None
+    keys: dict[str, CachedKind] = {}
+    for identity in identities:
+        pk = model.normalise(identity[1])
+        if pk is None:
+            return None
+        keys[model.keys.row_key(pk, identity[2])] = model
+    return keys
 
 
 def _after_flush(session: Session, flush_context: UOWTransaction) -> None:
@@ -100,22 +158,29 @@ def _after_flush(session: Session, flush_context: UOWTransaction) -> None:
     registry = lookups.cache.registry
     for obj in session.new:
         state = instance_state(obj)
-        _record(changes, registry, state, state.mapper.identity_key_from_instance(obj))
+        _record(changes, registry, session, state, state.mapper.identity_key_from_instance(obj))
     for obj in session.dirty:
         state = instance_state(obj)
-        if state.key is None or not registry.kinds_for(state.mapper):
+        if state.key is None or not _may_write_cached_rows(registry, state.mapper):
             continue
         if not session.is_modified(obj, include_collections=False):
             continue
         identity = state.mapper.identity_key_from_instance(obj)
         if identity != state.key:  # primary key changed: the new identity may be negatively cached
-            _record(changes, registry, state, state.key, identity)
+            _record(changes, registry, session, state, state.key, identity)
         else:
-            _record(changes, registry, state, state.key)
+            _record(changes, registry, session, state, state.key)
     # every row the flush deleted: session.deleted lacks the orphans the flush itself removed
     for state, (isdelete, listonly) in flush_context.states.items():
         if isdelete and not listonly and state.key is not None:
-            _record(changes, registry, state, state.key)
+            _record(changes, registry, session, state, state.key)
+
+
+def _may_write_cached_rows(registry: Any, mapper: Mapper[Any]) -> bool:
+    """Whether instances of ``mapper`` may write rows of a registered model (cheap: by name)."""
+    return bool(registry.kinds_for(mapper)) or any(
+        registry.models_for_table(table) for table in mapper.tables
+    )
 
 
 def _after_commit(session: Session) -> None:
@@ -152,38 +217,150 @@ def on_orm_execute(state: ORMExecuteState) -> Any:
     if lookups is None:
         return None
     changes = lookups.changes
+    changes.wrote = True  # whatever table it writes: publish nothing until the transaction ends
+    registry = lookups.cache.registry
     statement: Any = state.statement
-    model = lookups.cache.registry.model_for_table(statement.table)
-    if model is None:
+    target, *others = _tables_written(statement, state.is_update)
+    translate = state.execution_options.get("schema_translate_map")
+    bind = _bind(session, **state.bind_arguments)
+    # models of the other tables a multi-table UPDATE sets: their rows are not known
+    for table in others:
+        for match in _matching(registry, session, table, bind, translate):
+            changes.bulk_models.add(match.model)
+    matches = _matching(registry, session, target, bind, translate)
+    if not matches:
         return None
-    changes.wrote = True
     mapper = state.bind_mapper if state.is_orm_statement else None
+    if mapper is not None and any(m.model not in registry.kinds_for(mapper) for m in matches):
+        # an ORM statement of another class on a cached table: evict the whole model
+        for match in matches:
+            changes.bulk_models.add(match.model)
+        return None
+    model = matches[0].model
     if state.is_insert:
-        # an upsert or INSERT OR REPLACE may change or delete rows its parameters do not name
-        if statement._post_values_clause is not None or statement._prefixes:
+        # an upsert or INSERT OR REPLACE may change or delete rows its parameters do not name;
+        # a Core INSERT names the model's rows only on the model's own table
+        if (
+            statement._post_values_clause is not None
+            or statement._prefixes
+            or (mapper is None and _name(target) != _name(model.base_mapper.local_table))
+        ):
             keys = None
         else:
-            keys = _keys_from_parameters(model, mapper, state.parameters)
-    elif mapper is not None and _returning_matches_rows(state, mapper, statement):
-        state.update_execution_options(synchronize_session="fetch")
+            keys = _keys_from_parameters(model, mapper, state.parameters, target)
+    elif mapper is not None and _returning_may_report_rows(state, mapper, target):
+        # the caller's synchronize_session is kept: rows come back only where SQLAlchemy itself
+        # asked for them ("fetch", or "auto" on criteria Python cannot evaluate)
         result: Any = state.invoke_statement()
-        rows = result.returned_defaults_rows
-        if rows is not None:
-            for row in rows:
-                pk = model.normalise(tuple(row))
-                if pk is None:
-                    break
-                changes.keys[model.keys.row_key(pk)] = model
-            else:
-                return result
-        changes.bulk_models.add(model)
+        keys = _keys_from_returned_rows(model, target, result.returned_defaults_rows)
+        changes.evict_at_commit(model, keys)
         return result
     elif mapper is not None and state.is_executemany:  # ORM bulk UPDATE/DELETE by primary key
-        keys = _keys_from_parameters(model, mapper, state.parameters)
+        keys = _keys_from_parameters(model, mapper, state.parameters, target)
     else:  # Core UPDATE/DELETE, or no way to learn the rows: evict the model
         keys = None
-    changes.evict_at_commit(model, keys)
+    for match in matches:
+        changes.evict_at_commit(match.model, keys if match.model is model else None)
     return None
+
+
+def _matching(
+    registry: Any, session: Session, table: Any, bind: Any, translate: Any
+) -> list[Any]:
+    """The registered models' tables (``TableMatch``) that ``table``, written on ``bind``, may
+    be: the same name, schema and database."""
+    return [
+        match
+        for match in registry.models_for_table(table)
+        if _same_table(table, bind, match.table, _bind(session, mapper=match.mapper), translate)
+    ]
+
+
+def _tables_written(statement: Any, is_update: bool) -> list[Any]:
+    """The tables a DML statement writes, its target first: an UPDATE also writes the tables of
+    the columns it SETs (MySQL/MariaDB ``UPDATE a, b SET a.x = .., b.y = ..``)."""
+    tables = _tables_of(statement.table)
+    if is_update:
+        seen = {(_name(table), table.schema) for table in tables}
+        for column in _set_columns(statement):
+            table = getattr(column, "table", None)
+            if table is not None:
+                for written in _tables_of(table):
+                    if (_name(written), written.schema) not in seen:  # an ORM target is annotated
+                        seen.add((_name(written), written.schema))
+                        tables.append(written)
+    return tables
+
+
+def _tables_of(selectable: Any) -> list[Any]:
+    """The tables behind a DML target or a column's table: itself, what an alias
+    (``aliased(Model)``, ``table.alias()``) stands for, both sides of a join."""
+    while isinstance(selectable, Alias):
+        selectable = selectable.element
+    if isinstance(selectable, Join):
+        return _tables_of(selectable.left) + _tables_of(selectable.right)
+    return [selectable]
+
+
+def _name(table: Any) -> str:
+    return str(table.name).casefold()
+
+
+def _set_columns(statement: Any) -> list[Any]:
+    """The column objects an UPDATE's ``values()`` names (names given as strings are columns
+    of the target). An SQLAlchemy internal: ``Update._values``."""
+    values = statement._values or {}
+    return [
+        key.__clause_element__() if hasattr(key, "__clause_element__") else key
+        for key in values
+        if not isinstance(key, str)
+    ]
+
+
+def _bind(session: Session, **arguments: Any) -> Any:
+    """The engine or connection ``session`` runs a statement on (None when it has none)."""
+    try:
+        return session.get_bind(**arguments)
+    except Exception:  # no bind: SQLAlchemy's own error follows, or the table is unknown
+        return None
+
+
+def _same_table(
+    written: Any, bind: Any, mapped: Any, mapped_bind: Any, translate: Any = None
+) -> bool:
+    """Whether ``written`` (run on ``bind``) and ``mapped`` (a registered model's table, on
+    ``mapped_bind``) may be the same database table: the same name (already compared), the same
+    schema (None being the connection's default) and the same database. Whatever is unknown
+    matches: evicting too much is harmless, too little is a stale read."""
+    if bind is None or mapped_bind is None:
+        return True
+    engine, mapped_engine = bind.engine, mapped_bind.engine
+    if engine is not mapped_engine:
+        url, mapped_url = engine.url, mapped_engine.url
+        if (url.get_backend_name(), url.host, url.port) != (
+            mapped_url.get_backend_name(),
+            mapped_url.host,
+            mapped_url.port,
+        ):
+            return False
+        # on MySQL/MariaDB a schema is a database: another URL database may hold the table
+        if engine.dialect.name not in ("mysql", "mariadb") and url.database != mapped_url.database:
+            return False
+    schema = _schema(written, engine, translate)
+    mapped_schema = _schema(mapped, mapped_engine, None)
+    return schema is None or mapped_schema is None or schema == mapped_schema
+
+
+def _schema(table: Any, engine: Any, translate: Any) -> str | None:
+    """The schema ``table`` lives in on ``engine``, casefolded; None when not known."""
+    schema = table.schema
+    for mapping in (translate, engine.get_execution_options().get("schema_translate_map")):
+        if mapping and schema in mapping:
+            schema = mapping[schema]
+            break
+    if schema is None:
+        schema = engine.dialect.default_schema_name  # known once the engine has connected
+    return None if schema is None else str(schema).casefold()
 
 
 def bulk_mappings(session: Session, mapper: Mapper[Any], mappings: list[dict[str, Any]]) -> None:
@@ -191,15 +368,22 @@ def bulk_mappings(session: Session, mapper: Mapper[Any], mappings: list[dict[str
     lookups = _lookups(session)
     if lookups is None:
         return
-    lookups.changes.wrote = True  # as after a flush: publish nothing until commit
-    model = lookups.cache.registry.model_for(mapper)
-    if model is None:
-        return
-    lookups.changes.evict_at_commit(model, _keys_from_parameters(model, mapper, mappings))
+    changes = lookups.changes
+    changes.wrote = True  # as after a flush: publish nothing until commit
+    registry = lookups.cache.registry
+    model = registry.model_for(mapper)
+    if model is not None:
+        changes.evict_at_commit(model, _keys_from_parameters(model, mapper, mappings, None))
+    own = registry.kinds_for(mapper)
+    for other, _ in _other_models_written(registry, session, mapper, own, ()):
+        changes.bulk_models.add(other)
 
 
 def bulk_objects(session: Session, objects: list[Any]) -> None:
-    """``bulk_save_objects`` is about to insert or update ``objects``."""
+    """``bulk_save_objects`` is about to insert or update ``objects``.
+
+    Reads only what the objects already hold (their identity, their ``__dict__``): loading an
+    expired attribute would autoflush the session and change what the bulk method does."""
     lookups = _lookups(session)
     if lookups is None:
         return
@@ -210,37 +394,81 @@ def bulk_objects(session: Session, objects: list[Any]) -> None:
         state = inspect(obj, raiseerr=False)
         if not isinstance(state, InstanceState):
             continue  # not a mapped instance: SQLAlchemy's own error follows
-        identity = state.mapper.identity_key_from_instance(obj)
-        if any(value is None for value in identity[1]):  # the database will assign it
-            changes.bulk_models.update(registry.kinds_for(state.mapper))
+        mapper = state.mapper
+        # the bulk method writes the primary key its __dict__ holds (an update: WHERE pk = it)
+        values = [state.dict.get(mapper.get_property_by_column(c).key) for c in mapper.primary_key]
+        token = state.key[2] if state.key is not None else None
+        identities = [] if state.key is None else [state.key]
+        if any(value is None for value in values):  # not known: the database may assign it
+            for kind in registry.kinds_for(mapper):
+                changes.bulk_models.add(kind)
+            for other, _ in _other_models_written(registry, session, mapper, (), ()):
+                changes.bulk_models.add(other)
+            if not identities:
+                continue
         else:
-            _record(changes, registry, state, identity)
+            identities.append((mapper.class_, tuple(values), token))
+        _record(changes, registry, session, state, *identities)
 
 
-def _returning_matches_rows(state: ORMExecuteState, mapper: Mapper[Any], statement: Any) -> bool:
-    """Whether an ORM UPDATE/DELETE can report the primary keys it matched through RETURNING."""
+def _returning_may_report_rows(state: ORMExecuteState, mapper: Mapper[Any], target: Any) -> bool:
+    """Whether SQLAlchemy may report the primary keys an ORM UPDATE/DELETE matched (its "fetch"
+    synchronisation, through RETURNING); the caller's ``synchronize_session`` decides."""
+    statement: Any = state.statement
     if state.is_executemany or statement._returning or mapper.inherits is not None:
         return False
     if mapper.base_mapper.polymorphic_on is not None:
         return False
-    if state.execution_options.get("synchronize_session", "auto") is False:
+    if state.execution_options.get("synchronize_session", "auto") not in ("auto", "fetch"):
         return False
-    if list(statement.table.primary_key) != list(mapper.primary_key):
+    if list(target.primary_key) != list(mapper.primary_key):
         return False
     dialect = state.session.get_bind(**state.bind_arguments).dialect
     return bool(dialect.update_returning if state.is_update else dialect.delete_returning)
 
 
+def _keys_from_returned_rows(
+    model: CachedModel, target: Any, rows: Any
+) -> dict[str, CachedKind] | None:
+    """The keys of the rows SQLAlchemy's "fetch" synchronisation returned (None: it returned
+    none, having synchronised by evaluation, or a key cannot be read: the whole model)."""
+    if rows is None:
+        return None
+    keys: dict[str, CachedKind] = {}
+    columns = list(target.primary_key)
+    for row in rows:
+        try:
+            values = [row._mapping[column] for column in columns]
+        except KeyError:
+            return None
+        pk = model.normalise(values)
+        if pk is None:
+            return None
+        keys[model.keys.row_key(pk)] = model
+    return keys
+
+
 def _keys_from_parameters(
-    model: CachedModel, mapper: Mapper[Any] | None, parameters: Any
+    model: CachedModel, mapper: Mapper[Any] | None, parameters: Any, target: Any
 ) -> dict[str, CachedKind] | None:
     """Keys named by an executemany's parameter sets (ORM bulk UPDATE by primary key, INSERT with
-    explicit keys), or None when any set lacks the primary key."""
+    explicit keys), or None when any set lacks the primary key. ORM parameters name attributes
+    (or columns) of ``mapper``; Core parameters name the columns of ``target``, the model's table
+    under any metadata, matched to the model's primary key by column name."""
     if not parameters:
         return None
     param_sets = parameters if isinstance(parameters, list) else [parameters]
     base = model.base_mapper
-    names = [(base.get_property_by_column(c).key, c.key) for c in base.primary_key]
+    if mapper is not None:
+        names = [(base.get_property_by_column(c).key, c.key) for c in base.primary_key]
+    else:
+        by_name = {column.name: column.key for column in target.c}
+        names = []
+        for column in base.primary_key:
+            key = by_name.get(column.name)
+            if key is None:
+                return None
+            names.append((key, key))
     keys: dict[str, CachedKind] = {}
     for params in param_sets:
         values = []

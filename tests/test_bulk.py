@@ -39,10 +39,13 @@ def cached(Session: sessionmaker[CachingSession], sql: SQLCounter, pks: list[int
 def test_an_orm_update_evicts_exactly_the_rows_it_matched_where_update_has_returning(
     Session, sql, cache, engine, redis_counter
 ):
+    """With synchronize_session="fetch" SQLAlchemy itself reads the matched keys (RETURNING);
+    "auto" and "evaluate" report none: tests/test_fidelity_writes.py."""
     gen = generation(cache, User)
     exact = engine.dialect.update_returning
     with Session() as s:
-        result = s.execute(update(User).where(User.id.in_([1, 2])).values(name="x"))
+        stmt = update(User).where(User.id.in_([1, 2])).values(name="x")
+        result = s.execute(stmt.execution_options(synchronize_session="fetch"))
         assert result.rowcount == 2
         with expect_commands(redis_counter, {"SET": 2 if exact else 1}, round_trips=1):
             s.commit()
@@ -59,7 +62,8 @@ def test_an_orm_delete_evicts_exactly_the_rows_it_matched_where_delete_has_retur
     gen = generation(cache, User)
     exact = engine.dialect.delete_returning
     with Session() as s:
-        result = s.execute(delete(User).where(User.name.in_(["u1", "u2"])))
+        stmt = delete(User).where(User.name.in_(["u1", "u2"]))
+        result = s.execute(stmt.execution_options(synchronize_session="fetch"))
         assert result.rowcount == 2
         with expect_commands(redis_counter, {"SET": 2 if exact else 1}, round_trips=1):
             s.commit()
@@ -211,8 +215,9 @@ def test_a_bulk_insert_through_the_session_evicts_the_negative_entries_of_its_ke
 @pytest.mark.usefixtures("users")
 def test_legacy_query_update_and_delete_evict_their_rows(Session, sql, cache):
     with Session() as s:
-        assert s.query(User).filter(User.id == 1).update({"name": "queried"}) == 1
-        assert s.query(User).filter_by(id=2).delete() == 1
+        query = s.query(User)
+        assert query.filter(User.id == 1).update({"name": "queried"}, "fetch") == 1
+        assert query.filter_by(id=2).delete(synchronize_session="fetch") == 1
         s.commit()
     assert cached(Session, sql, [3]) == ([3] if exact_returning(Session) else [])
     with Session() as s:
