@@ -6,6 +6,8 @@
 #   bash scripts/sqla_suite.sh --modes "plain" test/orm/test_merge.py
 #   bash scripts/sqla_suite.sh --fast               # the fast subset, plain + fill-all, listed
 #                                                   # SQL-only differences marked xfail
+#   bash scripts/sqla_suite.sh --lib head           # test HEAD's sa_cache (git archive into the
+#                                                   # cache folder), not the working tree's
 #   bash scripts/sqla_suite.sh --classify           # also re-run the new failures with SQL
 #                                                   # assertions off, to split SQL-only from
 #                                                   # behaviour differences
@@ -41,7 +43,10 @@ DEFAULT_MODULES=(
   test/orm/test_eager_relations.py
   test/orm/test_selectin_relations.py
   test/orm/dml/test_bulk_statements.py
-  test/orm/dml/test_update_delete_where.py
+  test/orm/dml/test_bulk.py
+  # 2.1 split test_update_delete_where.py into these
+  test/orm/dml/test_orm_upd_del_basic.py
+  test/orm/dml/test_orm_upd_del_inheritance.py
 )
 # green with the plugin apart from the listed SQL-only differences, in well under 3 minutes
 FAST_MODULES=(
@@ -54,6 +59,7 @@ FAST_MODULES=(
 )
 
 MODES="baseline plain fill-all"
+LIB=${SA_CACHE_SQLA_LIB:-worktree}
 CLASSIFY=0
 XFAIL=0
 MODULES=()
@@ -61,6 +67,7 @@ while [ $# -gt 0 ]; do
   case $1 in
     --modes) MODES=$2; shift 2 ;;
     --classify) CLASSIFY=1; shift ;;
+    --lib) LIB=$2; shift 2 ;;
     --xfail) XFAIL=1; shift ;;
     --fast) MODES="plain fill-all"; XFAIL=1; MODULES=("${FAST_MODULES[@]}"); shift ;;
     -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
@@ -84,6 +91,19 @@ if [ ! -f "$SRC/test/conftest.py" ]; then
   tar -xzf "$tarball" -C "$CACHE_DIR"
 fi
 
+# -- which sa_cache: the working tree (default) or a commit, exported with git archive -----------
+PYPATH=$REPO
+if [ "$LIB" != worktree ]; then
+  sha=$(git -C "$REPO" rev-parse --verify "$LIB^{commit}")
+  PYPATH=$CACHE_DIR/lib-$sha
+  if [ ! -d "$PYPATH/sa_cache" ]; then
+    mkdir -p "$PYPATH"
+    git -C "$REPO" archive "$sha" sa_cache | tar -x -C "$PYPATH"
+  fi
+  PYPATH=$PYPATH:$REPO
+  echo "sqla_suite: sa_cache from $LIB ($sha)" >&2
+fi
+
 # -- the runs -------------------------------------------------------------------------------------
 run_module() {  # mode module [test ids or @file instead of the whole module]
   local mode=$1 module=$2 name dir target=("$2")
@@ -95,7 +115,7 @@ run_module() {  # mode module [test ids or @file instead of the whole module]
   rm -f "$dir/db.sqlite"
   local args=(-s -m pytest "${target[@]}" -p no:cacheprovider -q --maxfail=100000
     --dburi "sqlite:///$dir/db.sqlite" --junitxml "$dir/$name.xml")
-  local env=(PYTHONPATH="$REPO")
+  local env=(PYTHONPATH="$PYPATH")
   case $mode in
     baseline) ;;
     *-nosql) env+=(SA_CACHE_SUITE_MODE="${mode%-nosql}" SA_CACHE_SUITE_IGNORE_SQL=1

@@ -312,4 +312,9 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 
 def pytest_report_header() -> str:
-    return f"sa_cache harness: mode={MODE} ignore_sql={IGNORE_SQL} xfail_expected={XFAIL}"
+    import sa_cache
+
+    return (
+        f"sa_cache harness: mode={MODE} ignore_sql={IGNORE_SQL} xfail_expected={XFAIL} "
+        f"sa_cache={sa_cache.__file__}"
+    )
