@@ -130,11 +130,15 @@ class IdentityCache:
         self, model: type[T] | None = None, *, ttl: float | None = None
     ) -> type[T] | Callable[[type[T]], type[T]]:
         """Opt a mapped class in (usable as a class decorator). Registering any class of an
-        inheritance hierarchy caches the whole hierarchy, because identity keys name the base."""
+        inheritance hierarchy caches the whole hierarchy (each concrete class of a concrete
+        hierarchy by its own table).
+
+        Raises :class:`~sa_cache.errors.CacheError`, saying why, for a class the cache cannot
+        answer for exactly: one mapped to a ``select()``, subquery, CTE or join."""
         if model is None:
             return lambda cls: self.register(cls, ttl=ttl)
-        cached = self.registry.add(model, self.ttl if ttl is None else ttl)
-        listen_for_loads(cached.base_mapper.class_)
+        base = self.registry.add(model, self.ttl if ttl is None else ttl)
+        listen_for_loads(base.class_)
         return model
 
     def model_for(self, mapper: Mapper[Any]) -> CachedModel | None:

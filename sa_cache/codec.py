@@ -197,18 +197,110 @@ def new_generation() -> bytes:
     return os.urandom(8)
 
 
-# Per-column adapters: the few types whose Python value msgpack cannot carry by itself.
+# Per-column adapters: the few types whose Python value msgpack cannot carry by itself, and the
+# types whose own processing decides their Python value (TypeDecorator, PickleType).
 
 
 ValueAdapter = Callable[[Any], Any]
 
 
-def column_adapters(column: Column[Any]) -> tuple[ValueAdapter | None, ValueAdapter | None]:
-    """(to_store, from_store) for one column, or (None, None) when values pass through as they are.
+class Uncacheable(Exception):
+    """Raised by an adapter of a column that cannot be adapted without a dialect."""
 
-    Enum members are stored by name: their class is known from the column, never from the data.
+
+def _needs_dialect(col_type: Any) -> bool:
+    """Whether the type's own processing decides its Python value, so the cache stores the
+    database-level value and runs that processing on a hit (with the session's dialect).
+    ``Interval`` is a TypeDecorator of SQLAlchemy's own whose values (timedeltas) round-trip
+    exactly as they are."""
+    return isinstance(col_type, sqltypes.TypeDecorator) and not isinstance(
+        col_type, sqltypes.Interval
+    )
+
+
+def needs_dialect(column: Column[Any]) -> bool:
+    return _needs_dialect(column.type)
+
+
+def column_cacheable(column: Column[Any]) -> bool:
+    """Whether a column's values can be stored and restored exactly as a load restores them.
+
+    A TypeDecorator is mirrored through its own ``process_bind_param`` / ``process_result_value``
+    (a PickleType through its pickler, on the bytes it stores in the database); one that
+    overrides ``bind_processor`` or ``result_processor`` itself works at the driver's level,
+    which the cache cannot mirror, so its column is not cached (it loads on access after a hit).
     """
-    col_type = column.type
+    col_type: Any = column.type
+    while _needs_dialect(col_type):
+        cls = type(col_type)
+        if isinstance(col_type, sqltypes.PickleType):
+            if (
+                cls.bind_processor is not sqltypes.PickleType.bind_processor
+                or cls.result_processor is not sqltypes.PickleType.result_processor
+                or cls.process_bind_param is not sqltypes.TypeDecorator.process_bind_param
+                or cls.process_result_value is not sqltypes.TypeDecorator.process_result_value
+            ):
+                return False
+        elif (
+            cls.bind_processor is not sqltypes.TypeDecorator.bind_processor
+            or cls.result_processor is not sqltypes.TypeDecorator.result_processor
+        ):
+            return False
+        col_type = col_type.impl_instance
+    return True
+
+
+def _unusable(value: Any) -> Any:
+    raise Uncacheable("this column's values need the dialect they were stored with")
+
+
+def _decorator_adapters(
+    col_type: Any, dialect: Any
+) -> tuple[ValueAdapter | None, ValueAdapter | None]:
+    """(to_store, from_store) of one TypeDecorator on ``dialect``: the database-level value it
+    binds, and the Python value it makes of one, as a load does."""
+    if dialect is None:
+        return _unusable, _unusable
+    if isinstance(col_type, sqltypes.PickleType):
+        dumps, loads, protocol = col_type.pickler.dumps, col_type.pickler.loads, col_type.protocol
+
+        def to_impl(value: Any) -> Any:
+            return None if value is None else dumps(value, protocol)
+
+        def from_impl(value: Any) -> Any:
+            return None if value is None else loads(value)
+
+        impl: Any = col_type.impl_instance
+    else:
+        cls = type(col_type)
+        bind = cls.process_bind_param is not sqltypes.TypeDecorator.process_bind_param
+        result = cls.process_result_value is not sqltypes.TypeDecorator.process_result_value
+        process_bind, process_result = col_type.process_bind_param, col_type.process_result_value
+
+        def to_impl(value: Any) -> Any:
+            return process_bind(value, dialect) if bind else value
+
+        def from_impl(value: Any) -> Any:
+            return process_result(value, dialect) if result else value
+
+        impl = col_type.load_dialect_impl(dialect)
+    impl_to, impl_from = _type_adapters(impl, dialect)
+    if impl_to is None or impl_from is None:
+        return to_impl, from_impl
+    impl_to_store, impl_from_store = impl_to, impl_from
+
+    def to_store(value: Any) -> Any:
+        return impl_to_store(to_impl(value))
+
+    def from_store(value: Any) -> Any:
+        return from_impl(impl_from_store(value))
+
+    return to_store, from_store
+
+
+def _type_adapters(col_type: Any, dialect: Any) -> tuple[ValueAdapter | None, ValueAdapter | None]:
+    if _needs_dialect(col_type):
+        return _decorator_adapters(col_type, dialect)
     if isinstance(col_type, sqltypes.Enum) and col_type.enum_class is not None:
         enum_class = col_type.enum_class
 
@@ -220,6 +312,19 @@ def column_adapters(column: Column[Any]) -> tuple[ValueAdapter | None, ValueAdap
 
         return to_store, from_store
     return None, None
+
+
+def column_adapters(
+    column: Column[Any], dialect: Any = None
+) -> tuple[ValueAdapter | None, ValueAdapter | None]:
+    """(to_store, from_store) for one column, or (None, None) when values pass through as they are.
+
+    Enum members are stored by name: their class is known from the column, never from the data.
+    A TypeDecorator column (:func:`needs_dialect`) stores the value its type binds for the database
+    on ``dialect`` and runs the type's result processing on it when read back, so any decorator
+    restores exactly what a load gives; without a dialect its adapters refuse to run.
+    """
+    return _type_adapters(column.type, dialect)
 
 
 def schema_hash(class_path: str, columns: Sequence[tuple[str, Column[Any]]]) -> bytes:

@@ -121,11 +121,13 @@ class KeySpace:
 
     __slots__ = ("row_prefix", "generation_key")
 
-    def __init__(self, prefix: str, table: Table) -> None:
-        name = table.name if table.schema is None else f"{table.schema}.{table.name}"
-        name = name.translate(_ESCAPES)
-        self.row_prefix = f"{prefix}:{{{name}:"
-        self.generation_key = f"{prefix}:gen:{{{name}}}"
+    def __init__(self, prefix: str, table: Table, generation_table: Table | None = None) -> None:
+        """Rows live under ``table``; the generation is ``generation_table``'s (by default the
+        same): the concrete classes of one hierarchy share their base's generation, so one
+        replacement evicts the whole hierarchy, whichever of its tables a statement names."""
+        self.row_prefix = f"{prefix}:{{{_table_name(table)}:"
+        gen_name = _table_name(table if generation_table is None else generation_table)
+        self.generation_key = f"{prefix}:gen:{{{gen_name}}}"
 
     def row_key(self, pk: Sequence[Any], identity_token: Any = None) -> str:
         """The key of one row, from its already-normalised primary-key values."""
@@ -133,3 +135,9 @@ class KeySpace:
         if identity_token is not None:
             body = f"{body}@{key_part(identity_token)}"
         return f"{self.row_prefix}{body}}}"
+
+
+def _table_name(table: Table) -> str:
+    schema = getattr(table, "schema", None)  # a polymorphic union (a subquery) has none
+    name = table.name if schema is None else f"{schema}.{table.name}"
+    return name.translate(_ESCAPES)

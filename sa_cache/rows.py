@@ -41,9 +41,12 @@ class RowShape:
         "pk_positions",
         "cacheable",
         "plain",
+        "dialect_bound",
+        "dialect",
+        "verify",
     )
 
-    def __init__(self, mapper: Mapper[Any]) -> None:
+    def __init__(self, mapper: Mapper[Any], dialect: Any = None) -> None:
         self.mapper = mapper
         self.class_tag = mapper.polymorphic_identity
         tables = set(mapper.tables)
@@ -51,30 +54,57 @@ class RowShape:
         expire: list[str] = []
         for prop in mapper.column_attrs:
             plain = all(isinstance(c, Column) and c.table in tables for c in prop.columns)
+            if not plain and mapper.concrete and prop.columns[0] is mapper.polymorphic_on:
+                continue  # a concrete class's discriminator from its union: no load sets it
+            if plain and not codec.column_cacheable(prop.columns[0]):  # type: ignore[arg-type]
+                plain = False  # a type whose load the cache cannot mirror: loads on access
             if plain and not prop.deferred:
                 cached.append((prop.key, prop.columns[0]))  # type: ignore[arg-type]
             elif not prop.deferred:
                 expire.append(prop.key)
         self.attrs = tuple(attr for attr, _ in cached)
-        adapters = [codec.column_adapters(column) for _, column in cached]
+        self.dialect_bound = any(codec.needs_dialect(column) for _, column in cached)
+        self.dialect = dialect if self.dialect_bound else None
+        adapters = [codec.column_adapters(column, self.dialect) for _, column in cached]
         self.to_store = tuple(a[0] for a in adapters)
         self.from_store = tuple(a[1] for a in adapters)
         self.plain = not any(self.from_store)
+        #: the types of TypeDecorator columns, whose values a fill reads back before storing them
+        self.verify = tuple(
+            column.type if self.dialect_bound and codec.needs_dialect(column) else None
+            for _, column in cached
+        )
         self.expire_on_hit = frozenset(expire)
         cls = mapper.class_
-        self.schema_hash = codec.schema_hash(f"{cls.__module__}.{cls.__qualname__}", cached)
+        path = f"{cls.__module__}.{cls.__qualname__}"
+        if self.dialect_bound:  # values are the database's, as this dialect's types bind them
+            path += "@" + ("" if dialect is None else dialect.name)
+        self.schema_hash = codec.schema_hash(path, cached)
         pk_attrs = [mapper.get_property_by_column(col).key for col in mapper.primary_key]
-        self.pk_positions = tuple(self.attrs.index(attr) for attr in pk_attrs)
+        self.pk_positions = tuple(self.attrs.index(attr) for attr in pk_attrs if attr in self.attrs)
         self.cacheable = all(attr in self.attrs for attr in pk_attrs)
 
     def dehydrate(self, state_dict: dict[str, Any]) -> list[Any] | None:
-        """Column values from a loaded instance's ``__dict__``; None if any is not loaded."""
+        """Column values from a loaded instance's ``__dict__`` (for a TypeDecorator column, the
+        database value its type binds); None if any is not loaded, or if a TypeDecorator's
+        result processing does not give back exactly the loaded value from the value it binds
+        (a type that is not its own inverse: the row is not cached rather than served wrong)."""
         values = []
         for attr, to_store in zip(self.attrs, self.to_store, strict=True):
             if attr not in state_dict:
                 return None
             value = state_dict[attr]
             values.append(value if to_store is None else to_store(value))
+        if self.dialect_bound:
+            for value, attr, from_store, col_type in zip(
+                values, self.attrs, self.from_store, self.verify, strict=True
+            ):
+                if col_type is None:
+                    continue
+                loaded = state_dict[attr]
+                again = from_store(value)  # type: ignore[misc]
+                if type(again) is not type(loaded) or not col_type.compare_values(again, loaded):
+                    return None  # the type does not give back what it was loaded as: not cached
         return values
 
     def hydrate(self, values: list[Any]) -> dict[str, Any]:
@@ -87,31 +117,72 @@ class RowShape:
 
 
 class CachedModel(CachedKind):
-    """The rows of one registered mapper hierarchy (identity keys always name the base mapper).
+    """The rows of one identity class: a registered mapper hierarchy, or one concrete class of a
+    concrete-inheritance hierarchy (each concrete class has its own table and identity).
 
-    A :class:`~sa_cache.kinds.Hit` of this kind carries the :class:`RowShape` and the attribute
-    values to place in the session."""
+    ``base_mapper`` is the mapper whose class identity keys name (SQLAlchemy's identity class):
+    the hierarchy's base, or the concrete mapper. A :class:`~sa_cache.kinds.Hit` of this kind
+    carries the :class:`RowShape` and the attribute values to place in the session."""
 
-    def __init__(self, base_mapper: Mapper[Any], prefix: str, ttl: float) -> None:
+    def __init__(
+        self,
+        base_mapper: Mapper[Any],
+        prefix: str,
+        ttl: float,
+        generation_table: Any = None,
+    ) -> None:
         self.base_mapper = base_mapper
         self.name = base_mapper.class_.__name__
         self.ttl = ttl
-        self.keys = KeySpace(prefix, base_mapper.local_table)  # type: ignore[arg-type]
+        table: Any = base_mapper.local_table
+        self.keys = KeySpace(prefix, table, generation_table)
         self.coercers: tuple[Coercer, ...] = tuple(coercer_for(c) for c in base_mapper.primary_key)
-        self.string_pk = any(isinstance(c.type, sqltypes.String) for c in base_mapper.primary_key)
         self.stats = ModelStats()
-        self._shapes: dict[Mapper[Any], RowShape] = {}
+        self._shapes: dict[Any, RowShape] = {}
         self._by_tag: dict[Any, RowShape] = {}
+        #: shapes of TypeDecorator columns, by schema hash (one per dialect that stored them)
+        self._by_hash: dict[bytes, RowShape] = {}
+        #: the dialects sessions used with this model, by name, learned on their first miss
+        self._dialects: dict[str, Any] = {}
+        self._absence: dict[str, bool] = {}
         self._lock = threading.Lock()
 
-    def shape(self, mapper: Mapper[Any]) -> RowShape:
+    def shape(self, mapper: Mapper[Any], dialect: Any = None) -> RowShape:
+        """The shape of ``mapper``'s rows; for a mapper with TypeDecorator columns, the shape of
+        its rows as ``dialect`` stores them (without one: a shape whose values cannot be read)."""
         shape = self._shapes.get(mapper)
         if shape is None:
             with self._lock:
                 shape = RowShape(mapper)
                 self._shapes[mapper] = shape
                 self._by_tag[shape.class_tag] = shape
+        if shape.dialect_bound and dialect is not None:
+            return self._dialect_shape(mapper, dialect)
         return shape
+
+    def _dialect_shape(self, mapper: Mapper[Any], dialect: Any) -> RowShape:
+        key = (mapper, dialect.name)
+        shape = self._shapes.get(key)
+        if shape is None:
+            with self._lock:
+                self._dialects.setdefault(dialect.name, dialect)
+                shape = RowShape(mapper, self._dialects[dialect.name])
+                self._shapes[key] = shape
+                self._by_hash[shape.schema_hash] = shape
+        return shape
+
+    def _stored_shape(self, shape: RowShape, schema_hash: Any) -> RowShape | None:
+        """The shape a TypeDecorator row was stored in, from its schema hash: the shape of
+        ``shape.mapper`` for one of the dialects this process has used (None: not known yet)."""
+        found = self._by_hash.get(schema_hash) if type(schema_hash) is bytes else None
+        if found is None:
+            for dialect in list(self._dialects.values()):
+                candidate = self._dialect_shape(shape.mapper, dialect)
+                if candidate.schema_hash == schema_hash:
+                    found = candidate
+        if found is None or found.mapper is not shape.mapper:
+            return None
+        return found
 
     def shape_for_tag(self, tag: Any) -> RowShape | None:
         if not _hashable(tag):
@@ -121,8 +192,8 @@ class CachedModel(CachedKind):
             mapper: Mapper[Any] | None = (
                 self.base_mapper if tag is None else self.base_mapper.polymorphic_map.get(tag)
             )
-            if mapper is None:
-                return None
+            if mapper is None or identity_mapper(mapper) is not self.base_mapper:
+                return None  # a class of another identity (a concrete sibling): not our row
             shape = self.shape(mapper)
         return shape
 
@@ -132,15 +203,22 @@ class CachedModel(CachedKind):
 
     def may_cache_absence(self, mapper: Mapper[Any], dialect: Any) -> bool:
         """Whether a lookup of ``mapper`` that found no row may cache "no such row" on
-        ``dialect``: only when the database compares this key exactly as the cache does.
+        ``dialect``: only when the database compares every key column exactly as the cache
+        does, so that no other spelling of the key can find a row this absence would hide
+        (:func:`compares_exactly`).
 
-        Not for a subclass lookup (the row may exist as a sibling class). Not for string keys on
-        MySQL/MariaDB (and SQL Server): their collations are case- and trailing-space-insensitive
-        by default, so ``get(M, "ACME")`` may find the row stored as "acme", and an absence cached
-        under "ACME" would outlive the insert of "acme", which evicts only its own key."""
+        Not for a subclass lookup (the row may exist as a sibling class). Also where the session's
+        dialect is learned (TypeDecorator values are read back with it)."""
+        if dialect.name not in self._dialects:
+            with self._lock:
+                self._dialects.setdefault(dialect.name, dialect)
         if mapper is not self.base_mapper:
             return False
-        return not self.string_pk or dialect.name in ("postgresql", "sqlite", "oracle")
+        allowed = self._absence.get(dialect.name)
+        if allowed is None:
+            allowed = all(compares_exactly(c, dialect) for c in self.base_mapper.primary_key)
+            self._absence[dialect.name] = allowed
+        return allowed
 
     def key_for_identity(self, identity_key: Any) -> str:
         """The key of a row an instance holds, its primary key normalised as a lookup's is: an
@@ -160,6 +238,13 @@ class CachedModel(CachedKind):
                 return None if type(entry.generation) is bytes else REJECTED
             shape = self.shape_for_tag(entry.class_tag)
             values = entry.values
+            if shape is not None and shape.dialect_bound:
+                stored = self._stored_shape(shape, entry.schema_hash)
+                if stored is None:
+                    # stored for a dialect this process has not used yet (it learns it at the
+                    # miss) or of another schema: a miss either way
+                    return None if type(entry.schema_hash) is bytes else REJECTED
+                shape = stored
             if (
                 shape is None
                 or entry.schema_hash != shape.schema_hash
@@ -189,8 +274,17 @@ class CachedModel(CachedKind):
     def fill_entry(self, generation: bytes, loaded: Any) -> RowEntry | None:
         """``loaded`` is the :class:`~sqlalchemy.orm.InstanceState` of a freshly loaded
         instance."""
-        shape = self.shape(loaded.mapper)
-        values = shape.dehydrate(loaded.dict)
+        mapper = loaded.mapper
+        shape = self.shape(mapper)
+        if shape.dialect_bound:
+            dialect = _dialect_of(loaded)
+            if dialect is None:
+                return None
+            shape = self._dialect_shape(mapper, dialect)
+        try:
+            values = shape.dehydrate(loaded.dict)
+        except Exception:
+            return None  # a TypeDecorator that cannot bind its own value: not cached
         if values is None:
             return None  # not fully loaded (load_only, a subclass loaded through its base...)
         return RowEntry(shape.schema_hash, generation, shape.class_tag, values)
@@ -199,6 +293,60 @@ class CachedModel(CachedKind):
         self, state: InstanceState[Any], identity_keys: Iterable[Any]
     ) -> Iterable[str]:
         return [self.key_for_identity(identity) for identity in identity_keys]
+
+
+def identity_mapper(mapper: Mapper[Any]) -> Mapper[Any]:
+    """The mapper whose class identity keys of ``mapper``'s rows name: the nearest concrete
+    mapper at or above it, else its hierarchy's base (SQLAlchemy's identity class)."""
+    while not mapper.concrete and mapper.inherits is not None:
+        mapper = mapper.inherits
+    return mapper
+
+
+def compares_exactly(column: Any, dialect: Any) -> bool:
+    """Whether ``dialect``'s database finds a row of this key column only by the one value the
+    cache keys it as (after :func:`~sa_cache.keys.coercer_for`), so an absence cached under
+    that key can be hidden by no other spelling of it.
+
+    Integers (normalised to one int) and UUIDs kept as ``uuid.UUID`` compare exactly everywhere.
+    Strings only on PostgreSQL, SQLite and Oracle with no collation of their own (MySQL and SQL
+    Server collations ignore case and trailing spaces; SQLite ``NOCASE``/``RTRIM`` and
+    nondeterministic PostgreSQL collations ignore case or spaces) and not as ``CHAR`` where it is
+    blank-padded. A UUID kept as a string is compared by the database as a UUID (PostgreSQL) or
+    in a case-insensitive collation, so "ABC..." finds the row stored as "abc...". Anything else
+    (dates, numbers, TypeDecorators) is left to the database: no absence cached."""
+    col_type = column.type
+    if isinstance(col_type, sqltypes.TypeDecorator):
+        return False
+    try:
+        col_type = col_type.dialect_impl(dialect)  # a with_variant type: the dialect's own
+        ddl = column.type.compile(dialect=dialect).upper()  # as the table declares it
+    except Exception:
+        return False
+    if isinstance(col_type, sqltypes.Boolean):
+        return False
+    if isinstance(col_type, sqltypes.Integer):
+        return True
+    if isinstance(col_type, sqltypes.Uuid):
+        return bool(col_type.as_uuid)
+    if isinstance(col_type, sqltypes.String) and not isinstance(col_type, sqltypes.Enum):
+        if dialect.name not in ("postgresql", "sqlite", "oracle") or " COLLATE " in ddl:
+            return False
+        blank_padded = ddl.startswith(("CHAR", "NCHAR", "BPCHAR")) and "VAR" not in ddl
+        return dialect.name == "sqlite" or not blank_padded
+    return False
+
+
+def _dialect_of(state: Any) -> Any:
+    """The dialect a freshly loaded instance was loaded with (its session's bind for its
+    mapper), or None if the session cannot say."""
+    session = state.session
+    if session is None:
+        return None
+    try:
+        return session.get_bind(mapper=state.mapper).dialect
+    except Exception:
+        return None
 
 
 def _same_key(pk: tuple[Any, ...], values: list[Any], positions: tuple[int, ...]) -> bool:
