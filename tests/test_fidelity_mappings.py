@@ -23,6 +23,7 @@ from sqlalchemy.orm import sessionmaker
 from sa_cache import CachingSession, IdentityCache, codec
 from sa_cache.errors import CacheError
 
+from .conftest import REDIS_URL
 from .counting import SQLCounter, expect_sql
 from .entries import raw_entry, row_key
 from .models_mappings import (
@@ -127,6 +128,11 @@ def test_concrete_classes_are_keyed_and_evicted_by_their_own_tables(
         s.commit()
     assert agree(plain, Session, lambda s: s.get(Coder, 1)) is None
     assert agree(plain, Session, lambda s: s.get(Staff, 1))[0] == "Boss"
+    # the concrete classes of one hierarchy share its generation: evicting the model evicts all
+    agree(plain, Session, lambda s: s.get(Coder, 2))
+    cache.evict_model(Staff)
+    with Session() as s, expect_sql(sql, selects=2):
+        assert s.get(Boss, 1).office == "x" and s.get(Coder, 2).name == "c2"
 
 
 # -- 6. classes mapped to a subquery, a CTE or a join ---------------------------------------------
@@ -237,6 +243,31 @@ def test_typedecorator_and_pickletype_values_come_back_exactly_as_a_load_gives_t
     assert (
         type(stored["pickled"]) is bytes and stored["level"] == 2 and type(stored["level"]) is int
     )
+
+
+@pytest.mark.usefixtures("mapped")
+def test_a_process_that_has_not_used_the_dialect_yet_misses_then_fills_never_rejects(
+    Session: sessionmaker[CachingSession],  # noqa: N803
+    engine: Engine,
+    backend: str,
+    cache: IdentityCache,
+    sql: SQLCounter,
+) -> None:
+    if backend != "redis":
+        pytest.skip("two processes share entries only through Redis")
+    write(Session, Keepsake(id=1, pickled=PICKLED, level=Level.low))
+    with Session() as s:
+        s.get(Keepsake, 1)  # filled by this "process"
+    other = IdentityCache(REDIS_URL, prefix=cache.prefix)  # another process: no dialect seen
+    other.register(Keepsake)
+    OtherSession = sessionmaker(engine, class_=CachingSession, cache=other)  # noqa: N806
+    with OtherSession() as s, expect_sql(sql, selects=1):
+        assert s.get(Keepsake, 1).pickled == PICKLED
+    with OtherSession() as s, expect_sql(sql, 0):
+        hit = s.get(Keepsake, 1)
+        assert type(hit.pickled) is tuple and hit.level is Level.low
+    stats = other.stats()["models"]["Keepsake"]
+    assert (stats["rejected"], stats["hits"], stats["misses"]) == (0, 1, 1)
 
 
 @pytest.mark.usefixtures("mapped")
