@@ -18,6 +18,15 @@ changes one fails there first, by name.
    ``make_transient_to_detached`` + ``Session.add``), then fires the same ``load`` and
    ``loaded_as_persistent`` events, so ``@reconstructor`` and user listeners see a cache hit as a
    load.
+5. ``Session._identity_lookup`` receives ``lazy_loaded_from`` (the state a lazy load started
+   from, whose ``load_options`` travel to the load) and ``Session._get_impl`` the ``options`` of a
+   ``get``: a cached row cannot honour loader options, so such lookups skip the cache.
+6. :func:`autoflush` is ``Session._autoflush``, the flush a lookup's SELECT runs first.
+7. :func:`complete_like_a_load` loads what a load fills in beyond the columns
+   (``Session.refresh`` with attribute names, then the eager relationships).
+8. DML statements: :func:`rewrites_other_rows`, :func:`update_set_columns` and
+   :func:`has_own_returning` read ``Insert._post_values_clause`` / ``_prefixes``,
+   ``Update._values`` and ``_returning``.
 """
 
 from __future__ import annotations
@@ -266,3 +275,30 @@ def place_in_session(
     if session.dispatch.loaded_as_persistent:
         session.dispatch.loaded_as_persistent(session, state)
     return instance
+
+
+# -- statements: what a DML statement says about the rows it writes --------------------------------
+
+
+def rewrites_other_rows(insert: Any) -> bool:
+    """Whether an INSERT may change or delete rows its parameters do not name: an upsert
+    (``on_conflict_do_update``, ``on_duplicate_key_update``: ``Insert._post_values_clause``) or a
+    prefixed INSERT such as SQLite's ``INSERT OR REPLACE`` (``Insert._prefixes``)."""
+    return insert._post_values_clause is not None or bool(insert._prefixes)
+
+
+def update_set_columns(update: Any) -> list[Any]:
+    """The column objects an UPDATE's ``values()`` sets (``Update._values``, whose keys
+    SQLAlchemy has already turned into columns of the target where names were given)."""
+    values = update._values or {}
+    return [
+        key.__clause_element__() if hasattr(key, "__clause_element__") else key
+        for key in values
+        if not isinstance(key, str)
+    ]
+
+
+def has_own_returning(statement: Any) -> bool:
+    """Whether the caller gave the statement its own ``returning()`` (``_returning``)."""
+    return bool(statement._returning)
+

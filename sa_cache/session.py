@@ -211,6 +211,7 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         model = self._cacheable(mapper, None, {})
         coercers = model.coercers if model else tuple(coercer_for(c) for c in mapper.primary_key)
         missing: dict[tuple[Any, ...], list[int]] = {}
+        flushed = False
         for index, ident in enumerate(idents):
             pk = normalise(coercers, ident)
             if pk is None:  # as the caller spelled it: a dict names its columns
@@ -220,6 +221,12 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
                 missing[pk].append(index)
                 continue
             found = self.identity_map_lookup(mapper, pk)
+            if found is None and not flushed:
+                # the first key that a get would SELECT autoflushes, as that get would; the
+                # keys after it see the flushed session (a pending row now in the identity map)
+                _orm.autoflush(self)  # type: ignore[arg-type]
+                flushed = True
+                found = self.identity_map_lookup(mapper, pk)
             if found is not None:
                 results[index] = found if isinstance(found, mapper.class_) else None
             else:

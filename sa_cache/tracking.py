@@ -37,6 +37,7 @@ from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.expression import Alias, Join
 
+from . import _orm
 from .kinds import CachedKind
 from .rows import CachedModel
 
@@ -241,8 +242,7 @@ def on_orm_execute(state: ORMExecuteState) -> Any:
         # an upsert or INSERT OR REPLACE may change or delete rows its parameters do not name;
         # a Core INSERT names the model's rows only on the model's own table
         if (
-            statement._post_values_clause is not None
-            or statement._prefixes
+            _orm.rewrites_other_rows(statement)
             or (mapper is None and _name(target) != _name(model.base_mapper.local_table))
         ):
             keys = None
@@ -282,7 +282,7 @@ def _tables_written(statement: Any, is_update: bool) -> list[Any]:
     tables = _tables_of(statement.table)
     if is_update:
         seen = {(_name(table), table.schema) for table in tables}
-        for column in _set_columns(statement):
+        for column in _orm.update_set_columns(statement):
             table = getattr(column, "table", None)
             if table is not None:
                 for written in _tables_of(table):
@@ -304,17 +304,6 @@ def _tables_of(selectable: Any) -> list[Any]:
 
 def _name(table: Any) -> str:
     return str(table.name).casefold()
-
-
-def _set_columns(statement: Any) -> list[Any]:
-    """The column objects an UPDATE's ``values()`` names (names given as strings are columns
-    of the target). An SQLAlchemy internal: ``Update._values``."""
-    values = statement._values or {}
-    return [
-        key.__clause_element__() if hasattr(key, "__clause_element__") else key
-        for key in values
-        if not isinstance(key, str)
-    ]
 
 
 def _bind(session: Session, **arguments: Any) -> Any:
@@ -415,7 +404,7 @@ def _returning_may_report_rows(state: ORMExecuteState, mapper: Mapper[Any], targ
     """Whether SQLAlchemy may report the primary keys an ORM UPDATE/DELETE matched (its "fetch"
     synchronisation, through RETURNING); the caller's ``synchronize_session`` decides."""
     statement: Any = state.statement
-    if state.is_executemany or statement._returning or mapper.inherits is not None:
+    if state.is_executemany or _orm.has_own_returning(statement) or mapper.inherits is not None:
         return False
     if mapper.base_mapper.polymorphic_on is not None:
         return False

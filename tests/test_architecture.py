@@ -30,7 +30,7 @@ ALLOWED: dict[str, set[str]] = {
     "stores": {"errors", "store", "stores.memory", "stores.redis"},
     "protocol": {"codec", "kinds", "store"},
     "guarded": {"breaker", "codec", "errors", "kinds", "protocol", "signing", "store"},
-    "tracking": {"kinds", "rows"},
+    "tracking": {"_orm", "kinds", "rows"},
     "lookup": {"guarded", "kinds", "protocol", "registry", "store", "tracking"},
     "cache": {"breaker", "guarded", "lookup", "registry", "rows", "signing", "stats", "store",
               "stores"},

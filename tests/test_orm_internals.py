@@ -164,3 +164,60 @@ def test_a_session_transaction_lists_its_connections_once_it_has_read(Sessions):
         connections = s.get_transaction()._connections
         assert connections and all(entry[0] is s.connection() for entry in connections.values())
         assert connections[s.connection()][0].default_isolation_level
+
+
+def test_an_upsert_and_a_prefixed_insert_are_told_apart_from_a_plain_insert():
+    from sqlalchemy import insert
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+    plain = insert(User).values(id=1, name="a")
+    assert not _orm.rewrites_other_rows(plain)
+    assert _orm.rewrites_other_rows(insert(User).prefix_with("OR REPLACE").values(id=1))
+    upsert = pg_insert(User).values(id=1, name="a").on_conflict_do_update(
+        index_elements=[User.id], set_={"name": "b"}
+    )
+    assert _orm.rewrites_other_rows(upsert)
+
+
+def test_the_columns_an_update_sets_are_read_from_its_values():
+    statement = update(User).values({User.name: "x", "email": "y"})
+    table = User.__table__
+    assert _orm.update_set_columns(statement) == [table.c.name, table.c.email]
+    assert _orm.update_set_columns(update(User)) == []
+
+
+def test_a_statement_with_its_own_returning_is_told_apart():
+    assert not _orm.has_own_returning(update(User).values(name="x"))
+    assert _orm.has_own_returning(update(User).values(name="x").returning(User.id))
+
+
+def test_a_lazy_load_passes_the_state_it_started_from_and_its_load_options(Sessions):
+    from sqlalchemy.orm import defaultload
+
+    seen: list[Any] = []
+
+    class Watching(Session):
+        def _identity_lookup(self, mapper: Any, pk: Any, *args: Any, **kw: Any) -> Any:
+            seen.append(kw.get("lazy_loaded_from"))
+            return super()._identity_lookup(mapper, pk, *args, **kw)
+
+    engine = Sessions.kw["bind"]
+    with Watching(engine) as s:
+        address = s.get(Address, 1, options=[defaultload(Address.user)])
+        seen.clear()
+        address.user  # noqa: B018 - the lazy many-to-one load
+        assert seen and seen[-1] is inspect(address)
+        assert seen[-1].load_options  # the options it was loaded with travel with it
+
+
+def test_autoflush_is_the_flush_a_select_runs_first(Sessions):
+    with Sessions() as s:
+        s.add(User(id=77, name="pending"))
+        _orm.autoflush(s)
+        assert not s.new
+        s.rollback()
+        s.add(User(id=78, name="pending"))
+        with s.no_autoflush:
+            _orm.autoflush(s)
+        assert s.new
+        s.rollback()
