@@ -173,13 +173,16 @@ def unservable(mapper: Mapper[Any]) -> str | None:
 
     - A class mapped to a ``select()``, subquery, CTE or join: its rows are keyed by no one table,
       and the cache would not see changes made to the tables underneath.
-    - A class with concrete subclasses (a polymorphic base over a ``polymorphic_union``): its
-      lookup reads rows of several identity classes, one per concrete table (SQLAlchemy raises
-      when two share the key). Its concrete subclasses are cached, each by its own table; its
-      own lookups always read the database.
+    - A class that loads its concrete subclasses polymorphically (a base over a
+      ``polymorphic_union``): its lookup reads rows of several identity classes, one per
+      concrete table (SQLAlchemy raises when two share the key). Its concrete subclasses are
+      cached, each by its own table; its own lookups always read the database. (A base with
+      concrete subclasses but no polymorphic loading reads only its own table: cached.)
     """
-    if _has_concrete_subclasses(mapper):
-        return "it has concrete subclasses, so its lookups read several tables"
+    if _has_concrete_subclasses(mapper) and (
+        mapper.with_polymorphic is not None or mapper.polymorphic_on is not None
+    ):
+        return "it loads its concrete subclasses polymorphically, from several tables"
     for table in (identity_mapper(mapper).local_table, mapper.local_table):
         if not isinstance(table, Table):
             kind = type(table).__name__

@@ -57,6 +57,22 @@ class Coder(Staff):
     __mapper_args__ = {"polymorphic_identity": "coder", "concrete": True}
 
 
+class Vessel(MappingsBase):
+    """A base with a concrete subclass but no polymorphic loading: its lookups read its table."""
+
+    __tablename__ = "fm_vessels"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(50))
+
+
+class Ferry(Vessel):
+    __tablename__ = "fm_ferries"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(50))
+    cars: Mapped[int | None] = mapped_column(Integer)
+    __mapper_args__ = {"concrete": True}
+
+
 # -- classes mapped to something that is not a table ---------------------------------------------
 
 parts = Table(

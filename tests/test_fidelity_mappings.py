@@ -33,6 +33,7 @@ from .models_mappings import (
     Boss,
     Code,
     Coder,
+    Ferry,
     Keepsake,
     Level,
     MappingsBase,
@@ -41,6 +42,7 @@ from .models_mappings import (
     Shout,
     Staff,
     Tag,
+    Vessel,
     ensure_tables,
 )
 
@@ -50,7 +52,7 @@ Read = Callable[[Any], Any]
 @pytest.fixture
 def mapped(engine: Engine, cache: IdentityCache) -> Iterator[None]:
     ensure_tables(engine)
-    for model in (Staff, Part, Keepsake, Marker, Shout, *SPELLINGS):
+    for model in (Staff, Vessel, Part, Keepsake, Marker, Shout, *SPELLINGS):
         cache.register(model)
     yield
 
@@ -114,6 +116,9 @@ def test_concrete_classes_are_keyed_and_evicted_by_their_own_tables(
     # the polymorphic base reads a union of both tables: never answered from the cache
     assert agree(plain, Session, lambda s: s.get(Staff, 1)) == ("raises", "MultipleResultsFound")
     assert cache.model_for(inspect(Staff)) is None
+    assert agree(plain, Session, lambda s: s.get(Staff, 5)) is None
+    write(Session, Boss(id=5, name="b5"))  # evicts the boss's key: no absence of Staff 5 hides it
+    assert agree(plain, Session, lambda s: s.get(Staff, 5))[0] == "Boss"
     # an absence, then an insert into that concrete table
     assert agree(plain, Session, lambda s: s.get(Coder, 2)) is None
     write(Session, Coder(id=2, name="c2"))
@@ -133,6 +138,25 @@ def test_concrete_classes_are_keyed_and_evicted_by_their_own_tables(
     cache.evict_model(Staff)
     with Session() as s, expect_sql(sql, selects=2):
         assert s.get(Boss, 1).office == "x" and s.get(Coder, 2).name == "c2"
+
+
+@pytest.mark.usefixtures("mapped")
+def test_a_base_that_does_not_load_its_concrete_subclass_is_cached_by_its_own_table(
+    Session: sessionmaker[CachingSession],  # noqa: N803
+    plain: sessionmaker[PlainSession],
+    cache: IdentityCache,
+    sql: SQLCounter,
+) -> None:
+    write(Session, Vessel(id=1, name="v"), Ferry(id=1, name="f", cars=9), Ferry(id=2, name="g"))
+    for model, pk in ((Vessel, 1), (Ferry, 1), (Vessel, 2), (Ferry, 2), (Ferry, 3)):
+        agree(plain, Session, lambda s, model=model, pk=pk: s.get(model, pk))
+    with Session() as s, expect_sql(sql, 0):  # all warm, each from its own table's key
+        assert s.get(Vessel, 1).name == "v" and s.get(Ferry, 1).cars == 9
+        assert s.get(Vessel, 2) is None and s.get(Ferry, 3) is None
+    write(Session, Vessel(id=2, name="w"))  # evicts the vessel's absence, not the ferry's row
+    assert agree(plain, Session, lambda s: s.get(Vessel, 2))[0] == "Vessel"
+    with Session() as s, expect_sql(sql, 0):
+        assert s.get(Ferry, 2).name == "g"
 
 
 # -- 6. classes mapped to a subquery, a CTE or a join ---------------------------------------------
