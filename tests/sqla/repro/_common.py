@@ -38,7 +38,8 @@ def setup(with_cache: bool):
         cache.register(Address)
 
     def session(**kw):
-        return CachingSession(engine, cache=cache, **kw)
+        kw.setdefault("bind", engine)
+        return CachingSession(cache=cache, **kw)
 
     with session() as s:
         s.add(User(id=7, name="fred", addresses=[Address(id=1, email="f@x")]))
