@@ -430,11 +430,19 @@ def _keys_from_returned_rows(
             values = [row._mapping[column] for column in columns]
         except KeyError:
             return None
-        pk = model.normalise(values)
-        if pk is None:
+        if not _add_key(keys, model, values):
             return None
-        keys[model.keys.row_key(pk)] = model
     return keys
+
+
+def _add_key(keys: dict[str, CachedKind], model: CachedModel, values: list[Any]) -> bool:
+    """Add the key of the row whose primary-key values are ``values``; False if they cannot be
+    normalised (the caller then evicts the whole model)."""
+    pk = model.normalise(values)
+    if pk is None:
+        return False
+    keys[model.keys.row_key(pk)] = model
+    return True
 
 
 def _keys_from_parameters(
@@ -468,8 +476,6 @@ def _keys_from_parameters(
                 values.append(params[column_key])
             else:
                 return None
-        pk = model.normalise(values)
-        if pk is None:
+        if not _add_key(keys, model, values):
             return None
-        keys[model.keys.row_key(pk)] = model
     return keys
