@@ -41,8 +41,8 @@ What it does, per test (from the start of its setup to the end of its teardown):
 ``sql_execution_asserter``...) into no-ops: a test that fails with the cache but passes with this
 differs only in its SQL.
 
-``SA_CACHE_SUITE_XFAIL=1`` marks the tests listed in ``expected_sql_differences.txt`` (next to
-this file) for the current mode as non-strict xfail.
+``SA_CACHE_SUITE_XFAIL=1`` marks the tests listed in ``expected_sql_differences.txt`` and
+``harness_artifacts.txt`` (next to this file) for the current mode as non-strict xfail.
 
 ``SA_CACHE_SUITE_STATS=path`` writes a JSON summary at the end: cache counters, sessions built,
 refused registrations, warm-ups, and the tests in which the cache answered at least one lookup
@@ -65,7 +65,10 @@ MODE = os.environ.get("SA_CACHE_SUITE_MODE", "plain")
 IGNORE_SQL = os.environ.get("SA_CACHE_SUITE_IGNORE_SQL") == "1"
 XFAIL = os.environ.get("SA_CACHE_SUITE_XFAIL") == "1"
 STATS_PATH = os.environ.get("SA_CACHE_SUITE_STATS")
-EXPECTED_FILE = Path(__file__).with_name("expected_sql_differences.txt")
+EXPECTED_FILES = {
+    Path(__file__).with_name("expected_sql_differences.txt"): "SQL differs",
+    Path(__file__).with_name("harness_artifacts.txt"): "harness artifact",
+}
 MODES = ("plain", "fill-all", "off")
 
 # the backend suffix SQLAlchemy puts in __backend__ class names, e.g. "_sqlite+pysqlite_3_40_1"
@@ -242,16 +245,16 @@ _WarmSessionBase: Any = None
 def _expected() -> dict[str, str]:
     """Node id (normalised) -> reason, for the current mode."""
     out: dict[str, str] = {}
-    if not EXPECTED_FILE.exists():
-        return out
-    for line in EXPECTED_FILE.read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
+    for path, kind in EXPECTED_FILES.items():
+        if not path.exists():
             continue
-        modes, nodeid, *rest = line.split("\t")  # tab-separated: test ids may hold spaces
-        reason = rest[0].strip().removeprefix("--").strip() if rest else ""
-        if MODE in modes.split(","):
-            out[normalise_nodeid(nodeid)] = reason
+        for line in path.read_text().splitlines():
+            if not line.strip() or line.startswith("#"):
+                continue
+            modes, nodeid, *rest = line.split("\t")  # tab-separated: test ids may hold spaces
+            reason = rest[0].strip().removeprefix("--").strip() if rest else ""
+            if MODE in modes.split(","):
+                out[normalise_nodeid(nodeid)] = f"{kind}: {reason}"
     return out
 
 
@@ -273,7 +276,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         reason = expected.get(normalise_nodeid(item.nodeid))
         if reason is not None:
-            item.add_marker(pytest.mark.xfail(reason=f"sa_cache: SQL differs: {reason}", strict=False))
+            item.add_marker(pytest.mark.xfail(reason=f"sa_cache: {reason}", strict=False))
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
