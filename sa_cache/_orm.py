@@ -185,10 +185,14 @@ def next_load_sees_fresh_snapshot(session: Session) -> bool:
     return True
 
 
-def autoflush(session: Session) -> None:
+def autoflush(session: Session) -> bool:
     """Flush as the SELECT of a lookup would before running (``Session._autoflush``: honours
-    ``autoflush=False`` and ``no_autoflush``, and wraps errors as a query-invoked autoflush)."""
+    ``autoflush=False`` and ``no_autoflush``, and wraps errors as a query-invoked autoflush).
+    Returns whether the session had anything to flush (``Session._is_clean``)."""
+    if session._is_clean():
+        return False
     session._autoflush()
+    return True
 
 
 def session_populates_existing(session: Any) -> bool:

@@ -90,11 +90,13 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         pk = model.normalise(primary_key_identity)
         if pk is None:
             return None  # SQLAlchemy's own answer for a value we cannot coerce
-        if request.autoflush:
-            _orm.autoflush(self)  # type: ignore[arg-type]  # as the SELECT would
-        found = self.identity_map_lookup(mapper, pk, identity_token)
-        if found is not None:
-            return found
+        flushed = request.autoflush and _orm.autoflush(self)  # type: ignore[arg-type]
+        if flushed or pk != tuple(primary_key_identity):
+            # the flush may have made a pending row persistent; a normalised key may name an
+            # instance the caller's spelling missed
+            found = self.identity_map_lookup(mapper, pk, identity_token)
+            if found is not None:
+                return found
         self._sa_cache_lookup_pk = pk
         key = model.keys.row_key(pk, identity_token)
         lookups = self._sa_cache
@@ -111,8 +113,8 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         """Whether a ``do_orm_execute`` listener other than sa_cache's own is installed: it may
         add criteria (the multi-tenant recipe's ``with_loader_criteria``) or options to the
         SELECT a primary-key lookup runs, which a cached row cannot honour."""
-        listeners = self.dispatch.do_orm_execute  # type: ignore[attr-defined]
-        return len(listeners) > 1 or any(fn is not tracking.on_orm_execute for fn in listeners)
+        # sa_cache's own (tracking.on_orm_execute) is always one: installed on the class
+        return len(self.dispatch.do_orm_execute) > 1  # type: ignore[attr-defined]
 
     def lookup_done(self) -> None:
         if self._sa_cache is not None:

@@ -149,14 +149,19 @@ def test_a_load_that_raises_releases_its_lease(engine, backend):
     class LoadFailed(Exception):
         pass
 
-    with Session() as s:
+    held_while_loading = []
 
-        @event.listens_for(s, "do_orm_execute")
-        def fail(state: Any) -> None:
-            raise LoadFailed
+    def fail(*args: Any) -> None:  # the load's SELECT fails, after the lease was taken
+        held_while_loading.append(cache.store.get_many([lease_key(key)])[0] is not None)
+        raise LoadFailed
 
-        with pytest.raises(LoadFailed):
+    event.listen(engine, "before_cursor_execute", fail)
+    try:
+        with Session() as s, pytest.raises(LoadFailed):
             s.get(User, 1)
+    finally:
+        event.remove(engine, "before_cursor_execute", fail)
+    assert held_while_loading == [True]
     assert cache.store.get_many([lease_key(key)]) == [None]
     if backend == "redis":
         cache.store.delete_prefix(cache.prefix + ":")
