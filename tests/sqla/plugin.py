@@ -140,7 +140,11 @@ def _install() -> None:
             made = type(
                 cls.__name__,
                 bases,
-                {"__init__": __init__, "__module__": cls.__module__, "__qualname__": cls.__qualname__},
+                {
+                    "__init__": __init__,
+                    "__module__": cls.__module__,
+                    "__qualname__": cls.__qualname__,
+                },
             )
             made._sa_suite_class = made  # type: ignore[attr-defined]
             STATE.classes[cls] = made
@@ -148,10 +152,7 @@ def _install() -> None:
         TOTALS["sessions"] += 1
         return made
 
-    class _WarmSession(CachingSessionMixin, Session):
-        """fill-all: the second session, on the second engine."""
-
-    globals()["_WarmSessionBase"] = _WarmSession
+    globals()["_RealSession"] = Session
 
 
 def _cache() -> Any:
@@ -183,7 +184,7 @@ def _register_all(cache: Any) -> None:
                 REFUSED_EXAMPLES.setdefault(type(exc).__name__, f"{STATE.nodeid}: {name}")
 
 
-# -- fill-all ---------------------------------------------------------------------------------------
+# -- fill-all --------------------------------------------------------------------------------------
 
 
 class _WarmingLookups:
@@ -192,7 +193,12 @@ class _WarmingLookups:
     cache holds it if sa_cache's rules let that session fill it."""
 
     def _identity_lookup(
-        self, mapper: Any, primary_key_identity: Any, identity_token: Any = None, *args: Any, **kw: Any
+        self,
+        mapper: Any,
+        primary_key_identity: Any,
+        identity_token: Any = None,
+        *args: Any,
+        **kw: Any,
     ) -> Any:
         try:
             _warm(self, mapper, primary_key_identity, identity_token)
@@ -220,11 +226,11 @@ def _warm(session: Any, mapper: Any, pk: Any, token: Any) -> None:
     if url.database in (None, "", ":memory:"):
         return
     if STATE.warm_engine is None:
-        STATE.warm_engine = create_engine(
-            url, poolclass=NullPool, connect_args={"timeout": 0.2}
-        )
-    if STATE.warm_class is None:
-        STATE.warm_class = type("WarmSession", (_WarmSessionBase,), {})
+        STATE.warm_engine = create_engine(url, poolclass=NullPool, connect_args={"timeout": 0.2})
+    if STATE.warm_class is None:  # per test, so __init_subclass__ installs sa_cache's listeners
+        from sa_cache import CachingSessionMixin
+
+        STATE.warm_class = type("WarmSession", (CachingSessionMixin, _RealSession), {})
     before = cache.stats()
     try:
         with STATE.warm_class(STATE.warm_engine, cache=cache) as warm:
@@ -236,10 +242,10 @@ def _warm(session: Any, mapper: Any, pk: Any, token: Any) -> None:
     TOTALS["warm_gets"] += 1
 
 
-_WarmSessionBase: Any = None
+_RealSession: Any = None
 
 
-# -- pytest hooks -----------------------------------------------------------------------------------
+# -- pytest hooks ----------------------------------------------------------------------------------
 
 
 def _expected() -> dict[str, str]:

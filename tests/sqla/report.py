@@ -1,11 +1,11 @@
 """Summaries of scripts/sqla_suite.sh runs, from the JUnit XML pytest wrote per mode and module.
 
-    report.py summary OUT MODE... -- MODULE...    counts per module and mode, new failures
-    report.py new-failures OUT MODE MODULE        node ids failing in MODE, not in baseline
-    report.py classify OUT MODE -- MODULE...      new failures: SQL-only (pass in MODE-nosql)
-                                                  or behaviour (fail there too)
-    report.py expected OUT MODE... -- MODULE...   the SQL-only ones as expected_sql_differences.txt
-                                                  lines: modes, node id, reason from the message
+report.py summary OUT MODE... -- MODULE...    counts per module and mode, new failures
+report.py new-failures OUT MODE MODULE        node ids failing in MODE, not in baseline
+report.py classify OUT MODE -- MODULE...      new failures: SQL-only (pass in MODE-nosql)
+                                              or behaviour (fail there too)
+report.py expected OUT MODE... -- MODULE...   the SQL-only ones as expected_sql_differences.txt
+                                              lines: modes, node id, reason from the message
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ def results(out: Path, mode: str, module: str) -> dict[str, str] | None:
     for case in ET.parse(path).iter("testcase"):
         classname = case.get("classname", "")
         rest = classname[len(dotted) + 1 :] if classname.startswith(dotted + ".") else classname
-        nodeid = module + "::" + "::".join(filter(None, [rest.replace(".", "::"), case.get("name")]))
+        nodeid = (
+            module + "::" + "::".join(filter(None, [rest.replace(".", "::"), case.get("name")]))
+        )
         nodeid = _BACKEND_SUFFIX.sub("", nodeid)
         outcome = "passed"
         for child in case:
@@ -73,7 +75,9 @@ def _raw_ids(out: Path, mode: str, module: str, ids: list[str]) -> list[str]:
     for case in ET.parse(path).iter("testcase"):
         classname = case.get("classname", "")
         rest = classname[len(dotted) + 1 :] if classname.startswith(dotted + ".") else classname
-        nodeid = module + "::" + "::".join(filter(None, [rest.replace(".", "::"), case.get("name")]))
+        nodeid = (
+            module + "::" + "::".join(filter(None, [rest.replace(".", "::"), case.get("name")]))
+        )
         if _BACKEND_SUFFIX.sub("", nodeid) in wanted and nodeid not in raw:
             raw.append(nodeid)
     return raw
@@ -133,7 +137,9 @@ def failure_messages(out: Path, mode: str, module: str) -> dict[str, str]:
     for case in ET.parse(path).iter("testcase"):
         classname = case.get("classname", "")
         rest = classname[len(dotted) + 1 :] if classname.startswith(dotted + ".") else classname
-        nodeid = module + "::" + "::".join(filter(None, [rest.replace(".", "::"), case.get("name")]))
+        nodeid = (
+            module + "::" + "::".join(filter(None, [rest.replace(".", "::"), case.get("name")]))
+        )
         for child in case:
             if child.tag in ("failure", "error"):
                 found[_BACKEND_SUFFIX.sub("", nodeid)] = child.text or ""

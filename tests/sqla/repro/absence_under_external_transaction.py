@@ -3,9 +3,8 @@ session into an external transaction" recipe of test suites): get() answers None
 absence cached earlier, although the row is visible on that connection.
 (test/orm/test_query.py::GetTest::test_unicode, fill-all: the absence came from the warm-up)"""
 
-from sqlalchemy import insert
-
 from _common import User, setup
+from sqlalchemy import insert
 
 for with_cache in (False, True):
     session, sql = setup(with_cache)

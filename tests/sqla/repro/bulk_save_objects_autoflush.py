@@ -4,9 +4,8 @@ in are flushed by the unit of work (a SELECT, an INSERT, an UPDATE) before the b
 then sees only updates. Without the cache SQLAlchemy raises (no primary key in the expired row).
 (test/orm/dml/test_bulk.py::BulkInsertUpdateTest::test_bulk_save_mappings_preserve_order)"""
 
-from sqlalchemy import inspect
-
 from _common import User, setup
+from sqlalchemy import inspect
 
 for with_cache in (False, True):
     session, sql = setup(with_cache)

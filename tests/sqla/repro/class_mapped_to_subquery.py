@@ -1,5 +1,6 @@
-"""A class mapped to a subquery (or CTE) of a table: the first miss raises ValueError from the
-fill instead of returning the row. (test/orm/test_lazy_relations.py::LazyTest::test_map_to_cte_subq)"""
+"""A class mapped to a subquery (or CTE) of a table: at 5d703f3 the first miss raised ValueError
+from the fill instead of returning the row; since then register() refuses the class.
+(test/orm/test_lazy_relations.py::LazyTest::test_map_to_cte_subq)"""
 
 from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, insert, select
 from sqlalchemy.orm import registry

@@ -4,10 +4,10 @@ that routes by statement sees a different call).
 (test/orm/dml/test_orm_upd_del_basic.py::UpdateDeleteTest::test_routing_session,
 test/orm/test_query.py::SessionBindTest::test_bulk_update_no_sync and friends)"""
 
+from _common import User, setup
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from _common import User, setup
 from sa_cache import CachingSessionMixin
 
 calls: list[str] = []

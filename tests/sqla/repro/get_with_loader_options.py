@@ -1,9 +1,8 @@
 """A hit ignores the loader options of get / merge: selectinload(User.addresses) loads nothing.
 (SQLAlchemy: test/orm/test_merge.py::MergeTest::test_loader_options)"""
 
-from sqlalchemy.orm import selectinload
-
 from _common import User, setup
+from sqlalchemy.orm import selectinload
 
 for with_cache in (False, True):
     session, sql = setup(with_cache)

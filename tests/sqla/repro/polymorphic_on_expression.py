@@ -9,8 +9,11 @@ from sa_cache import CachingSession, IdentityCache
 
 metadata = MetaData()
 employees = Table(
-    "employees", metadata,
-    Column("id", Integer, primary_key=True), Column("type", String(1)), Column("data", String),
+    "employees",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("type", String(1)),
+    Column("data", String),
 )
 
 
@@ -24,7 +27,9 @@ class Manager(Employee):
 
 reg = registry(metadata=metadata)
 base = reg.map_imperatively(
-    Employee, employees, polymorphic_identity="employee",
+    Employee,
+    employees,
+    polymorphic_identity="employee",
     polymorphic_on=case({"E": "employee", "M": "manager"}, value=employees.c.type),
 )
 reg.map_imperatively(Manager, inherits=base, polymorphic_identity="manager")

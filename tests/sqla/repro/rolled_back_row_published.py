@@ -3,9 +3,8 @@ misses, loads the uncommitted row and fills the cache with it; the outer transac
 back, and another session's get() is then answered with a row that never existed.
 (Found while reading test/orm/test_query.py::GetTest::test_unicode.)"""
 
-from sqlalchemy import insert
-
 from _common import User, setup
+from sqlalchemy import insert
 
 for with_cache in (False, True):
     session, sql = setup(with_cache)
@@ -16,5 +15,7 @@ for with_cache in (False, True):
             s.get(User, 9)  # sees the uncommitted row on its connection
         conn.rollback()
     with session() as s:
-        print(f"cache={with_cache}: after the rollback, get(User, 9) -> "
-              f"{getattr(s.get(User, 9), 'name', None)!r}")
+        print(
+            f"cache={with_cache}: after the rollback, get(User, 9) -> "
+            f"{getattr(s.get(User, 9), 'name', None)!r}"
+        )
