@@ -24,9 +24,10 @@ changes one fails there first, by name.
 6. :func:`autoflush` is ``Session._autoflush``, the flush a lookup's SELECT runs first.
 7. :func:`complete_like_a_load` loads what a load fills in beyond the columns
    (``Session.refresh`` with attribute names, then the eager relationships).
-8. DML statements: :func:`rewrites_other_rows`, :func:`update_set_columns` and
-   :func:`has_own_returning` read ``Insert._post_values_clause`` / ``_prefixes``,
-   ``Update._values`` and ``_returning``.
+8. DML statements: :func:`rewrites_other_rows`, :func:`update_set_columns`,
+   :func:`has_own_returning` and :func:`dml_statement` read ``Insert._post_values_clause`` /
+   ``_prefixes``, ``Update._values``, ``_returning`` and ``FromStatement.element``.
+9. :func:`eager_plan` skips attributes that are not instrumented (``Mapper.class_manager``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from sqlalchemy import inspect
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.base import PassiveFlag
+from sqlalchemy.orm.context import FromStatement
 from sqlalchemy.util import EMPTY_DICT
 
 _SQL_ALLOWED: Final = PassiveFlag.SQL_OK | PassiveFlag.RELATED_OBJECT_OK
@@ -231,6 +233,9 @@ def eager_plan(mapper: Mapper[Any], expressions: frozenset[str]) -> EagerPlan:
     row does not hold."""
     plan: EagerPlan | None = _plans.get(mapper)
     if plan is None:
+        # only instrumented attributes: a polymorphic_on expression (``_sa_polymorphic_on``) is
+        # no attribute of the instance, and a load does not fill it
+        expressions = frozenset(key for key in expressions if key in mapper.class_manager)
         joined = [r.key for r in mapper.relationships if r.lazy == "joined"]
         trigger = [r.key for r in mapper.relationships if r.lazy in _EAGER_LOADERS]
         refresh = tuple(sorted(expressions)) + tuple(joined)
@@ -300,6 +305,12 @@ def update_set_columns(update: Any) -> list[Any]:
         for key in values
         if not isinstance(key, str)
     ]
+
+
+def dml_statement(statement: Any) -> Any:
+    """The INSERT / UPDATE / DELETE itself, also when the ORM runs it wrapped as
+    ``select(Model).from_statement(dml.returning(...))`` (``FromStatement.element``)."""
+    return statement.element if isinstance(statement, FromStatement) else statement
 
 
 def has_own_returning(statement: Any) -> bool:

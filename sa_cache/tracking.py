@@ -220,7 +220,7 @@ def on_orm_execute(state: ORMExecuteState) -> Any:
     changes = lookups.changes
     changes.wrote = True  # whatever table it writes: publish nothing until the transaction ends
     registry = lookups.cache.registry
-    statement: Any = state.statement
+    statement: Any = _orm.dml_statement(state.statement)
     target, *others = _tables_written(statement, state.is_update)
     translate = state.execution_options.get("schema_translate_map")
     bind = _bind(session, **state.bind_arguments)
@@ -307,7 +307,11 @@ def _name(table: Any) -> str:
 
 
 def _bind(session: Session, **arguments: Any) -> Any:
-    """The engine or connection ``session`` runs a statement on (None when it has none)."""
+    """The engine or connection ``session`` runs a statement on; None when it has none, or when
+    the application routes binds itself (its own ``get_bind``, which must not be called more
+    often than SQLAlchemy calls it): unknown, so every table of that name matches."""
+    if type(session).get_bind is not Session.get_bind:
+        return None
     try:
         return session.get_bind(**arguments)
     except Exception:  # no bind: SQLAlchemy's own error follows, or the table is unknown
@@ -403,7 +407,7 @@ def bulk_objects(session: Session, objects: list[Any]) -> None:
 def _returning_may_report_rows(state: ORMExecuteState, mapper: Mapper[Any], target: Any) -> bool:
     """Whether SQLAlchemy may report the primary keys an ORM UPDATE/DELETE matched (its "fetch"
     synchronisation, through RETURNING); the caller's ``synchronize_session`` decides."""
-    statement: Any = state.statement
+    statement: Any = _orm.dml_statement(state.statement)
     if state.is_executemany or _orm.has_own_returning(statement) or mapper.inherits is not None:
         return False
     if mapper.base_mapper.polymorphic_on is not None:
@@ -412,7 +416,10 @@ def _returning_may_report_rows(state: ORMExecuteState, mapper: Mapper[Any], targ
         return False
     if list(target.primary_key) != list(mapper.primary_key):
         return False
-    dialect = state.session.get_bind(**state.bind_arguments).dialect
+    bind = _bind(state.session, **state.bind_arguments)
+    if bind is None:
+        return False
+    dialect = bind.dialect
     return bool(dialect.update_returning if state.is_update else dialect.delete_returning)
 
 

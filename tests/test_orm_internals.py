@@ -221,3 +221,29 @@ def test_autoflush_is_the_flush_a_select_runs_first(Sessions):
             _orm.autoflush(s)
         assert s.new
         s.rollback()
+
+
+def test_an_orm_dml_run_from_a_select_is_found_inside_it():
+    from sqlalchemy import select
+
+    dml = update(User).where(User.id == 1).values(name="x").returning(User)
+    assert _orm.dml_statement(select(User).from_statement(dml)) is dml
+    assert _orm.dml_statement(dml) is dml
+
+
+def test_a_polymorphic_on_expression_is_no_instrumented_attribute():
+    from sqlalchemy import Column, Integer, MetaData, String, Table, case
+    from sqlalchemy.orm import registry
+
+    table = Table("pinned_people", MetaData(), Column("id", Integer, primary_key=True),
+                  Column("type", String(1)))  # fmt: skip
+
+    class Person:
+        pass
+
+    mapper = registry().map_imperatively(
+        Person, table, polymorphic_on=case({"P": "p"}, value=table.c.type), polymorphic_identity="p"
+    )
+    assert "_sa_polymorphic_on" in [p.key for p in mapper.column_attrs]
+    assert "_sa_polymorphic_on" not in mapper.class_manager
+    assert _orm.eager_plan(mapper, frozenset({"_sa_polymorphic_on"})) == _orm.NO_EAGER_LOADS
