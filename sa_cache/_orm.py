@@ -32,7 +32,6 @@ changes one fails there first, by name.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from typing import Any, Final, NamedTuple
 
@@ -48,21 +47,6 @@ _SQL_ALLOWED: Final = PassiveFlag.SQL_OK | PassiveFlag.RELATED_OBJECT_OK
 
 #: Returned by :meth:`IdentityLookupHooks.cache_lookup` when the cache knows the row is absent.
 KNOWN_ABSENT: Final = object()
-
-
-class Request(NamedTuple):
-    """What SQLAlchemy's own lookup would do next, as far as a cache must know it.
-
-    :param execution_options: the lookup's execution options.
-    :param options: loader options that apply to the row (``get(..., options=[...])``, or the
-        options the parent of a lazy load was loaded with): a cached row cannot honour them.
-    :param autoflush: whether the SELECT SQLAlchemy would run next autoflushes first (not for a
-        lazy load from a pending object, nor with ``NO_AUTOFLUSH``).
-    """
-
-    execution_options: Any
-    options: bool
-    autoflush: bool
 
 
 class IdentityLookupHooks:
@@ -84,8 +68,15 @@ class IdentityLookupHooks:
         mapper: Mapper[Any],
         primary_key_identity: Any,
         identity_token: Any,
-        request: Request,
+        execution_options: Any,
+        options: bool,
+        autoflush: bool,
     ) -> Any:
+        """What SQLAlchemy's own lookup would do next, as far as a cache must know it:
+        ``options``, whether loader options apply to the row (``get(..., options=[...])``, or
+        the options the parent of a lazy load was loaded with: a cached row cannot honour
+        them); ``autoflush``, whether the SELECT it would run next autoflushes first (not for a
+        lazy load from a pending object, nor with ``NO_AUTOFLUSH``)."""
         return None
 
     def loaded_nothing(self, mapper: Mapper[Any], primary_key_identity: Any) -> None:
@@ -119,12 +110,14 @@ class IdentityLookupHooks:
             options, autoflush = self._sa_cache_get_options, True
         else:
             options, autoflush = bool(parent.load_options), parent.key is not None
-        request = Request(
+        answer = self.cache_lookup(
+            mapper,
+            primary_key_identity,
+            identity_token,
             kw.get("execution_options") or EMPTY_DICT,
             options,
             autoflush and not passive & PassiveFlag.NO_AUTOFLUSH,
         )
-        answer = self.cache_lookup(mapper, primary_key_identity, identity_token, request)
         if answer is KNOWN_ABSENT:
             self._sa_cache_last_absent = primary_key_identity
             return None
@@ -225,7 +218,8 @@ class EagerPlan(NamedTuple):
 #: The plan of a mapper whose load fills in nothing beyond its columns.
 NO_EAGER_LOADS: Final = EagerPlan((), ())
 _EAGER_LOADERS: Final = frozenset({"selectin", "subquery", "immediate"})
-_plans: weakref.WeakKeyDictionary[Mapper[Any], EagerPlan] = weakref.WeakKeyDictionary()
+#: by mapper, for the life of the process as mappers are (a plain dict: asked on every hit)
+_plans: dict[Mapper[Any], EagerPlan] = {}
 
 
 def eager_plan(mapper: Mapper[Any], expressions: frozenset[str]) -> EagerPlan:

@@ -79,18 +79,20 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         mapper: Mapper[Any],
         primary_key_identity: Any,
         identity_token: Any,
-        request: _orm.Request,
+        execution_options: Any,
+        options: bool,
+        autoflush: bool,
     ) -> Any:
-        model = self._cacheable(mapper, identity_token, request.execution_options)
+        model = self._cacheable(mapper, identity_token, execution_options)
         if model is None:
             return None
-        if request.options or self._rewrites_statements():
+        if options or self._rewrites_statements():
             model.stats.skipped += 1  # SQLAlchemy's SELECT may differ from a primary-key load
             return None
         pk = model.normalise(primary_key_identity)
         if pk is None:
             return None  # SQLAlchemy's own answer for a value we cannot coerce
-        flushed = request.autoflush and _orm.autoflush(self)  # type: ignore[arg-type]
+        flushed = autoflush and _orm.autoflush(self)  # type: ignore[arg-type]
         if flushed or pk != tuple(primary_key_identity):
             # the flush may have made a pending row persistent; a normalised key may name an
             # instance the caller's spelling missed
@@ -134,7 +136,9 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         )
         return may_fill, negative_ok
 
-    def _place(self, answer: Answer, mapper: Mapper[Any], identity_key: Any) -> Any:
+    def _place(
+        self, answer: Answer, mapper: Mapper[Any], identity_key: Any, complete: bool = True
+    ) -> Any:
         """The session's answer for a cache hit: the instance, or :data:`_orm.KNOWN_ABSENT`."""
         if type(answer) is Hit:
             shape = answer.shape
@@ -147,6 +151,8 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
                 answer.value,
                 shape.expire_on_hit,
             )
+            if not complete:  # the caller made sure the load fills in nothing more
+                return instance
             plan = _orm.eager_plan(shape.mapper, shape.expire_on_hit)
             if (plan.refresh or plan.trigger) and not _orm.complete_like_a_load(
                 self,  # type: ignore[arg-type]
@@ -267,7 +273,7 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         for (_, pk, identity_key), answer in zip(wanted, answers, strict=True):
             if answer is None:
                 continue
-            placed = self._place(answer, mapper, identity_key)
+            placed = self._place(answer, mapper, identity_key, complete=False)
             for index in missing.pop(pk):
                 results[index] = None if placed is _orm.KNOWN_ABSENT else placed
 
