@@ -25,8 +25,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 def load(checkout: str, name: str) -> ModuleType:
     """``checkout``'s sa_cache package, imported as ``name``."""
+    package = f"{checkout}/sa_cache"
     spec = importlib.util.spec_from_file_location(
-        name, f"{checkout}/sa_cache/__init__.py", submodule_search_locations=[f"{checkout}/sa_cache"]
+        name, f"{package}/__init__.py", submodule_search_locations=[package]
     )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -55,7 +56,9 @@ def workload(sa_cache: Any, backend: str | None, prefix: str) -> dict[str, Calla
     Base.metadata.create_all(engine)
     Session = sessionmaker(engine, class_=sa_cache.CachingSession, cache=cache)
     with Session() as s:
-        s.add_all(Row(id=n, a="x" * 20, b="y" * 20, c=True, f="t" * 100, g=n) for n in range(1, 1001))
+        s.add_all(
+            Row(id=n, a="x" * 20, b="y" * 20, c=True, f="t" * 100, g=n) for n in range(1, 1001)
+        )
         s.commit()
     with Session() as s:
         s.get_many(Row, range(1, 1001))
