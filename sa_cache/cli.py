@@ -13,7 +13,7 @@ from sqlalchemy.orm import registry
 
 from . import demo as demo_module
 from .cache import IdentityCache
-from .errors import redact
+from .errors import describe_error
 from .shared_stats import read_shared_stats
 from .stats import MODEL_COUNTERS
 
@@ -73,7 +73,7 @@ def print_stats(cache: IdentityCache, *, as_json: bool = False) -> None:
         try:
             stats = read_shared_stats(cache.store.client, cache.prefix)  # type: ignore[attr-defined]
         except Exception as exc:
-            message = f"cannot read the shared counters: {redact(str(exc))}"
+            message = f"cannot read the shared counters: {describe_error(exc)}"
             raise click.ClickException(message) from None
         scope = f"all processes under prefix {cache.prefix!r} ({stats['processes']} live)"
     else:
@@ -120,7 +120,7 @@ def flush_cache(cache: IdentityCache) -> None:
     try:
         removed = cache.flush()
     except Exception as exc:
-        raise click.ClickException(f"flush failed: {redact(str(exc))}") from None
+        raise click.ClickException(f"flush failed: {describe_error(exc)}") from None
     click.echo(f"removed {removed} keys under {cache.prefix + ':'!r}")
 
 

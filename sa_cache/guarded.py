@@ -28,7 +28,7 @@ from typing import Any, Final, TypeVar
 
 from . import codec
 from .breaker import CircuitBreaker
-from .errors import redact
+from .errors import describe_error
 from .kinds import CachedKind
 from .protocol import eviction_writes
 from .signing import Signer
@@ -108,9 +108,8 @@ class GuardedStore:
         if self._healthy:
             self._healthy = False
             log.warning(
-                "sa_cache: cache backend unavailable, serving from the database (%s: %s)",
-                type(exc).__name__,
-                redact(str(exc)),
+                "sa_cache: cache backend unavailable, serving from the database (%s)",
+                describe_error(exc),
             )
 
     # -- keys and signatures -----------------------------------------------------------------------

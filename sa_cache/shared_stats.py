@@ -25,7 +25,7 @@ import weakref
 from typing import Any
 
 from .cache import IdentityCache
-from .errors import redact
+from .errors import describe_error
 from .stats import ALL_COUNTERS, MODEL_COUNTERS
 
 log = logging.getLogger("sa_cache")
@@ -122,9 +122,7 @@ class StatsPublisher:
                 if not self._failing:
                     self._failing = True
                     log.warning(
-                        "sa_cache: could not publish shared counters (%s: %s)",
-                        type(exc).__name__,
-                        redact(str(exc)),
+                        "sa_cache: could not publish shared counters (%s)", describe_error(exc)
                     )
                 return False
             self._failing = False
