@@ -21,6 +21,7 @@ unsigned payloads; the store underneath sees only mangled keys and stored bytes.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -32,7 +33,7 @@ from .errors import describe_error
 from .kinds import CachedKind
 from .protocol import eviction_writes
 from .signing import Signer
-from .store import Fill, Store, Write
+from .store import Fill, Release, Store, Write
 
 log = logging.getLogger("sa_cache")
 
@@ -40,6 +41,8 @@ R = TypeVar("R")
 
 #: Evictions kept for replay while the store is unreachable; past this, generations are replaced.
 JOURNAL_LIMIT: Final = 10_000
+#: Random bytes in a lease's owner token.
+LEASE_TOKEN_BYTES: Final = 8
 #: Seconds between two log lines about entries with bad signatures.
 FORGERY_LOG_INTERVAL: Final = 60.0
 #: What an entry with a bad signature reads as: bytes that decode to no entry.
@@ -169,32 +172,39 @@ class GuardedStore:
 
     def acquire(
         self, kind: CachedKind, key: str, lease_key: str, ttl: float
-    ) -> tuple[bool, bytes | None, bytes | None, bytes | None] | None:
+    ) -> tuple[bytes | None, bytes | None, bytes | None, bytes | None] | None:
         """Take the lease ``lease_key`` unless someone holds it, and read ``key`` and its kind's
-        generation again, in one round trip: (acquired, generation, stored, payload), or None if
-        the store is unavailable."""
+        generation again, in one round trip: (the lease's owner token if this call took it,
+        generation, stored, payload), or None if the store is unavailable."""
+        token = os.urandom(LEASE_TOKEN_BYTES)
         result = self._call(
             (kind,),
             self.store.acquire,
             self._k(lease_key),
-            b"1",
+            token,
             ttl,
             [self._k(kind.keys.generation_key), self._k(key)],
         )
         if result is UNAVAILABLE:
             return None
         acquired, (generation, stored) = result  # type: ignore[misc]
-        return acquired, generation, stored, self._open([key], [stored])[0]
+        owned = token if acquired else None
+        return owned, generation, stored, self._open([key], [stored])[0]
 
-    def fill(self, fills: Sequence[tuple[CachedKind, Fill]], release: Sequence[str] = ()) -> None:
-        """Apply conditional fills and release leases in one round trip; failures are counted,
-        never raised."""
+    def fill(
+        self, fills: Sequence[tuple[CachedKind, Fill]], release: Sequence[Release] = ()
+    ) -> None:
+        """Apply conditional fills and release leases (only if still the caller's) in one round
+        trip; failures are counted, never raised."""
         sealed = [
             Fill(self._k(f.key), f.expected, self._seal(f.key, f.value, f.ttl), f.ttl)
             for _, f in fills
         ]
         stored = self._call(
-            [kind for kind, _ in fills], self.store.fill_many, sealed, [self._k(k) for k in release]
+            [kind for kind, _ in fills],
+            self.store.fill_many,
+            sealed,
+            [Release(self._k(key), token) for key, token in release],
         )
         if isinstance(stored, _Unavailable):
             return

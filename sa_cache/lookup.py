@@ -34,7 +34,7 @@ from .guarded import GuardedStore
 from .kinds import Answer, CachedKind
 from .protocol import Observation, absent_fill, classify, fill_for
 from .registry import Registry
-from .store import Fill
+from .store import Fill, Release
 from .tracking import TransactionChanges
 
 #: First and longest pause between two polls of a key another caller is loading.
@@ -134,7 +134,7 @@ class Lookups:
         )
         if lease is None:
             return None  # the store failed: load (the fill will most likely fail too)
-        acquired, generation, stored, payload = lease
+        owned, generation, stored, payload = lease
         if generation is not None and (stored, generation) != (
             observation.stored,
             observation.generation,
@@ -142,15 +142,15 @@ class Lookups:
             answer = classify(kind, generation, payload, pk)
             if answer is not None:
                 del self.pending[identity_key]
-                if acquired:
-                    self.cache.guarded.fill([], [lease_key(observation.key)])
+                if owned is not None:
+                    self.cache.guarded.fill([], [Release(lease_key(observation.key), owned)])
                 self._answered_after_all(kind)
                 return answer
             observation = observation._replace(
                 stored=stored, generation=generation, observed_at=time.monotonic()
             )
-        if acquired:
-            self.pending[identity_key] = observation._replace(leased=True)
+        if owned is not None:
+            self.pending[identity_key] = observation._replace(lease=owned)
             return None
         self.pending[identity_key] = observation
         return self._wait_for_fill(kind, pk, identity_key)
@@ -228,7 +228,9 @@ class Lookups:
         self, fills: list[tuple[CachedKind, Fill]], observation: Observation | None = None
     ) -> None:
         """Apply fills in one round trip, releasing the lease the observation held, if any."""
-        release = [lease_key(observation.key)] if observation and observation.leased else []
+        release = []
+        if observation is not None and observation.lease is not None:
+            release = [Release(lease_key(observation.key), observation.lease)]
         if fills or release:
             self.cache.guarded.fill(fills, release)
 
@@ -239,8 +241,8 @@ class Lookups:
         if identity_key is None:
             return
         observation = self.pending.pop(identity_key, None)
-        if observation is not None and observation.leased:
-            self.cache.guarded.fill([], [lease_key(observation.key)])
+        if observation is not None and observation.lease is not None:
+            self.cache.guarded.fill([], [Release(lease_key(observation.key), observation.lease)])
 
     def transaction_ended(self) -> None:
         self.changes.reset()

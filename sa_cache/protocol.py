@@ -35,7 +35,8 @@ class Observation(NamedTuple):
     generation: bytes
     observed_at: float
     negative_ok: bool
-    leased: bool = False
+    #: the owner token of the lease this miss holds (None: it holds none)
+    lease: bytes | None = None
 
 
 def classify(

@@ -19,7 +19,7 @@ from typing import NamedTuple, Protocol
 
 from .errors import UnsupportedBackend
 
-__all__ = ["Capabilities", "Fill", "Store", "UnsupportedBackend", "Write"]
+__all__ = ["Capabilities", "Fill", "Release", "Store", "UnsupportedBackend", "Write"]
 
 
 class Fill(NamedTuple):
@@ -37,6 +37,14 @@ class Write(NamedTuple):
     key: str
     value: bytes
     ttl: float | None
+
+
+class Release(NamedTuple):
+    """Delete the lease ``key`` only if it still holds ``token``: the lease of the caller that
+    took it, and no one else's after it expired."""
+
+    key: str
+    token: bytes
 
 
 class Capabilities(NamedTuple):
@@ -59,10 +67,10 @@ class Store(Protocol):
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         """The stored values of ``keys`` (None where absent), in one round trip."""
 
-    def fill_many(self, fills: Sequence[Fill], release: Sequence[str] = ()) -> list[bool]:
-        """Apply each conditional fill atomically per key, then delete the ``release`` keys (the
-        leases the fills were waited on for); one round trip for the batch. Returns, per fill,
-        whether it was stored."""
+    def fill_many(self, fills: Sequence[Fill], release: Sequence[Release] = ()) -> list[bool]:
+        """Apply each conditional fill atomically per key, then release the leases the fills were
+        waited on for (each deleted only if it still holds its owner's token); one round trip for
+        the batch. Returns, per fill, whether it was stored."""
 
     def write_many(self, writes: Sequence[Write]) -> None:
         """Apply unconditional writes (tombstones, generation changes) in one round trip."""
@@ -70,8 +78,8 @@ class Store(Protocol):
     def acquire(
         self, key: str, token: bytes, ttl: float, read: Sequence[str]
     ) -> tuple[bool, list[bytes | None]]:
-        """Set ``key`` (a lease) unless it exists, and read ``read`` after that, in one round
-        trip: whether this call set it, and the values read."""
+        """Set ``key`` (a lease) to ``token``, its owner's, unless it exists, and read ``read``
+        after that, in one round trip: whether this call set it, and the values read."""
 
     def init_generation(self, key: str, token: bytes) -> bytes:
         """Set ``key`` to ``token`` unless it exists; return whichever value it holds after."""

@@ -126,7 +126,8 @@ def test_a_waiter_that_times_out_reads_the_database_without_filling(engine, back
         s.commit()
     key = cache.model_for(User.__mapper__).keys.row_key((1,))
     model = cache.model_for(User.__mapper__)
-    assert cache.guarded.acquire(model, key, lease_key(key), cache.lease_ttl)  # never fills
+    lease = cache.guarded.acquire(model, key, lease_key(key), cache.lease_ttl)
+    assert lease is not None and lease[0] is not None  # taken by a loader that never fills
     with expect_sql(sql, selects=1), Session() as s:
         assert s.get(User, 1).name == "cold"
     assert cache.stats()["fills"] == 0
@@ -163,5 +164,39 @@ def test_a_load_that_raises_releases_its_lease(engine, backend):
         event.remove(engine, "before_cursor_execute", fail)
     assert held_while_loading == [True]
     assert cache.store.get_many([lease_key(key)]) == [None]
+    if backend == "redis":
+        cache.store.delete_prefix(cache.prefix + ":")
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_a_loader_whose_lease_expired_leaves_the_next_holders_lease_alone(engine, backend):
+    """Loader A's lease expires during its slow load and loader B takes the key's lease; when A
+    finishes it releases its own lease only, so B's still keeps the herd waiting for B."""
+    if backend == "redis":
+        require_service("redis", 6379)
+    cache = IdentityCache(
+        REDIS_URL if backend == "redis" else None, prefix=f"herd_o_{id(engine)}", lease_wait=5.0
+    )
+    cache.register(User)
+    with sessionmaker(engine)() as s:
+        s.add(User(id=1, name="slow"))
+        s.commit()
+    key = cache.model_for(User.__mapper__).keys.row_key((1,))
+    model = cache.model_for(User.__mapper__)
+    taken_by_b = []
+
+    def lease_expires_and_b_takes_it(*args: Any) -> None:  # during A's load
+        if not taken_by_b:
+            assert cache.store.delete_prefix(lease_key(key)) == 1  # A's lease expires
+            taken_by_b.append(cache.guarded.acquire(model, key, lease_key(key), 60)[0])
+
+    event.listen(engine, "before_cursor_execute", lease_expires_and_b_takes_it)
+    try:
+        with sessionmaker(engine, class_=CachingSession, cache=cache)() as s:
+            assert s.get(User, 1).name == "slow"  # A loads, fills, releases
+    finally:
+        event.remove(engine, "before_cursor_execute", lease_expires_and_b_takes_it)
+    assert taken_by_b[0] is not None
+    assert cache.store.get_many([lease_key(key)]) == [taken_by_b[0]]  # B's lease, untouched
     if backend == "redis":
         cache.store.delete_prefix(cache.prefix + ":")

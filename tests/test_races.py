@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy.orm import sessionmaker
 
 from sa_cache import CachingSession, IdentityCache, codec
-from sa_cache.store import Fill
+from sa_cache.store import Fill, Release
 
 from .conftest import CacheFactory
 from .counting import expect_sql
@@ -31,7 +31,7 @@ class HookedStore:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    def fill_many(self, fills: Sequence[Fill], release: Sequence[str] = ()) -> list[bool]:
+    def fill_many(self, fills: Sequence[Fill], release: Sequence[Release] = ()) -> list[bool]:
         if self.before_fill:
             self.before_fill.pop()()
         return self._inner.fill_many(fills, release)  # type: ignore[no-any-return]

@@ -20,7 +20,7 @@ from dogpile.cache.proxy import ProxyBackend
 
 from sa_cache import IdentityCache
 from sa_cache.errors import UnsupportedBackend
-from sa_cache.store import Capabilities, Fill, Store, Write
+from sa_cache.store import Capabilities, Fill, Release, Store, Write
 from sa_cache.stores import memory_region, redis_region, store_for
 
 from .conftest import REDIS_URL, require_service
@@ -135,9 +135,18 @@ def check_a_fill_carries_its_ttl(store: Store, p: str) -> None:
 
 
 def check_a_fill_batch_releases_its_leases(store: Store, p: str) -> None:
-    store.write_many([Write(p + "lease", b"1", 60), Write(p + "other", b"1", 60)])
-    assert store.fill_many([], [p + "lease"]) == []
-    assert store.get_many([p + "lease", p + "other"]) == [None, b"1"]
+    store.write_many([Write(p + "lease", b"mine", 60), Write(p + "other", b"mine", 60)])
+    assert store.fill_many([], [Release(p + "lease", b"mine")]) == []
+    assert store.get_many([p + "lease", p + "other"]) == [None, b"mine"]
+
+
+def check_a_release_deletes_only_its_owners_lease(store: Store, p: str) -> None:
+    """A caller whose lease expired, and was taken by another, must not delete the new one."""
+    assert store.acquire(p + "lease", b"theirs", 60, [])[0] is True
+    assert store.fill_many([Fill(p + "row", None, b"R", 60)], [Release(p + "lease", b"mine")]) == [
+        True
+    ]
+    assert store.get_many([p + "lease", p + "row"]) == [b"theirs", b"R"]
 
 
 def check_a_lease_goes_to_one_caller_and_reads_after_taking_it(store: Store, p: str) -> None:
@@ -196,13 +205,17 @@ class Broken:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def fill_many(self, fills: Sequence[Fill], release: Sequence[str] = ()) -> list[bool]:
+    def fill_many(self, fills: Sequence[Fill], release: Sequence[Release] = ()) -> list[bool]:
         if self.flaw == "unconditional fill":
             self.inner.write_many([Write(f.key, f.value, f.ttl) for f in fills])
             return [True] * len(fills)
         if self.flaw == "fill keeps no ttl":
             fills = [f._replace(ttl=3600) for f in fills]
         if self.flaw == "release ignored":
+            release = ()
+        if self.flaw == "release ignores the owner":  # a plain DEL, whoever holds the lease
+            for key, _ in release:
+                self.inner._backend.delete(key)  # type: ignore[attr-defined]
             release = ()
         return self.inner.fill_many(fills, release)
 
@@ -227,6 +240,7 @@ FLAWS = [
     "unconditional fill",
     "fill keeps no ttl",
     "release ignored",
+    "release ignores the owner",
     "every caller gets the lease",
     "generation overwritten",
     "reads reordered",

@@ -13,7 +13,7 @@ from typing import Any
 
 from dogpile.cache.api import NO_VALUE
 
-from ..store import Capabilities, Fill, Write
+from ..store import Capabilities, Fill, Release, Write
 
 
 class MemoryStore:
@@ -53,7 +53,7 @@ class MemoryStore:
         with self._lock:
             return [self._read(key, now) for key in keys]
 
-    def fill_many(self, fills: Sequence[Fill], release: Sequence[str] = ()) -> list[bool]:
+    def fill_many(self, fills: Sequence[Fill], release: Sequence[Release] = ()) -> list[bool]:
         now = time.monotonic()
         results = []
         with self._lock:
@@ -62,8 +62,9 @@ class MemoryStore:
                 if stored:
                     self._put(fill.key, fill.value, fill.ttl, now)
                 results.append(stored)
-            for key in release:
-                self._backend.delete(key)
+            for key, token in release:
+                if self._read(key, now) == token:
+                    self._backend.delete(key)
         return results
 
     def acquire(

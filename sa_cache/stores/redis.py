@@ -12,10 +12,11 @@ from typing import Any
 
 from dogpile.cache.api import NO_VALUE
 
-from ..store import Capabilities, Fill, Write
+from ..store import Capabilities, Fill, Release, Write
 from .scripts import lua_script
 
 _COMPARE_AND_SET = lua_script("compare_and_set")
+_COMPARE_AND_DELETE = lua_script("compare_and_delete")
 #: Keys per SCAN step and per UNLINK of :meth:`RedisStore.delete_prefix`.
 SCAN_BATCH = 1000
 
@@ -40,6 +41,7 @@ class RedisStore:
         if options.get("decode_responses"):
             raise ValueError("sa_cache needs a Redis client with decode_responses=False")
         self._cas = self.client.register_script(_COMPARE_AND_SET)
+        self._cad = self.client.register_script(_COMPARE_AND_DELETE)
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         if self._reader is not None:
@@ -53,23 +55,24 @@ class RedisStore:
         else:
             target.evalsha(self._cas.sha, 1, fill.key, fill.expected, fill.value, _ms(fill.ttl))
 
-    def fill_many(self, fills: Sequence[Fill], release: Sequence[str] = ()) -> list[bool]:
+    def fill_many(self, fills: Sequence[Fill], release: Sequence[Release] = ()) -> list[bool]:
         from redis.exceptions import NoScriptError
 
         for attempt in (1, 2):
             pipe = self.client.pipeline(transaction=False)
             for fill in fills:
                 self._queue_fill(pipe, fill)
-            if release:
-                pipe.delete(*release)
-            replies = pipe.execute(raise_on_error=False)[: len(fills)]
+            for key, token in release:
+                pipe.evalsha(self._cad.sha, 1, key, token)
+            replies = pipe.execute(raise_on_error=False)
             if attempt == 1 and any(isinstance(r, NoScriptError) for r in replies):
-                self.client.script_load(_COMPARE_AND_SET)  # Redis restarted, or SCRIPT FLUSH
+                for script in (_COMPARE_AND_SET, _COMPARE_AND_DELETE):
+                    self.client.script_load(script)  # Redis restarted, or SCRIPT FLUSH
                 continue
             for reply in replies:
                 if isinstance(reply, Exception):
                     raise reply
-            return [bool(reply) for reply in replies]
+            return [bool(reply) for reply in replies[: len(fills)]]
         raise AssertionError("unreachable")
 
     def write_many(self, writes: Sequence[Write]) -> None:
