@@ -310,10 +310,11 @@ def _bind(session: Session, **arguments: Any) -> Any:
     """The engine or connection ``session`` runs a statement on; None when it has none, or when
     the application routes binds itself (its own ``get_bind``, which must not be called more
     often than SQLAlchemy calls it): unknown, so every table of that name matches."""
-    if type(session).get_bind is not Session.get_bind:
+    get_bind = session.get_bind
+    if getattr(get_bind, "__func__", None) is not Session.get_bind:  # a subclass's, a patch's
         return None
     try:
-        return session.get_bind(**arguments)
+        return get_bind(**arguments)
     except Exception:  # no bind: SQLAlchemy's own error follows, or the table is unknown
         return None
 

@@ -122,3 +122,26 @@ def test_a_hit_on_a_hierarchy_whose_polymorphic_on_is_an_expression(engine, back
         metadata.drop_all(engine)
         mapper_registry.dispose()
 
+
+@pytest.mark.usefixtures("rows")
+def test_a_get_bind_replaced_on_the_session_is_called_as_often_as_without_the_cache(engine, cache):
+    calls = {}
+    for name, session in (
+        ("plain", Session(engine)),
+        ("cached", CachingSession(engine, cache=cache)),
+    ):
+        seen: list[Any] = []
+        original = session.get_bind
+
+        def get_bind(
+            *args: Any, _seen: list[Any] = seen, _original: Any = original, **kw: Any
+        ) -> Any:
+            _seen.append(sorted(kw))
+            return _original(*args, **kw)
+
+        session.get_bind = get_bind  # type: ignore[method-assign]
+        with session as s:
+            s.execute(update(User).where(User.id == 7).values(name="x"))
+            s.rollback()
+        calls[name] = seen
+    assert calls["cached"] == calls["plain"]
