@@ -236,6 +236,8 @@ def eager_plan(mapper: Mapper[Any], expressions: frozenset[str]) -> EagerPlan:
         if refresh:  # a refresh must load at least one table column: the key is one
             refresh = (mapper.get_property_by_column(mapper.primary_key[0]).key, *refresh)
         plan = EagerPlan(refresh, tuple(trigger))
+        if plan == NO_EAGER_LOADS:
+            plan = NO_EAGER_LOADS  # one object: the hit path compares by identity
         _plans[mapper] = plan
     return plan
 

@@ -126,7 +126,7 @@ class GuardedStore:
     def _open(self, keys: Sequence[str], stored: list[bytes | None]) -> list[bytes | None]:
         if self._signer is None:
             return stored
-        opened: list[bytes | None] = []
+        opened: list[bytes | None] = []  # only with a signer: _read skips this otherwise
         for key, value in zip(keys, stored, strict=True):
             if value is None:
                 opened.append(None)
@@ -160,15 +160,19 @@ class GuardedStore:
     def _read(
         self, kinds: Sequence[CachedKind], keys: Sequence[str]
     ) -> tuple[list[bytes], list[bytes | None], list[bytes | None]]:
-        gen_keys = [self._k(kind.keys.generation_key) for kind in kinds]
-        values = self.store.get_many(gen_keys + [self._k(k) for k in keys])
+        gen_keys = [kind.keys.generation_key for kind in kinds]
+        store_keys = [*gen_keys, *keys]
+        if self._mangle is not None:  # the hit path of most applications skips this
+            store_keys = [self._mangle(key) for key in store_keys]
+            gen_keys = store_keys[: len(kinds)]
+        values = self.store.get_many(store_keys)
         generations = []
         for gen_key, value in zip(gen_keys, values, strict=False):
             if value is None:
                 value = self.store.init_generation(gen_key, codec.new_generation())
             generations.append(value)
         stored = values[len(kinds) :]
-        return generations, stored, self._open(keys, stored)
+        return generations, stored, stored if self._signer is None else self._open(keys, stored)
 
     def acquire(
         self, kind: CachedKind, key: str, lease_key: str, ttl: float

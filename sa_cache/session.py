@@ -154,7 +154,7 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
             if not complete:  # the caller made sure the load fills in nothing more
                 return instance
             plan = _orm.eager_plan(shape.mapper, shape.expire_on_hit)
-            if (plan.refresh or plan.trigger) and not _orm.complete_like_a_load(
+            if plan is not _orm.NO_EAGER_LOADS and not _orm.complete_like_a_load(
                 self,  # type: ignore[arg-type]
                 instance,
                 plan,
