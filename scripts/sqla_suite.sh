@@ -6,7 +6,7 @@
 #   bash scripts/sqla_suite.sh --modes "plain" test/orm/test_merge.py
 #   bash scripts/sqla_suite.sh --fast               # the fast subset, plain + fill-all, listed
 #                                                   # SQL-only differences marked xfail
-#   bash scripts/sqla_suite.sh --lib head           # test HEAD's sa_cache (git archive into the
+#   bash scripts/sqla_suite.sh --lib HEAD           # test HEAD's sa_cache (git archive into the
 #                                                   # cache folder), not the working tree's
 #   bash scripts/sqla_suite.sh --classify           # also re-run the new failures with SQL
 #                                                   # assertions off, to split SQL-only from

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: install, start services, lint, type-check, test on
-# the newest SQLAlchemy 2.1.x, then the core tests again on the newest 2.0.x.
+# the newest SQLAlchemy 2.1.x, then the core tests again on the newest 2.0.x, then a fast subset of
+# SQLAlchemy's own ORM test suite with every session a caching one (docs/sqlalchemy-suite.md).
 #
 # Arguments go to the main pytest run (`bash scripts/test.sh -k redis -x`). The tests read
 # SA_CACHE_TEST_REDIS, SA_CACHE_TEST_PORTS and SA_CACHE_TEST_DB (see docs/testing.md).
@@ -9,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-STAGES=(install services ruff mypy pytest sqlalchemy-2.0)
+STAGES=(install services ruff mypy pytest sqlalchemy-2.0 sqlalchemy-suite)
 STAGE=""
 stage() { STAGE=$1; }
 report_failure() {
@@ -54,3 +55,7 @@ install .venv-sa20 "SQLAlchemy>=2.0,<2.1"
   tests/test_orm_internals.py tests/test_lookups.py tests/test_races.py tests/test_snapshot.py \
   tests/test_eviction.py tests/test_bulk.py tests/test_dirty_reads.py tests/test_negative.py \
   tests/test_format.py tests/test_keys.py tests/test_hydration.py
+
+stage sqlalchemy-suite
+echo "== SQLAlchemy's own ORM tests under the cache (fast subset)"
+bash scripts/sqla_suite.sh --fast
