@@ -25,14 +25,11 @@ from sqlalchemy import Boolean, DateTime, Float, Integer, String, Text, create_e
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 
-def measure(
-    checkout: str | None, backend: str | None, clock: Callable[[], float] = time.perf_counter
-) -> dict[str, float]:
-    if checkout:
-        sys.path.insert(0, checkout)
-    import sa_cache
-
-    cache = sa_cache.IdentityCache(backend, prefix="hitpath")
+def workload(sa_cache: Any, backend: str | None, prefix: str) -> dict[str, Callable[[], Any]]:
+    """The two operations timed, on ``sa_cache`` (the package of the checkout measured): a hit,
+    and get_many of 1000 cached rows, each in a fresh session. Shared with
+    :mod:`benchmarks.interleaved`."""
+    cache = sa_cache.IdentityCache(backend, prefix=prefix)
 
     class Base(DeclarativeBase):
         pass
@@ -74,6 +71,8 @@ def measure(
         s.commit()
     with Session() as s:
         s.get_many(Row, range(1, 1001))
+    with Session() as s:
+        s.get(Row, 7)
 
     def hit() -> None:
         with Session() as s:
@@ -82,6 +81,19 @@ def measure(
     def many() -> None:
         with Session() as s:
             s.get_many(Row, range(1, 1001))
+
+    return {"hit_us": hit, "get_many_1000_us_per_key": many}
+
+
+def measure(
+    checkout: str | None, backend: str | None, clock: Callable[[], float] = time.perf_counter
+) -> dict[str, float]:
+    if checkout:
+        sys.path.insert(0, checkout)
+    import sa_cache
+
+    operations = workload(sa_cache, backend, "hitpath")
+    hit, many = operations["hit_us"], operations["get_many_1000_us_per_key"]
 
     def median_us(fn: Callable[[], Any], n: int) -> float:
         rounds = []

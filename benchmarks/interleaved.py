@@ -2,7 +2,8 @@
 ``python -m benchmarks.interleaved BEFORE AFTER [memory|REDIS_URL]``.
 
 Each checkout's ``sa_cache`` is imported under a name of its own (``sa_cache_before``,
-``sa_cache_after``), with its own mapped class, engine and cache, so both run side by side. The
+``sa_cache_after``), with its own mapped class, engine and cache (:func:`benchmarks.hitpath.
+workload`), so both run side by side. The
 timing alternates short batches of the two (a hit, and ``get_many`` of 1000 rows), so whatever
 else the machine does weighs on both alike; it prints each side's median per batch and the ratio
 after / before. Where :mod:`benchmarks.compare` runs each side in a process of its own, this one
@@ -15,12 +16,9 @@ import importlib.util
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from types import ModuleType
-from typing import Any
 
-from sqlalchemy import Boolean, Integer, String, Text, create_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from .hitpath import workload
 
 
 def load(checkout: str, name: str) -> ModuleType:
@@ -34,46 +32,6 @@ def load(checkout: str, name: str) -> ModuleType:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
-
-
-def workload(sa_cache: Any, backend: str | None, prefix: str) -> dict[str, Callable[[], Any]]:
-    cache = sa_cache.IdentityCache(backend, prefix=prefix)
-
-    class Base(DeclarativeBase):
-        pass
-
-    @cache.register
-    class Row(Base):
-        __tablename__ = "row"
-        id: Mapped[int] = mapped_column(Integer, primary_key=True)
-        a: Mapped[str] = mapped_column(String(50))
-        b: Mapped[str] = mapped_column(String(50))
-        c: Mapped[bool] = mapped_column(Boolean)
-        f: Mapped[str] = mapped_column(Text)
-        g: Mapped[int] = mapped_column(Integer)
-
-    engine = create_engine("sqlite://")
-    Base.metadata.create_all(engine)
-    Session = sessionmaker(engine, class_=sa_cache.CachingSession, cache=cache)
-    with Session() as s:
-        s.add_all(
-            Row(id=n, a="x" * 20, b="y" * 20, c=True, f="t" * 100, g=n) for n in range(1, 1001)
-        )
-        s.commit()
-    with Session() as s:
-        s.get_many(Row, range(1, 1001))
-    with Session() as s:
-        s.get(Row, 7)
-
-    def hit() -> None:
-        with Session() as s:
-            s.get(Row, 7)
-
-    def many() -> None:
-        with Session() as s:
-            s.get_many(Row, range(1, 1001))
-
-    return {"hit_us": hit, "get_many_1000_us_per_key": many}
 
 
 BATCHES = {"hit_us": (200, 1.0), "get_many_1000_us_per_key": (2, 1000.0)}
