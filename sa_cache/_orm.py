@@ -28,6 +28,8 @@ changes one fails there first, by name.
    :func:`has_own_returning` and :func:`dml_statement` read ``Insert._post_values_clause`` /
    ``_prefixes``, ``Update._values``, ``_returning`` and ``FromStatement.element``.
 9. :func:`eager_plan` skips attributes that are not instrumented (``Mapper.class_manager``).
+10. :func:`runs_in_outside_transaction` reads ``SessionTransaction._connections`` to tell a
+    transaction the session began from one it joined.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from typing import Any, Final, NamedTuple
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import inspect
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.base import PassiveFlag
@@ -188,6 +191,23 @@ def autoflush(session: Session) -> bool:
         return False
     session._autoflush()
     return True
+
+
+def runs_in_outside_transaction(session: Session) -> bool:
+    """Whether the session runs on a ``Connection`` whose transaction it did not begin (the
+    "session inside an external transaction" recipe, sessions sharing one connection). That
+    transaction may have written, or read a snapshot, without the session: the session cannot
+    tell what its SELECTs see (``SessionTransaction._connections`` entries are ``(connection,
+    transaction, should_commit, autoclose)``; a joined transaction is not the session's to
+    commit)."""
+    bind = session.bind
+    if not isinstance(bind, Connection):
+        return False
+    transaction = session.get_transaction()
+    entry = None if transaction is None else transaction._connections.get(bind)
+    if entry is None:  # the session has not used the connection yet
+        return bind.in_transaction()
+    return not entry[2]
 
 
 def session_populates_existing(session: Any) -> bool:

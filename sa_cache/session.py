@@ -70,6 +70,11 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
             return None
         if execution_options.get("populate_existing") or _orm.session_populates_existing(self):
             return None
+        if _orm.runs_in_outside_transaction(self):  # type: ignore[arg-type]
+            # its connection's transaction may have written (or read a snapshot) unseen: what
+            # the cache holds and what the SELECT sees may differ either way
+            model.stats.skipped += 1
+            return None
         if identity_token is not None and type(identity_token) not in (str, int):
             return None
         return model

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, registry
 
 from sa_cache import CachingSession, CachingSessionMixin, IdentityCache
 
+from .counting import expect_sql
 from .models import User
 
 
@@ -145,3 +146,55 @@ def test_a_get_bind_replaced_on_the_session_is_called_as_often_as_without_the_ca
             s.rollback()
         calls[name] = seen
     assert calls["cached"] == calls["plain"]
+
+
+# -- a session on a Connection whose transaction it did not begin ---------------------------------
+
+
+def test_a_row_written_uncommitted_on_the_sessions_connection_never_reaches_the_cache(
+    engine, cache
+):
+    with engine.connect() as conn:
+        conn.execute(User.__table__.insert(), {"id": 9, "name": "never committed"})
+        with CachingSession(bind=conn, cache=cache) as s:
+            assert s.get(User, 9).name == "never committed"  # as plain SQLAlchemy: its connection
+        conn.rollback()
+    with CachingSession(engine, cache=cache) as s:
+        assert s.get(User, 9) is None
+    assert cache.stats()["models"]["User"]["skipped"] == 1
+
+
+def test_a_cached_absence_never_hides_a_row_the_sessions_connection_wrote(engine, cache):
+    with CachingSession(engine, cache=cache) as s:
+        assert s.get(User, 9) is None  # "no row 9" cached
+    with engine.connect() as conn:
+        conn.execute(User.__table__.insert(), {"id": 9, "name": "mine"})
+        with CachingSession(bind=conn, cache=cache) as s:
+            assert s.get(User, 9).name == "mine"
+        conn.rollback()
+
+
+@pytest.mark.usefixtures("rows")
+def test_the_outer_transaction_test_recipe_publishes_nothing_it_rolls_back(engine, cache):
+    """SQLAlchemy's "joining a session into an external transaction" recipe."""
+    with engine.connect() as conn:
+        outer = conn.begin()
+        with CachingSession(
+            bind=conn, cache=cache, join_transaction_mode="create_savepoint"
+        ) as s:
+            s.get(User, 7).name = "inside the test"
+            s.commit()  # releases the savepoint; the outer transaction is still open
+            assert s.get(User, 7).name == "inside the test"
+        outer.rollback()
+    with Session(engine) as plain, CachingSession(engine, cache=cache) as s:
+        # "seven" where the driver rolls a released savepoint back with its transaction
+        # (pysqlite's own transaction handling does not: the plain session says so too)
+        assert s.get(User, 7).name == plain.get(User, 7).name
+
+
+@pytest.mark.usefixtures("rows")
+def test_a_session_on_a_connection_it_begins_itself_uses_the_cache(engine, cache, sql):
+    with CachingSession(engine, cache=cache) as s:
+        s.get(User, 7)  # cached
+    with engine.connect() as conn, CachingSession(bind=conn, cache=cache) as s, expect_sql(sql, 0):
+        assert s.get(User, 7).name == "seven"  # a hit: the session's own transaction

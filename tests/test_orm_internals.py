@@ -247,3 +247,22 @@ def test_a_polymorphic_on_expression_is_no_instrumented_attribute():
     assert "_sa_polymorphic_on" in [p.key for p in mapper.column_attrs]
     assert "_sa_polymorphic_on" not in mapper.class_manager
     assert _orm.eager_plan(mapper, frozenset({"_sa_polymorphic_on"})) == _orm.NO_EAGER_LOADS
+
+
+def test_a_session_tells_a_transaction_it_joined_from_one_it_began(Sessions):
+    engine = Sessions.kw["bind"]
+    with engine.connect() as conn, Session(bind=conn) as s:
+        assert not _orm.runs_in_outside_transaction(s)  # nothing begun on the connection
+        s.get(User, 1)
+        assert s.get_transaction()._connections[conn][2] is True  # the session's to commit
+        assert not _orm.runs_in_outside_transaction(s)
+    with engine.connect() as conn:
+        conn.execute(update(User).where(User.id == 1).values(name="a"))  # the connection begins
+        with Session(bind=conn) as s:
+            assert _orm.runs_in_outside_transaction(s)
+            s.get(User, 1)
+            assert s.get_transaction()._connections[conn][2] is False  # joined, not its own
+            assert _orm.runs_in_outside_transaction(s)
+        conn.rollback()
+    with Session(engine) as s:
+        assert not _orm.runs_in_outside_transaction(s)

@@ -76,3 +76,32 @@ def test_a_lookup_that_begins_the_transaction_fills_even_under_repeatable_read(
         s.get(User, 1)
     with expect_sql(sql, 0), Reader() as s:
         assert s.get(User, 1).name == "a"
+
+
+@pytest.mark.parametrize("level", ["REPEATABLE READ", "SERIALIZABLE"])
+def test_a_session_on_a_connection_whose_snapshot_began_before_it_never_fills(
+    engine, db, cache, level
+):
+    """The snapshot started on the connection before the session existed: the session's first
+    read is not the transaction's first, so it must neither fill from the old snapshot nor
+    serve the cache against it."""
+    if db == "sqlite":
+        pytest.skip("sqlite has one isolation behaviour here")
+    Writer = sessionmaker(engine, class_=CachingSession, cache=cache)
+    with Writer() as s:
+        s.add(User(id=1, name="old"))
+        s.add(Address(id=10, user_id=None))
+        s.commit()
+    with engine.connect().execution_options(isolation_level=level) as conn:
+        conn.execute(Address.__table__.select())  # the connection's snapshot starts here
+        with Writer() as writer:
+            writer.get(User, 1).name = "new"
+            writer.commit()  # evicts user 1: a tombstone
+        with CachingSession(bind=conn, cache=cache) as reader:
+            seen = reader.get(User, 1).name
+        conn.rollback()
+    assert seen == ("new" if db == "mariadb" and level == "SERIALIZABLE" else "old")
+    key = cache.model_for(User.__mapper__).keys.row_key((1,))
+    assert type(codec.decode(cache.store.get_many([key])[0])) is codec.Tombstone  # no fill
+    with Writer() as s:
+        assert s.get(User, 1).name == "new"
