@@ -1,6 +1,6 @@
-"""The example application (the seeds' scenario) driven through Flask's test client, on SQLite,
-PostgreSQL and MariaDB, with Redis and with the in-process backend: SQL per request, changes
-served on the next request, and cookies that can never cause a 500."""
+"""The example application (users, roles, login, an admin page) driven through Flask's test
+client, on SQLite, PostgreSQL and MariaDB, with Redis and with the in-process backend: SQL per
+request, changes served on the next request, and cookies that can never cause a 500."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The seeds' application on sa_cache: users with roles (many-to-many), login, a login-required
+"""A typical Flask application on sa_cache: users with roles (many-to-many), login, a login-required
 page, a role-protected page, and admin actions that change a user's roles, email and active
 flag. There is no memoize, no pickle and no ``delete_memoized`` anywhere: ``load_user`` is
 ``db.session.get`` (through ``sacache.user_loader``), served from the cache, and every change is
@@ -166,7 +166,7 @@ def admin_users() -> ResponseReturnValue:
 @bp.post("/admin/users/<int:user_id>/roles")
 @role_required("admin")
 def admin_set_roles(user_id: int) -> ResponseReturnValue:
-    """The admin action of the seeds: replace a user's roles. No cache call: the commit evicts."""
+    """The admin action: replace a user's roles. No cache call: the commit evicts."""
     user = db.get_or_404(User, user_id)
     names = request.form.getlist("role")
     user.roles = list(db.session.scalars(select(Role).where(Role.name.in_(names))))
