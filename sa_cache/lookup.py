@@ -241,8 +241,8 @@ class Lookups:
         if identity_key is None:
             return
         observation = self.pending.pop(identity_key, None)
-        if observation is not None and observation.lease is not None:
-            self.cache.guarded.fill([], [Release(lease_key(observation.key), observation.lease)])
+        if observation is not None:
+            self.write_back([], observation)  # releases its lease, if it holds one
 
     def transaction_ended(self) -> None:
         self.changes.reset()

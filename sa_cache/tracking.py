@@ -79,11 +79,6 @@ def _lookups(session: Any) -> Any:
     return getattr(session, "_sa_cache", None)
 
 
-def _changes(session: Any) -> TransactionChanges | None:
-    lookups = _lookups(session)
-    return None if lookups is None else lookups.changes
-
-
 def _record(
     changes: TransactionChanges,
     registry: Any,
@@ -208,10 +203,10 @@ def on_orm_execute(state: ORMExecuteState) -> Any:
     """Bulk and Core statements through the session: note what they write."""
     if not (state.is_update or state.is_delete or state.is_insert):
         if isinstance(state.statement, TextClause):
-            changes = _changes(state.session)
+            lookups = _lookups(state.session)
             sql = state.statement.text.lstrip().upper()
-            if changes is not None and not sql.startswith(_READ_ONLY_SQL):
-                changes.wrote = True  # rows unknown: at least never publish what it wrote
+            if lookups is not None and not sql.startswith(_READ_ONLY_SQL):
+                lookups.changes.wrote = True  # rows unknown: at least never publish what it wrote
         return None
     session = state.session
     lookups = _lookups(session)
