@@ -29,7 +29,8 @@ changes one fails there first, by name.
    ``_prefixes``, ``Update._values``, ``_returning`` and ``FromStatement.element``.
 9. :func:`eager_plan` skips attributes that are not instrumented (``Mapper.class_manager``).
 10. :func:`runs_in_outside_transaction` reads ``SessionTransaction._connections`` to tell a
-    transaction the session began from one it joined.
+    transaction the session began from one it joined; :func:`held_connections` lists the
+    connections there, whose isolation levels decide fills and hits.
 """
 
 from __future__ import annotations
@@ -168,10 +169,7 @@ def next_load_sees_fresh_snapshot(session: Session) -> bool:
     their snapshot may predate an eviction the cache has already seen, and filling from it would
     put an old row back (``SessionTransaction._connections`` holds the connections).
     """
-    transaction = session.get_transaction()
-    if transaction is None:
-        return True
-    for connection, *_ in transaction._connections.values():
+    for connection in held_connections(session):
         level = connection.get_execution_options().get("isolation_level")
         if (level or connection.default_isolation_level) in _STATEMENT_SNAPSHOTS:
             continue
@@ -181,6 +179,16 @@ def next_load_sees_fresh_snapshot(session: Session) -> bool:
             continue
         return False
     return True
+
+
+def held_connections(session: Session) -> list[Connection]:
+    """The connections the session's transaction holds (none before its first statement); its
+    ``SessionTransaction._connections`` maps each bind to ``(connection, transaction,
+    should_commit, autoclose)``."""
+    transaction = session.get_transaction()
+    if transaction is None:
+        return []
+    return [entry[0] for entry in transaction._connections.values()]
 
 
 def autoflush(session: Session) -> bool:

@@ -18,7 +18,7 @@ from typing import Any, Final, TypeVar
 from sqlalchemy import inspect, select, tuple_
 from sqlalchemy.orm import Mapper, Query, Session
 
-from . import _orm, tracking
+from . import _orm, isolation, tracking
 from .cache import IdentityCache
 from .keys import coercer_for, normalise
 from .kinds import Answer, Hit
@@ -77,7 +77,22 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
             return None
         if identity_token is not None and type(identity_token) not in (str, int):
             return None
+        if self._isolation_forbids_cache(mapper):
+            model.stats.skipped += 1
+            return None
         return model
+
+    def _isolation_forbids_cache(self, mapper: Mapper[Any]) -> bool:
+        """Whether the lookup's load would run at a level whose promise (first-updater-wins,
+        serializability, locking reads) a hit would break: see :mod:`sa_cache.isolation`."""
+        for connection in _orm.held_connections(self):  # type: ignore[arg-type]
+            if isolation.promises_what_hits_break(connection):
+                return True
+        try:
+            bind = self.get_bind(mapper=mapper)  # type: ignore[attr-defined]
+        except Exception:  # no bind: the load raises SQLAlchemy's own error
+            return False
+        return isolation.promises_what_hits_break(bind)
 
     def cache_lookup(
         self,
