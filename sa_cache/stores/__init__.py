@@ -5,8 +5,8 @@ Two registries, both open to extension the way dogpile's ``register_backend`` is
 - :data:`SCHEMES`: URL scheme -> a function building a dogpile region for that URL;
 - :data:`BACKENDS`: dogpile backend class -> a function building the :class:`~sa_cache.store.Store`
   that drives it. The most specific class wins, so a subclass of dogpile's Redis backend gets the
-  Redis store, and a backend whose guarantees sa_cache cannot rely on is refused by name
-  (``redis_cluster`` until the cluster store exists, the pickling memory backend).
+  Redis store, and a backend whose guarantees sa_cache cannot rely on is refused by name (the
+  pickling memory backend).
 
 dogpile proxies (``region.configure(..., wrap=[...])``) are honoured where dogpile's API can carry
 the operation: every read goes through the proxy chain's ``get_serialized_multi``, so a proxy that
@@ -67,11 +67,29 @@ def redis_region(url: str, socket_timeout: float, retries: int) -> CacheRegion:
     )
 
 
+def redis_cluster_region(url: str, socket_timeout: float, retries: int) -> CacheRegion:
+    """dogpile's Redis Cluster backend for ``redis+cluster://host:port/`` (``rediss+cluster://``
+    for TLS): one node's address, the client discovers the others. ``retries`` does not apply:
+    a node that drops its connection makes the cluster store refresh its slot map instead."""
+    return make_region().configure(
+        "dogpile.cache.redis_cluster",
+        arguments={
+            "url": url.replace("+cluster://", "://", 1),
+            "connection_kwargs": {
+                "socket_timeout": socket_timeout,
+                "socket_connect_timeout": socket_timeout,
+            },
+        },
+    )
+
+
 #: URL scheme -> region factory ``(url, socket_timeout, retries)``.
 SCHEMES: dict[str, RegionFactory] = {
     "redis": redis_region,
     "rediss": redis_region,
     "unix": redis_region,
+    "redis+cluster": redis_cluster_region,
+    "rediss+cluster": redis_cluster_region,
 }
 
 
@@ -100,7 +118,38 @@ def _redis_store(backend: Any, reader: Any) -> Store:
             f"{type(backend).__name__} reads from replicas; sa_cache must read the master (a "
             "replica may lag behind an eviction), so its reads cannot go through dogpile proxies"
         )
+    _refuse_a_cluster_node(backend)
     return RedisStore(backend, reader)
+
+
+def _refuse_a_cluster_node(backend: Any) -> None:
+    """A plain Redis URL naming a cluster node would fail every read (the generation and the row
+    live in different slots) and the breaker would hide it: refuse it here, loudly. A server that
+    cannot be asked now (down, or INFO denied) is given the benefit of the doubt."""
+    from redis.exceptions import RedisError
+
+    try:
+        cluster = backend.writer_client.info("cluster").get("cluster_enabled")
+    except RedisError:
+        return
+    if cluster:
+        kwargs = backend.writer_client.connection_pool.connection_kwargs
+        where = f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
+        raise UnsupportedBackend(
+            f"the Redis server at {where} is a Redis Cluster node; use a "
+            f"redis+cluster://{where}/ URL (or a dogpile.cache.redis_cluster region)"
+        )
+
+
+def _redis_cluster_store(backend: Any, reader: Any) -> Store:
+    from .redis_cluster import RedisClusterStore
+
+    if reader is not None:
+        raise UnsupportedBackend(
+            f"{type(backend).__name__}: reads through dogpile proxies cannot be routed per "
+            "cluster node; configure the region without wrap="
+        )
+    return RedisClusterStore(backend)
 
 
 def _refuse(reason: str) -> StoreFactory:
@@ -118,7 +167,7 @@ def _backends() -> list[tuple[type, StoreFactory]]:
         (MemoryBackend, _memory_store),
         (MemoryPickleBackend, _refuse("sa_cache never pickles; use dogpile.cache.memory")),
         (RedisBackend, _redis_store),
-        (RedisClusterBackend, _refuse("Redis Cluster has no store yet; use a single Redis")),
+        (RedisClusterBackend, _redis_cluster_store),
     ]
 
 

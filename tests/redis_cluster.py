@@ -1,0 +1,153 @@
+"""A private Redis Cluster on loopback: 3 masters and 3 replicas, for the cluster store's tests.
+
+Six ``redis-server`` processes (cluster mode, each with its own temporary folder and its own
+client and cluster-bus ports from :func:`tests.redis_server.free_port`, so ``SA_CACHE_TEST_PORTS``
+is honoured), joined by ``redis-cli --cluster create``. One cluster is shared by a whole test run
+(:func:`shared`) and stopped when the run ends (``pytest_sessionfinish`` in ``tests/conftest.py``).
+The shared Redis on 6379 is never touched.
+"""
+
+from __future__ import annotations
+
+import atexit
+import shutil
+import subprocess
+import threading
+import time
+from typing import Any
+
+import redis
+
+from .redis_server import RedisServer, free_port
+
+#: Milliseconds before a silent master is declared failed and its replica promoted; short, so a
+#: failover test waits seconds, not the default 15.
+NODE_TIMEOUT_MS = 1000
+MASTERS = 3
+
+
+class ClusterNodeServer(RedisServer):
+    """One cluster-enabled ``redis-server``; its cluster bus on a spare port of its own."""
+
+    def __init__(self) -> None:
+        self.bus_port = free_port()
+        super().__init__(
+            "--cluster-enabled", "yes",
+            "--cluster-config-file", "nodes.conf",
+            "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
+            "--cluster-port", str(self.bus_port),
+            # a replica may take over whatever its replication offset (the failover test kills
+            # masters with writes in flight)
+            "--cluster-replica-validity-factor", "0",
+        )  # fmt: skip
+        while self.bus_port == self.port:
+            self.bus_port = free_port()
+            self.extra_args[self.extra_args.index("--cluster-port") + 1] = str(self.bus_port)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+class RedisClusterServers:
+    """Six nodes; :meth:`start` creates the cluster and waits until every node says it is ok."""
+
+    def __init__(self) -> None:
+        self.nodes: list[ClusterNodeServer] = []
+
+    @property
+    def url(self) -> str:
+        """The documented sa_cache URL form, naming one node (the client discovers the rest)."""
+        return f"redis+cluster://{self.nodes[0].address}/"
+
+    def start(self) -> RedisClusterServers:
+        for _ in range(MASTERS * 2):  # each started before the next picks its ports
+            node = ClusterNodeServer()
+            self.nodes.append(node)
+            node.start()
+        cli = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+        subprocess.run(
+            [cli, "--cluster", "create", *(n.address for n in self.nodes)]
+            + ["--cluster-replicas", "1", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        self.wait_ok()
+        return self
+
+    def client(self, node: ClusterNodeServer) -> redis.Redis:
+        return node.client()
+
+    def running(self) -> list[ClusterNodeServer]:
+        return [node for node in self.nodes if node.process is not None]
+
+    def masters(self) -> list[ClusterNodeServer]:
+        """The running nodes that are masters now (failover changes which)."""
+        return [n for n in self.running() if n.client().info("replication")["role"] == "master"]
+
+    def wait_ok(self, timeout: float = 30) -> None:
+        """Until every running node reports ``cluster_state:ok`` with every slot served, and
+        every replica is in sync with its master."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if all(self._node_ok(node) for node in self.running()):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError("the test cluster did not become ok")
+            time.sleep(0.05)
+
+    @staticmethod
+    def _node_ok(node: ClusterNodeServer) -> bool:
+        try:
+            client = node.client()
+            info = client.cluster("info")
+            replication = client.info("replication")
+        except redis.RedisError:
+            return False
+        if not isinstance(info, dict):
+            return False
+        ok = info.get("cluster_state") == "ok" and int(info.get("cluster_slots_ok", 0)) == 16384
+        if replication["role"] == "slave":
+            ok = ok and replication.get("master_link_status") == "up"
+        return ok
+
+    def flushall(self) -> None:
+        for node in self.masters():
+            node.client().flushall()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+_shared: RedisClusterServers | None = None
+_lock = threading.Lock()
+
+
+def available() -> bool:
+    return shutil.which("redis-cli") is not None and shutil.which("redis-server") is not None
+
+
+def shared() -> RedisClusterServers:
+    """The test run's cluster, started on first use."""
+    global _shared
+    with _lock:
+        if _shared is None:
+            servers = RedisClusterServers()
+            try:
+                servers.start()
+            except BaseException:
+                servers.stop()
+                raise
+            _shared = servers
+            atexit.register(stop_shared)  # a run that ends without pytest's session hook
+        return _shared
+
+
+def stop_shared(*args: Any) -> None:
+    global _shared
+    with _lock:
+        if _shared is not None:
+            _shared.stop()
+            _shared = None
