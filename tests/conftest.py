@@ -19,7 +19,7 @@ from sqlalchemy.orm import sessionmaker
 
 from sa_cache import CachingSession, IdentityCache
 
-from . import models
+from . import models, redis_cluster
 from .counting import RedisCounter, SQLCounter, counted_redis_region, counting_sql
 from .databases import create_database, drop_database, port_open
 
@@ -40,6 +40,20 @@ def require_service(name: str, port: int) -> None:
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    redis_cluster.stop_shared()  # the private Redis Cluster, if a test started it
+
+
+def require_redis_cluster() -> redis_cluster.RedisClusterServers:
+    """The run's private Redis Cluster (tests/redis_cluster.py), started on first use."""
+    if not redis_cluster.available():
+        message = "redis-server and redis-cli are needed for the Redis Cluster tests"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return redis_cluster.shared()
 
 
 # -- counters (tests/counting.py) ---------------------------------------------------------------

@@ -21,9 +21,9 @@ from dogpile.cache.proxy import ProxyBackend
 from sa_cache import IdentityCache
 from sa_cache.errors import UnsupportedBackend
 from sa_cache.store import Capabilities, Fill, Release, Store, Write
-from sa_cache.stores import memory_region, redis_region, store_for
+from sa_cache.stores import memory_region, redis_region, region_for_url, store_for
 
-from .conftest import REDIS_URL, require_service
+from .conftest import REDIS_URL, require_redis_cluster, require_service
 
 # -- the stores ---------------------------------------------------------------------------------
 
@@ -59,11 +59,16 @@ def _redis(proxied: bool) -> Store:
     return store_for(region)
 
 
+def _cluster() -> Store:
+    return store_for(region_for_url(require_redis_cluster().url, 1.0, 1))
+
+
 STORES: dict[str, Callable[[], Store]] = {
     "memory": lambda: _memory(False),
     "memory+proxy": lambda: _memory(True),
     "redis": lambda: _redis(False),
     "redis+proxy": lambda: _redis(True),
+    "redis_cluster": _cluster,
 }
 
 
