@@ -1,4 +1,5 @@
-"""``python -m tests.stress --db postgresql --operations 100000``: the randomized checker."""
+"""``python -m tests.stress --db postgresql --operations 100000 [--scenario NAME ...]``: the
+randomized checker, every scenario that applies to the database unless named."""
 
 import sys
 

@@ -160,6 +160,14 @@ class Records:
     operations: Counter[str] = field(default_factory=Counter)
     outcomes: Counter[str] = field(default_factory=Counter)
     errors: list[str] = field(default_factory=list)
+    # what a session sharing a connection saw where plain SQLAlchemy sees something else
+    wrong_answers: list[str] = field(default_factory=list)
+    increments: Counter[int] = field(default_factory=Counter)  # committed, per counter row
+    uncertain_increments: Counter[int] = field(default_factory=Counter)  # commit() raised
+    outages: list[tuple[int, int]] = field(default_factory=list)  # (stall began, stall ended)
+    delivery_bound: float = 0.0  # seconds after an outage by which its evictions are delivered
+    # keys whose evictions were still undelivered ``delivery_bound`` after the last outage
+    undelivered: int = 0
 
     def merge(self, other: Records) -> None:
         self.writes += other.writes
@@ -169,12 +177,19 @@ class Records:
         self.operations.update(other.operations)
         self.outcomes.update(other.outcomes)
         self.errors += other.errors
+        self.wrong_answers += other.wrong_answers
+        self.increments.update(other.increments)
+        self.uncertain_increments.update(other.uncertain_increments)
+        self.outages += other.outages
+        self.delivery_bound = max(self.delivery_bound, other.delivery_bound)
+        self.undelivered += other.undelivered
 
 
 @dataclass
 class Report:
     database: str
     isolation_level: str
+    scenario: str = "mixed"
     operations: int = 0
     reads: int = 0
     absent_reads: int = 0
@@ -186,6 +201,13 @@ class Report:
     stale: int = 0
     dirty: int = 0
     mismatches: int = 0
+    lost_updates: int = 0
+    increments: int = 0  # committed read-modify-write increments
+    stale_during_outage: int = 0  # not failures: see tests.stress.outage
+    outages: int = 0
+    outage_time: float = 0.0  # seconds stalled, summed
+    delivery_bound: float = 0.0
+    undelivered: int = 0
     wall_time: float = 0.0
     processes: int = 0
     threads: int = 0
@@ -197,16 +219,21 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        return self.stale == self.dirty == self.mismatches == self.errors == 0
+        failures = (self.stale, self.dirty, self.mismatches, self.lost_updates, self.undelivered)
+        return sum(failures) == self.errors == 0
 
     def summary(self) -> str:
         return (
-            f"operations={self.operations} reads={self.reads} stale={self.stale} "
-            f"dirty={self.dirty} mismatches={self.mismatches}"
+            f"{self.scenario} on {self.database}: operations={self.operations} "
+            f"reads={self.reads} hits={self.cache.get('hits', 0)} "
+            f"fills={self.cache.get('fills', 0)} stale={self.stale} dirty={self.dirty} "
+            f"lost_updates={self.lost_updates} mismatches={self.mismatches}"
+            + (f" stale_during_outage={self.stale_during_outage}" if self.outages else "")
         )
 
     def format(self) -> str:
         lines = [
+            f"scenario: {self.scenario}",
             f"database: {self.database} ({self.isolation_level}), {self.processes} processes x "
             f"{self.threads} threads, seed {self.seed}",
             f"operations: {self.operations}",
@@ -215,12 +242,21 @@ class Report:
             f"{self.rollbacks} rolled back on purpose; {self.conflicts} lock/unique conflicts",
             f"stale: {self.stale}",
             f"dirty: {self.dirty}",
+            f"lost updates: {self.lost_updates} (of {self.increments} committed increments)",
             f"mismatches: {self.mismatches}",
             f"errors: {self.errors}",
             f"wall time: {self.wall_time:.1f} s",
             "kinds: " + ", ".join(f"{k} {v}" for k, v in sorted(self.kinds.items())),
             "cache: " + ", ".join(f"{k} {v}" for k, v in self.cache.items()),
         ]
+        if self.outages:
+            lines.insert(
+                7,
+                f"outages: {self.outages} stalls of one process's Redis, {self.outage_time:.1f} s "
+                f"in all; stale during an outage or within {self.delivery_bound:.2f} s after it "
+                f"(not failures): {self.stale_during_outage}; keys undelivered after that: "
+                f"{self.undelivered}",
+            )
         lines += [f"  example: {line}" for line in self.examples]
         lines += [f"  error: {line}" for line in self.error_messages]
         return "\n".join(lines)
@@ -277,9 +313,15 @@ BREAKERS: dict[str, Callable[[IdentityCache], None]] = {
 # -- engines and caches -------------------------------------------------------------------------
 
 
-def make_engine(url: str, pool_size: int) -> Engine:
-    """An engine with bounded lock waits, so a lock cycle the server misses cannot hang a run."""
-    engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=False)
+def make_engine(url: str, pool_size: int, isolation_level: str | None = None) -> Engine:
+    """An engine with bounded lock waits, so a lock cycle the server misses cannot hang a run;
+    at ``isolation_level`` if given, else at the database's default."""
+    options: dict[str, Any] = (
+        {} if isolation_level is None else {"isolation_level": isolation_level}
+    )
+    engine = create_engine(
+        url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=False, **options
+    )
     dialect = engine.dialect.name
 
     @event.listens_for(engine, "connect")
@@ -298,11 +340,18 @@ def make_engine(url: str, pool_size: int) -> Engine:
 
 
 def make_cache(
-    redis_url: str, prefix: str, configure: Callable[[IdentityCache], None] | None = None
+    redis_url: str,
+    prefix: str,
+    configure: Callable[[IdentityCache], None] | None = None,
+    models: tuple[type[Base], ...] = (),
+    **options: Any,
 ) -> IdentityCache:
-    cache = IdentityCache(redis_url, prefix=prefix, socket_timeout=2.0, retries=2)
+    settings: dict[str, Any] = {"socket_timeout": 2.0, "retries": 2, **options}
+    cache = IdentityCache(redis_url, prefix=prefix, **settings)
     cache.register(Hot)
     cache.register(Ref)
+    for model in models:
+        cache.register(model)
     if configure is not None:
         configure(cache)
     return cache
@@ -349,18 +398,34 @@ class Conflict(Exception):
 
 
 class Worker:
+    """One thread of the mixed workload; scenarios subclass it and change its mix."""
+
+    read_fraction = READ_FRACTION
+    read_kinds = READ_KINDS
+    write_kinds = WRITE_KINDS
+    in_transaction_kinds = IN_TRANSACTION_KINDS
+    reads_per_transaction = (3, 7)
+
     def __init__(
         self,
         factory: sessionmaker[CachingSession],
         versions: VersionCounter,
         rng: random.Random,
         snapshot_reads: bool,
+        tag: str = "",
     ) -> None:
         self.factory = factory
         self.versions = versions
         self.rng = rng
         self.snapshot_reads = snapshot_reads
+        self.tag = tag  # appended to the kind of every write it records
         self.out = Records()
+
+    @property
+    def engine(self) -> Engine:
+        bind = self.factory.kw["bind"]
+        assert isinstance(bind, Engine)
+        return bind
 
     def next_version(self) -> int:
         return self.versions.next()
@@ -379,11 +444,11 @@ class Worker:
             if clock() > deadline:
                 self.out.outcomes["stopped by the time limit"] += 1
                 break
-            if self.rng.random() < READ_FRACTION:
-                kind = self.choose(READ_KINDS)
+            if self.rng.random() < self.read_fraction:
+                kind = self.choose(self.read_kinds)
                 op: Callable[[], None] = lambda kind=kind: self.read(kind)  # noqa: E731
             else:
-                kind = self.choose(WRITE_KINDS)
+                kind = self.choose(self.write_kinds)
                 op = getattr(self, "write_" + kind)
             self.out.operations[kind] += 1
             try:
@@ -404,6 +469,8 @@ class Worker:
             warnings.simplefilter("ignore")  # Query.get is legacy
             if kind == "transaction":
                 self.read_transaction()
+            elif hasattr(self, "read_" + kind):
+                getattr(self, "read_" + kind)()
             else:
                 with self.factory() as session:
                     self.read_one(session, kind, Scope(snapshot=False, label=""))
@@ -412,8 +479,8 @@ class Worker:
         """Several reads (some plain SELECTs) in one transaction, with short pauses between."""
         scope = Scope(snapshot=self.snapshot_reads, label="transaction.")
         with self.factory() as session:
-            for _ in range(self.rng.randint(3, 7)):
-                self.read_one(session, self.choose(IN_TRANSACTION_KINDS), scope)
+            for _ in range(self.rng.randint(*self.reads_per_transaction)):
+                self.read_one(session, self.choose(self.in_transaction_kinds), scope)
                 time.sleep(self.rng.random() * 0.002)
 
     def read_one(self, session: Session, kind: str, scope: Scope) -> None:
@@ -479,7 +546,7 @@ class Worker:
             raise
         returned = clock()
         for row, version, state in changes:
-            self.out.writes.append((row, version, state, called, returned, kind))
+            self.out.writes.append((row, version, state, called, returned, kind + self.tag))
         self.out.outcomes["committed"] += 1
 
     def set_version(self, obj: Hot) -> tuple[int, int, int]:
@@ -605,6 +672,51 @@ class Scope:
         return self.rows[row]
 
 
+# -- scenarios ----------------------------------------------------------------------------------
+
+
+class Scenario:
+    """A named workload (``--scenario NAME``). This base is the mixed workload every other one
+    extends; :mod:`tests.stress.scenarios` lists them all. An instance travels to each worker
+    process (pickled with the :class:`Job`), so per-process state lives on that process's copy.
+    """
+
+    name = "mixed"
+    summary = "reads and writes of every kind, at the database's default isolation level"
+    databases: tuple[str, ...] = ("postgresql", "mariadb")
+    isolation_level: str | None = None  # the engines' level; None: the database's default
+    models: tuple[type[Base], ...] = ()  # registered beside Hot and Ref
+    cache_options: dict[str, Any] = {}  # noqa: RUF012 (read only)
+    worker_class: type[Worker] = Worker
+
+    def populate(self, engine: Engine, versions: VersionCounter) -> list[WriteRecord]:
+        return populate(engine, versions)
+
+    def cache_url(self, job: Job) -> str:
+        """The Redis URL this process's cache uses (the checker's own clients use the real one)."""
+        return job.redis_url
+
+    def worker(self, job: Job, factory: Any, versions: VersionCounter, n: int, snapshot: bool):
+        rng = random.Random(f"{job.seed}-{job.index}-{n}")
+        return self.worker_class(factory, versions, rng, snapshot)
+
+    def started(self, job: Job, cache: IdentityCache) -> None:
+        """Called in each worker process once its threads run."""
+
+    def finished(self, job: Job, cache: IdentityCache, records: Records) -> None:
+        """Called in each worker process once its threads have ended."""
+
+    def excuse(self, records: Records) -> Callable[[ReadRecord, WriteRecord], bool] | None:
+        """Which stale reads are not failures (the read, and the newest write it missed)."""
+        return None
+
+    def judge(self, url: str, redis_url: str, prefix: str, records: Records, report: Report):
+        """Checks beyond the common ones (stale, dirty, mismatched entries of the hot table)."""
+
+
+MIXED = Scenario()
+
+
 # -- one worker process -------------------------------------------------------------------------
 
 
@@ -619,24 +731,32 @@ class Job:
     operations: list[int]
     deadline: int
     configure_cache: Callable[[IdentityCache], None] | None = None
+    scenario: Scenario = MIXED
 
 
 def run_job(job: Job, barrier: Any = None) -> tuple[Records, dict[str, int]]:
     """One process's share: its own engine, cache and counter client, ``job.threads`` threads."""
-    engine = make_engine(job.db_url, job.threads + 2)
-    cache = make_cache(job.redis_url, job.prefix, job.configure_cache)
+    scenario = job.scenario
+    engine = make_engine(job.db_url, job.threads + 2, scenario.isolation_level)
+    cache = make_cache(
+        scenario.cache_url(job),
+        job.prefix,
+        job.configure_cache,
+        scenario.models,
+        **scenario.cache_options,
+    )
     versions = VersionCounter(job.redis_url, job.prefix)
     factory = sessionmaker(engine, class_=CachingSession, cache=cache)
     with engine.connect() as conn:
         level = conn.get_isolation_level()
     snapshot_reads = level not in ("READ COMMITTED", "READ UNCOMMITTED", "AUTOCOMMIT")
     workers = [
-        Worker(factory, versions, random.Random(f"{job.seed}-{job.index}-{n}"), snapshot_reads)
-        for n in range(job.threads)
+        scenario.worker(job, factory, versions, n, snapshot_reads) for n in range(job.threads)
     ]
     if barrier is not None:
         barrier.wait(timeout=120)
     start = threading.Barrier(job.threads)
+    scenario.started(job, cache)
 
     def body(worker: Worker, operations: int) -> None:
         start.wait()
@@ -653,6 +773,7 @@ def run_job(job: Job, barrier: Any = None) -> tuple[Records, dict[str, int]]:
     records = Records()
     for worker in workers:
         records.merge(worker.out)
+    scenario.finished(job, cache, records)
     stats = cache.stats()
     engine.dispose()
     return records, {k: v for k, v in stats.items() if isinstance(v, int)}
@@ -697,26 +818,37 @@ class History:
         return index < len(self.delete_versions) and self.delete_called[index] < ended
 
 
-def analyse(records: Records, initial: list[WriteRecord]) -> tuple[int, int, list[str]]:
-    """(stale, dirty, examples) over every read."""
+def analyse(
+    records: Records,
+    initial: list[WriteRecord],
+    excuse: Callable[[ReadRecord, WriteRecord], bool] | None = None,
+) -> tuple[int, int, list[str], int]:
+    """(stale, dirty, examples, excused) over every read: stale reads for which ``excuse(read,
+    the newest write it missed)`` holds are counted as excused, not stale."""
     events: dict[int, list[WriteRecord]] = defaultdict(list)
     committed: dict[tuple[int, int], WriteRecord] = {}
+    every: dict[tuple[int, int], WriteRecord] = {}
     for record in initial + records.writes:
         events[record[0]].append(record)
+        every[(record[0], record[1])] = record
         if record[2] is not None:
             committed[(record[0], record[1])] = record
     uncertain = {(row, version) for row, version, _ in records.uncertain}
     uncertain_deletes = {row for row, _, state in records.uncertain if state is None}
     aborted = set(records.aborted)
     histories = {row: History(evs) for row, evs in events.items()}
-    stale = dirty = 0
+    stale = dirty = excused = 0
     examples: list[str] = []
+
+    def excused_read(read: ReadRecord, missed: int) -> bool:
+        return excuse is not None and excuse(read, every[(read[0], missed)])
 
     def example(text: str) -> None:
         if len(examples) < 10:
             examples.append(text)
 
-    for row, seen, started, ended, kind in records.reads:
+    for read in records.reads:
+        row, seen, started, ended, kind = read
         history = histories[row]
         newest_version, newest_state, newest_returned = history.newest_before(started)
         ago = f"{(started - newest_returned) / 1e6:.3f} ms"
@@ -731,6 +863,8 @@ def analyse(records: Records, initial: list[WriteRecord]) -> tuple[int, int, lis
             elif write[3] > ended:
                 dirty += 1
                 example(f"dirty: {kind} of row {row} saw version {seen} before its commit began")
+            elif seen < newest_version and excused_read(read, newest_version):
+                excused += 1
             elif seen < newest_version:
                 stale += 1
                 was = "deleted" if newest_state is None else "committed"
@@ -741,12 +875,15 @@ def analyse(records: Records, initial: list[WriteRecord]) -> tuple[int, int, lis
         elif newest_state is not None and not history.deleted_after(newest_version, ended):
             if row in uncertain_deletes:
                 continue
+            if excused_read(read, newest_version):
+                excused += 1
+                continue
             stale += 1
             example(
                 f"stale: {kind} of row {row} saw no row, but version {newest_version} had "
                 f"returned {ago} before the read started and no later delete had begun"
             )
-    return stale, dirty, examples
+    return stale, dirty, examples, excused
 
 
 def check_quiescent(db_url: str, redis_url: str, prefix: str) -> tuple[int, list[str]]:
@@ -813,13 +950,19 @@ def run(
     configure_cache: Callable[[IdentityCache], None] | None = None,
     time_limit: float = 3600.0,
     keep: bool = False,
+    scenario: Scenario | str = MIXED,
 ) -> Report:
     """Run the checker against the server of ``db_url`` (its database names the admin database
     used to create and drop the checker's own) and the Redis at ``redis_url``.
 
     ``processes`` worker processes (0: threads of this process only) of ``threads`` threads share
     ``operations``; ``configure_cache`` is applied to every worker's cache (e.g.
-    :func:`drop_evictions`); workers stop early once ``time_limit`` seconds have passed."""
+    :func:`drop_evictions`); workers stop early once ``time_limit`` seconds have passed.
+    ``scenario`` is a :class:`Scenario` or the name of one in :mod:`tests.stress.scenarios`."""
+    if isinstance(scenario, str):
+        from .scenarios import SCENARIOS  # the scenarios build on this module
+
+        scenario = SCENARIOS[scenario]
     suffix = uuid.uuid4().hex[:8]
     prefix = prefix or f"sa_cache_checker_{os.getpid()}_{suffix}"
     name = f"sa_cache_checker_{os.getpid()}_{suffix}"
@@ -829,20 +972,23 @@ def run(
     report = Report(
         database=make_url(url).get_backend_name(),
         isolation_level="?",
+        scenario=scenario.name,
         processes=processes,
         threads=threads,
         seed=seed,
     )
     try:
-        engine = make_engine(url, 2)
-        initial = populate(engine, versions)
+        engine = make_engine(url, 2, scenario.isolation_level)
+        initial = scenario.populate(engine, versions)
         with engine.connect() as conn:
             report.isolation_level = conn.get_isolation_level()
         engine.dispose()
         deadline = clock() + int(time_limit * 1e9)
         shares = _split(operations, max(processes, 1))
         jobs = [
-            Job(i, url, redis_url, prefix, seed, threads, split, deadline, configure_cache)
+            Job(
+                i, url, redis_url, prefix, seed, threads, split, deadline, configure_cache, scenario
+            )
             for i, split in enumerate(_split(n, threads) for n in shares)
         ]
         records = Records()
@@ -853,9 +999,18 @@ def run(
             stats.update(job_stats)
         else:
             _run_processes(jobs, time_limit, records, stats)
-        report.stale, report.dirty, report.examples = analyse(records, initial)
+        report.stale, report.dirty, report.examples, report.stale_during_outage = analyse(
+            records, initial, scenario.excuse(records)
+        )
         report.mismatches, mismatch_lines = check_quiescent(url, redis_url, prefix)
         report.examples += mismatch_lines[:10]
+        report.mismatches += len(records.wrong_answers)
+        report.examples += records.wrong_answers[:10]
+        report.outages = len(records.outages)
+        report.outage_time = sum(end - begin for begin, end in records.outages) / 1e9
+        report.delivery_bound = records.delivery_bound
+        report.undelivered = records.undelivered
+        scenario.judge(url, redis_url, prefix, records, report)
         report.operations = sum(records.operations.values())
         report.kinds = dict(records.operations)
         report.reads = len(records.reads)
@@ -867,7 +1022,8 @@ def run(
         report.errors = len(records.errors)
         report.error_messages = records.errors[:5]
         report.cache = {
-            k: stats[k] for k in ("hits", "misses", "fills", "evictions", "errors", "rejected")
+            k: stats[k]
+            for k in ("hits", "misses", "fills", "evictions", "skipped", "errors", "rejected")
         }
         if records.outcomes["stopped by the time limit"]:
             report.examples.append(
@@ -929,13 +1085,26 @@ def _run_processes(
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .scenarios import SCENARIOS  # the scenarios build on this module
+
     parser = argparse.ArgumentParser(
-        prog="python -m tests.stress", description=__doc__.split("\n\n")[0]
+        prog="python -m tests.stress",
+        description=__doc__.split("\n\n")[0],
+        epilog="scenarios: "
+        + "; ".join(
+            f"{s.name} ({', '.join(s.databases)}): {s.summary}" for s in SCENARIOS.values()
+        ),
     )
     parser.add_argument("--db", choices=sorted(SERVERS), default="postgresql")
     parser.add_argument("--db-url", help="server URL (its database, if any, is the admin database)")
     parser.add_argument("--redis", default=REDIS_URL)
-    parser.add_argument("--operations", type=int, default=100_000)
+    parser.add_argument(
+        "--scenario",
+        action="append",
+        choices=sorted(SCENARIOS),
+        help="run this scenario (repeatable; default: every scenario that applies to --db)",
+    )
+    parser.add_argument("--operations", type=int, default=100_000, help="per scenario")
     parser.add_argument("--threads", type=int, default=3, help="threads per process")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -949,20 +1118,30 @@ def main(argv: list[str] | None = None) -> int:
         "eviction, or make fills unconditional",
     )
     args = parser.parse_args(argv)
-    report = run(
-        args.db_url or SERVERS[args.db],
-        args.redis,
-        operations=args.operations,
-        threads=args.threads,
-        processes=args.processes,
-        seed=args.seed,
-        prefix=args.prefix,
-        configure_cache=BREAKERS[args.breaker] if args.breaker else None,
-        time_limit=args.time_limit,
-    )
-    print(report.format())
-    print("OK" if report.ok else "FAILED")
-    return 0 if report.ok else 1
+    url = args.db_url or SERVERS[args.db]
+    database = make_url(url).get_backend_name()
+    names = args.scenario or [s.name for s in SCENARIOS.values() if database in s.databases]
+    reports = []
+    for name in names:
+        report = run(
+            url,
+            args.redis,
+            operations=args.operations,
+            threads=args.threads,
+            processes=args.processes,
+            seed=args.seed,
+            prefix=args.prefix,
+            configure_cache=BREAKERS[args.breaker] if args.breaker else None,
+            time_limit=args.time_limit,
+            scenario=SCENARIOS[name],
+        )
+        print(report.format(), flush=True)
+        print("OK" if report.ok else "FAILED", flush=True)
+        print(flush=True)
+        reports.append(report)
+    for report in reports:
+        print(("OK     " if report.ok else "FAILED ") + report.summary())
+    return 0 if all(report.ok for report in reports) else 1
 
 
 if __name__ == "__main__":
