@@ -1,18 +1,30 @@
-"""The randomized concurrency checker (tests/stress/checker.py) at a size that runs in well under a
-minute for both databases: worker processes and threads read and write a hot table through
-CachingSession on PostgreSQL (READ COMMITTED) and MariaDB (REPEATABLE READ) with Redis, and no
-read may see a row older than a commit that returned before it started.
+"""The randomized concurrency checker (tests/stress/) at a size that runs in about two minutes
+for every scenario: worker processes and threads read and write through CachingSession on
+PostgreSQL (READ COMMITTED) and MariaDB (REPEATABLE READ) with Redis, and no read may see a row
+older than a commit that returned before it started, nor a version never committed; no
+read-modify-write increment may be lost; the cache ends equal to the database.
 
-The checker is shown able to fail: with every eviction dropped it must report stale reads.
+Each scenario is shown able to fail where that is cheap: with every eviction dropped the mixed
+workload must report stale reads; increments that read the counter outside their snapshot (what
+a cache hit inside it amounts to) must report lost updates; the outage analysis excuses only the
+stale reads its delivery bound allows.
 Long runs: ``python -m tests.stress --db postgresql --operations 100000``.
 """
 
 from __future__ import annotations
 
+import time
+
 import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from .conftest import MARIADB_SERVER, PG_SERVER, REDIS_URL, require_service
 from .stress import checker
+from .stress.increments import IncrementScenario
+from .stress.outage import PROXIED, OutageScenario
+from .stress.proxy import StallingProxy
 
 SERVERS = {"postgresql": (PG_SERVER, 5432), "mariadb": (MARIADB_SERVER, 3306)}
 
@@ -101,3 +113,94 @@ def test_the_analysis_tells_stale_and_dirty_reads_from_legitimate_ones():
     assert checker.analyse(records, initial)[:2] == (0, 0)
     records.reads = legitimate + stale + dirty
     assert checker.analyse(records, initial)[:2] == (len(stale), len(dirty))
+
+
+def _ran_cleanly(report: checker.Report, operations: int) -> None:
+    print(report.format())
+    assert report.errors == 0, report.error_messages
+    assert report.operations >= operations  # the time limit did not cut the run to nothing
+    assert report.cache["hits"] > 0 and report.cache["fills"] > 0
+
+
+def test_increments_at_repeatable_read_and_serializable_lose_no_update():
+    require_service("postgresql", 5432)
+    require_service("redis", 6379)
+    report = checker.run(
+        PG_SERVER, REDIS_URL, operations=2000, seed=4, time_limit=10, scenario="increments"
+    )
+    _ran_cleanly(report, 400)
+    assert report.increments > 100
+    assert (report.lost_updates, report.stale, report.dirty, report.mismatches) == (0, 0, 0, 0), (
+        report.examples
+    )
+
+
+def test_the_checker_reports_lost_updates_when_increments_read_outside_their_snapshot():
+    require_service("postgresql", 5432)
+    require_service("redis", 6379)
+    report = checker.run(
+        PG_SERVER,
+        REDIS_URL,
+        operations=1200,
+        seed=3,
+        time_limit=8,
+        scenario=IncrementScenario(read_outside=True),
+    )
+    print(report.format())
+    assert report.errors == 0, report.error_messages
+    assert report.lost_updates > 0
+
+
+def test_repeatable_read_transactions_of_several_lookups_see_nothing_stale():
+    require_service("mariadb", 3306)
+    require_service("redis", 6379)
+    report = checker.run(
+        MARIADB_SERVER, REDIS_URL, operations=3000, seed=5, time_limit=10, scenario="rr-lookups"
+    )
+    _ran_cleanly(report, 600)
+    assert report.isolation_level == "REPEATABLE READ"
+    assert report.kinds["transaction"] > report.operations / 4
+    assert (report.stale, report.dirty, report.mismatches) == (0, 0, 0), report.examples
+
+
+def test_the_outage_analysis_excuses_only_stale_reads_within_the_delivery_bound():
+    ms = 1_000_000
+    records = checker.Records()
+    records.outages = [(100 * ms, 200 * ms)]
+    records.delivery_bound = 0.05  # 50 ms
+    initial = [(1, 1, 1, 0, 0, "initial"), (2, 2, 2, 0, 0, "initial")]
+    records.writes = [
+        (1, 5, 5, 110 * ms, 120 * ms, "update" + PROXIED),  # during the stall, by that process
+        (2, 6, 6, 110 * ms, 120 * ms, "update"),  # during the stall, by another process
+    ]
+    excused = [(1, 1, 240 * ms, 241 * ms, "get")]  # before the stall's end + 50 ms
+    stale = [
+        (1, 1, 260 * ms, 261 * ms, "get"),  # after it
+        (2, 2, 130 * ms, 131 * ms, "get"),  # another process's eviction was not held up
+    ]
+    records.reads = excused + stale
+    found = checker.analyse(records, initial, OutageScenario().excuse(records))
+    assert (found[0], found[3]) == (len(stale), len(excused))
+
+
+def test_the_proxy_stalls_one_client_and_resumes_it():
+    require_service("redis", 6379)
+    proxy = StallingProxy(("127.0.0.1", 6379))
+    client = redis.Redis(port=proxy.port, socket_timeout=0.2, retry=Retry(NoBackoff(), 0))
+    try:
+        assert client.ping()
+        proxy.stall()
+        with pytest.raises(redis.TimeoutError):
+            client.ping()
+        assert redis.Redis(socket_timeout=0.2).ping()  # the shared Redis itself answers
+        proxy.resume()
+        deadline = time.monotonic() + 5
+        while True:  # the timed-out connection is dropped; the next one goes through
+            try:
+                assert client.ping()
+                break
+            except (redis.ConnectionError, redis.TimeoutError):
+                assert time.monotonic() < deadline
+    finally:
+        client.close()
+        proxy.close()

@@ -831,8 +831,9 @@ def analyse(
     for record in initial + records.writes:
         events[record[0]].append(record)
         every[(record[0], record[1])] = record
-        if record[2] is not None:
-            committed[(record[0], record[1])] = record
+        key = (record[0], record[1])
+        if record[2] is not None and (key not in committed or record[3] < committed[key][3]):
+            committed[key] = record  # a version committed twice (a lost update): the first
     uncertain = {(row, version) for row, version, _ in records.uncertain}
     uncertain_deletes = {row for row, _, state in records.uncertain if state is None}
     aborted = set(records.aborted)

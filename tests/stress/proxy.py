@@ -108,7 +108,7 @@ class StallingProxy:
                 if not data:
                     break
                 target.sendall(data)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: the other direction closed the socket
             pass
         finally:
             for sock in (source, target):
