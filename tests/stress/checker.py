@@ -207,6 +207,7 @@ class Report:
     outages: int = 0
     outage_time: float = 0.0  # seconds stalled, summed
     delivery_bound: float = 0.0
+    outage_lag: float = 0.0  # seconds after its stall ended that the latest excused read began
     undelivered: int = 0
     wall_time: float = 0.0
     processes: int = 0
@@ -254,8 +255,9 @@ class Report:
                 7,
                 f"outages: {self.outages} stalls of one process's Redis, {self.outage_time:.1f} s "
                 f"in all; stale during an outage or within {self.delivery_bound:.2f} s after it "
-                f"(not failures): {self.stale_during_outage}; keys undelivered after that: "
-                f"{self.undelivered}",
+                f"(not failures): {self.stale_during_outage}, the latest beginning "
+                f"{self.outage_lag * 1000:.0f} ms after its stall ended; keys undelivered after "
+                f"that: {self.undelivered}",
             )
         lines += [f"  example: {line}" for line in self.examples]
         lines += [f"  error: {line}" for line in self.error_messages]

@@ -28,7 +28,17 @@ from sqlalchemy.engine import make_url
 
 from sa_cache import IdentityCache, guarded
 
-from .checker import Hot, Job, ReadRecord, Records, Scenario, VersionCounter, WriteRecord, clock
+from .checker import (
+    Hot,
+    Job,
+    ReadRecord,
+    Records,
+    Report,
+    Scenario,
+    VersionCounter,
+    WriteRecord,
+    clock,
+)
 from .proxy import StallingProxy, stall_for
 
 STALL = (0.05, 0.8)  # seconds, uniform
@@ -113,16 +123,20 @@ class OutageScenario(Scenario):
         self.proxy.close()
 
     def excuse(self, records: Records):
-        windows = [
-            (begin, end + int(records.delivery_bound * 1e9)) for begin, end in records.outages
-        ]
+        bound = int(records.delivery_bound * 1e9)
+        windows = [(begin, end, end + bound) for begin, end in records.outages]
+        self.lag = 0  # ns: how long after its stall ended the latest excused read began
 
         def during_outage(read: ReadRecord, missed: WriteRecord) -> bool:
             if not missed[5].endswith(PROXIED):
                 return False
-            return any(
-                missed[4] >= begin and missed[3] <= until and read[2] <= until
-                for begin, until in windows
-            )
+            for begin, end, until in windows:
+                if missed[4] >= begin and missed[3] <= until and read[2] <= until:
+                    self.lag = max(self.lag, read[2] - end)
+                    return True
+            return False
 
         return during_outage
+
+    def judge(self, url: str, redis_url: str, prefix: str, records: Records, report: Report):
+        report.outage_lag = getattr(self, "lag", 0) / 1e9
