@@ -167,6 +167,24 @@ def counted_redis_region(
     )
 
 
+def counted_redis_cluster_region(
+    counter: RedisCounter, url: str, *, socket_timeout: float = 1.0, **region: Any
+) -> Any:
+    """dogpile's Redis Cluster backend at ``url`` (one node's ``redis://`` address), every node's
+    connections counted by ``counter``: a pipeline on one node is one round trip."""
+    return make_region(**region).configure(
+        "dogpile.cache.redis_cluster",
+        arguments={
+            "url": url,
+            "connection_kwargs": {
+                "socket_timeout": socket_timeout,
+                "socket_connect_timeout": socket_timeout,
+                "connection_class": counting_connection_class(counter),
+            },
+        },
+    )
+
+
 def counted_redis_client(
     counter: RedisCounter, url: str, *, socket_timeout: float = 1.0
 ) -> redis.Redis:

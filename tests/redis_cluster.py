@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 import redis
+from redis.crc import key_slot
 
 from .redis_server import RedisServer, free_port
 
@@ -73,8 +74,26 @@ class RedisClusterServers:
             capture_output=True,
             timeout=60,
         )
+        self._write_to_every_master()
         self.wait_ok()
         return self
+
+    def _write_to_every_master(self) -> None:
+        """Redis lists a replica in CLUSTER SLOTS (what clients route by) only once it has
+        replicated something: a fresh cluster's replicas are invisible to clients until then."""
+        deadline = time.monotonic() + 30
+        while len(self.masters()) < MASTERS or not all(
+            self._node_ok(node, replicas=False) for node in self.running()
+        ):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the test cluster did not become ok")
+            time.sleep(0.05)
+        for node in self.masters():
+            client = node.client()
+            (first, *_), *_ = [r for r in client.execute_command("CLUSTER SLOTS") if
+                               r[2][1] == node.port]  # fmt: skip
+            key = next(f"warm{i}" for i in range(100_000) if key_slot(b"warm%d" % i) == first)
+            client.set(key, b"x")
 
     def client(self, node: ClusterNodeServer) -> redis.Redis:
         return node.client()
@@ -98,18 +117,23 @@ class RedisClusterServers:
             time.sleep(0.05)
 
     @staticmethod
-    def _node_ok(node: ClusterNodeServer) -> bool:
+    def _node_ok(node: ClusterNodeServer, replicas: bool = True) -> bool:
+        """The node sees every slot served; with ``replicas``, it lists a replica for every
+        master in CLUSTER SLOTS, and, itself a replica, is in sync with its master."""
         try:
             client = node.client()
             info = client.cluster("info")
             replication = client.info("replication")
+            slots = client.execute_command("CLUSTER SLOTS")
         except redis.RedisError:
             return False
         if not isinstance(info, dict):
             return False
         ok = info.get("cluster_state") == "ok" and int(info.get("cluster_slots_ok", 0)) == 16384
-        if replication["role"] == "slave":
-            ok = ok and replication.get("master_link_status") == "up"
+        if replicas:
+            ok = ok and all(len(entry) > 3 for entry in slots)
+            if replication["role"] == "slave":
+                ok = ok and replication.get("master_link_status") == "up"
         return ok
 
     def flushall(self) -> None:

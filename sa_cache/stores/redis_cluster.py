@@ -14,11 +14,11 @@ involved.
   map and the redirected commands are sent again once, the others are not repeated. A connection
   error marks the slot map for a refresh before the next call (the node may be gone for good).
 - **Reads go to primaries**, never replicas: a replica may lag behind an eviction.
-- **Evictions wait for a replica**: each node's writes end with ``WAIT 1`` when its slots have a
-  replica, and a write that no replica acknowledged in time raises (the guarded store journals
-  it and writes it again later). Redis replicates asynchronously: without this, a master killed
-  right after acknowledging a tombstone could be replaced by a replica that never saw it, and
-  serve the row the tombstone evicted.
+- **Evictions wait for a replica**: each node's writes end with ``WAIT 1`` when the slot map lists
+  a replica of it, and a write that no replica acknowledged in time raises (the guarded store
+  journals it and writes it again later). Redis replicates asynchronously: without this, a
+  master killed right after acknowledging a tombstone could be replaced by a replica that never
+  saw it, and serve the row the tombstone evicted.
 - A lease and the row it guards share a hash tag, so a lease's read of the row is ordered after
   taking it (same node, same pipeline). The generation read beside it lives elsewhere and may be
   read a moment earlier; an older generation only makes the filled entry count as stale sooner.
@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
-from ..store import Capabilities, Fill, Release, Write
+from ..store import Capabilities, Clock, Fill, Release, Write
 from .scripts import lua_script
 
 _COMPARE_AND_SET: Final = lua_script("compare_and_set")
@@ -41,6 +42,10 @@ _SCRIPTS: Final = (_COMPARE_AND_SET, _COMPARE_AND_DELETE)
 SCAN_BATCH: Final = 1000
 #: Milliseconds a batch of writes waits for a replica of its node to acknowledge them.
 REPLICA_WAIT_MS: Final = 500
+#: Seconds between two slot-map refreshes while writes go to a node with no replica listed:
+#: Redis lists a replica in CLUSTER SLOTS only once it has replicated something, so a replica of
+#: a fresh cluster (or one added later) appears only on a refresh.
+REPLICA_RECHECK_S: Final = 5.0
 
 #: One command of a batch: the key that routes it, and how to queue it on a pipeline.
 _Command = tuple[str, Callable[[Any], Any]]
@@ -75,6 +80,7 @@ class RedisClusterStore:
         self._cas = _sha(_COMPARE_AND_SET)
         self._cad = _sha(_COMPARE_AND_DELETE)
         self._stale = False  # the slot map needs a refresh before the next batch
+        self._recheck_at = 0.0  # monotonic time of the next refresh looking for replicas
         self._lock = threading.Lock()
 
     # -- routing -----------------------------------------------------------------------------
@@ -115,6 +121,8 @@ class RedisClusterStore:
                 group = groups.setdefault((node.name, ask is not None), (node, replicated, []))
                 group[2].append(index)
             redirected: dict[int, Any] = {}
+            if wait and not all(replicated for _, replicated, _ in groups.values()):
+                self._look_for_replicas()
             for (_, asking), (node, replicated, indexes) in groups.items():
                 batch = [commands[i] for i in indexes]
                 try:
@@ -141,6 +149,13 @@ class RedisClusterStore:
             if isinstance(reply, Exception):
                 raise reply
         return replies
+
+    def _look_for_replicas(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now >= self._recheck_at:
+                self._recheck_at = now + REPLICA_RECHECK_S
+                self._stale = True
 
     def _send(self, node: Any, commands: Sequence[_Command], asking: bool, wait: bool) -> list[Any]:
         """One pipeline on ``node``; commands refused with NOSCRIPT are sent again once after
@@ -212,8 +227,18 @@ class RedisClusterStore:
         acquired, *values = self._run(commands)
         return bool(acquired), values
 
-    def init_generation(self, key: str, token: bytes) -> bytes:
-        (previous,) = self._run([(key, lambda pipe: pipe.set(key, token, nx=True, get=True))])
+    def acquire_timed(
+        self, key: str, token: bytes, ttl: float, read: Sequence[str], ttls: bool
+    ) -> tuple[bool, list[bytes | None], Clock]:
+        """Not offered (``capabilities.clock`` is False): the keys live on nodes with clocks of
+        their own, so later fills in snapshot transactions are refused on a cluster."""
+        raise NotImplementedError
+
+    def init_generation(self, key: str, token: bytes, ttl: float | None = None) -> bytes:
+        px = None if ttl is None else _ms(ttl)
+        (previous,) = self._run(
+            [(key, lambda pipe: pipe.set(key, token, nx=True, get=True, px=px))]
+        )
         return token if previous is None else previous
 
     def delete_prefix(self, prefix: str) -> int:
