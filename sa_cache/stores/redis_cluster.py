@@ -30,10 +30,13 @@ import hashlib
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from ..store import Capabilities, Clock, Fill, Release, Write
+from ..store import Capabilities, Fill, Release, Write
 from .scripts import lua_script
+
+if TYPE_CHECKING:
+    from ..store import Clock
 
 _COMPARE_AND_SET: Final = lua_script("compare_and_set")
 _COMPARE_AND_DELETE: Final = lua_script("compare_and_delete")
