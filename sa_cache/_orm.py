@@ -40,7 +40,7 @@ from typing import Any, Final, NamedTuple
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import inspect
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.base import PassiveFlag
@@ -181,6 +181,19 @@ def next_load_sees_fresh_snapshot(session: Session) -> bool:
     return True
 
 
+def begins_snapshot(bind: Engine | Connection) -> bool:
+    """Whether a transaction's first statement on ``bind`` may begin a snapshot that its later
+    statements keep reading: REPEATABLE READ, SERIALIZABLE, or a level not known yet (the engine
+    never connected). Not the per-statement levels, and not pysqlite, whose default mode runs
+    SELECTs outside a transaction. Read from the bind's ``isolation_level`` execution option or
+    its dialect's default, so no SQL is sent."""
+    if bind.dialect.name == "sqlite":
+        return False
+    level = bind.get_execution_options().get("isolation_level")
+    level = level or bind.dialect.default_isolation_level
+    return level is None or str(level).upper().replace("_", " ") not in _STATEMENT_SNAPSHOTS
+
+
 def held_connections(session: Session) -> list[Connection]:
     """The connections the session's transaction holds (none before its first statement); its
     ``SessionTransaction._connections`` maps each bind to ``(connection, transaction,
@@ -207,15 +220,18 @@ def runs_in_outside_transaction(session: Session) -> bool:
     transaction may have written, or read a snapshot, without the session: the session cannot
     tell what its SELECTs see (``SessionTransaction._connections`` entries are ``(connection,
     transaction, should_commit, autoclose)``; a joined transaction is not the session's to
-    commit)."""
+    commit, and a session joined with a savepoint holds a ``NestedTransaction`` for its root,
+    whose ``_is_root`` is False)."""
     bind = session.bind
     if not isinstance(bind, Connection):
         return False
-    transaction = session.get_transaction()
+    transaction = session.get_transaction()  # the root one
     entry = None if transaction is None else transaction._connections.get(bind)
     if entry is None:  # the session has not used the connection yet
         return bind.in_transaction()
-    return not entry[2]
+    # joined without a savepoint (not the session's to commit), or with one
+    # (``join_transaction_mode="create_savepoint"``: the session's root is a savepoint)
+    return not entry[2] or not entry[1]._is_root
 
 
 def session_populates_existing(session: Any) -> bool:

@@ -4,8 +4,11 @@ A value is one typed entry, stored as a msgpack array ``[FORMAT_VERSION, kind, f
 
 - :class:`RowEntry` ``(schema_hash, generation, class_tag, [column values...])``: a cached row;
 - :class:`AbsentEntry` ``(generation,)``: "no row has this key" (negative caching);
-- :class:`Tombstone` ``(token,)``: written by an eviction; the token is random, so two evictions
-  never write the same bytes and a fill that observed one cannot overwrite the other.
+- :class:`Tombstone` ``(token, ttl_ms)``: written by an eviction; the token is random, so two
+  evictions never write the same bytes and a fill that observed one cannot overwrite the other.
+  ``ttl_ms`` is the TTL it was written with, so a reader can tell from its remaining TTL when it
+  was written (docs/protocol.md, "later fills"); a tombstone of the older format ``(token,)``
+  decodes with ``ttl_ms=None``: unknown.
 
 Further kinds of cached things (relationship collections, query results) add an entry class and
 a kind number with :func:`entry_kind`; :func:`decode` knows every registered kind.
@@ -39,6 +42,7 @@ FORMAT_VERSION: Final = 1
 ROW: Final = 0
 ABSENT: Final = 1
 TOMBSTONE: Final = 2
+HOLD: Final = 3
 
 _EXT_DATETIME = 1
 _EXT_DATE = 2
@@ -131,9 +135,11 @@ class AbsentEntry(NamedTuple):
 
 
 class Tombstone(NamedTuple):
-    """An eviction: random bytes no fill can have observed before the eviction was written."""
+    """An eviction: random bytes no fill can have observed before the eviction was written, and
+    the TTL (milliseconds) it was written with, or None where an older writer did not say."""
 
     token: bytes
+    ttl_ms: int | None = None
 
 
 Entry = Any  # one of the NamedTuple classes registered with entry_kind
@@ -141,17 +147,21 @@ E = TypeVar("E", bound=tuple[Any, ...])
 
 _new_tuple = tuple.__new__
 _KINDS: dict[type, int] = {}
-_CLASSES: dict[int, tuple[type, int]] = {}  # kind -> (class, number of fields)
+#: kind -> (class, number of fields, number of fields without a default)
+_CLASSES: dict[int, tuple[type, int, int]] = {}
 
 
 def entry_kind(kind: int) -> Callable[[type[E]], type[E]]:
-    """Register an entry class (a NamedTuple) under ``kind``, the number stored in its value."""
+    """Register an entry class (a NamedTuple) under ``kind``, the number stored in its value.
+    Fields with a default were added later: a value written without them decodes with the
+    default."""
 
     def register(cls: type[E]) -> type[E]:
         if kind in _CLASSES and _CLASSES[kind][0] is not cls:
             raise ValueError(f"entry kind {kind} is already {_CLASSES[kind][0].__name__}")
         _KINDS[cls] = kind
-        _CLASSES[kind] = (cls, len(cls._fields))  # type: ignore[attr-defined]
+        fields = len(cls._fields)  # type: ignore[attr-defined]
+        _CLASSES[kind] = (cls, fields, fields - len(cls._field_defaults))  # type: ignore[attr-defined]
         return cls
 
     return register
@@ -160,6 +170,14 @@ def entry_kind(kind: int) -> Callable[[type[E]], type[E]]:
 entry_kind(ROW)(RowEntry)
 entry_kind(ABSENT)(AbsentEntry)
 entry_kind(TOMBSTONE)(Tombstone)
+
+
+@entry_kind(HOLD)
+class Hold(NamedTuple):
+    """A commit under way on another connection: a miss, like a tombstone, but one no reader may
+    fill over (the database may still return the row as it was before that commit)."""
+
+    token: bytes
 
 
 def encode(entry: Entry) -> bytes:
@@ -183,18 +201,48 @@ def decode(raw: bytes) -> Entry | None:
     ):
         return None
     known = _CLASSES.get(value[1])
-    if known is None or len(value) != known[1] + 2:
+    if known is None:
         return None
-    return _new_tuple(known[0], value[2:])  # the NamedTuple, without its Python-level __new__
+    cls, fields, required = known
+    given = len(value) - 2
+    if given == fields:
+        return _new_tuple(cls, value[2:])  # the NamedTuple, without its Python-level __new__
+    if required <= given < fields:  # written before its later fields existed: their defaults
+        return cls(*value[2:])
+    return None
 
 
-def new_tombstone() -> bytes:
-    return encode(Tombstone(os.urandom(8)))
+def ttl_ms(seconds: float) -> int:
+    """A TTL in whole milliseconds, as stores apply it (never 0: that would mean no TTL)."""
+    return max(1, int(seconds * 1000))
+
+
+def new_tombstone(ttl: float) -> bytes:
+    """A fresh tombstone that will be written with ``ttl`` seconds to live, and says so."""
+    return encode(Tombstone(os.urandom(8), ttl_ms(ttl)))
 
 
 def new_generation() -> bytes:
     """A generation token: random, so a generation key lost from the store never comes back."""
     return os.urandom(8)
+
+
+#: A held generation: a commit replacing the whole kind is under way; nothing of the kind may be
+#: filled until it is replaced by an ordinary one (or expires). One byte longer than an ordinary
+#: token, so no random token is ever mistaken for one.
+_HELD_GENERATION_MARK: Final = b"H"
+
+
+def new_hold() -> bytes:
+    return encode(Hold(os.urandom(8)))
+
+
+def new_held_generation() -> bytes:
+    return _HELD_GENERATION_MARK + os.urandom(8)
+
+
+def is_held_generation(generation: bytes) -> bool:
+    return len(generation) == 9 and generation[:1] == _HELD_GENERATION_MARK
 
 
 # Per-column adapters: the few types whose Python value msgpack cannot carry by itself, and the

@@ -9,7 +9,11 @@
   with credentials redacted;
 - the **eviction journal**: evictions that could not be written are kept and written before the
   next read, so a row changed during an outage is never served from an entry older than it; past
-  :attr:`GuardedStore.journal_limit` keys, the kinds' generations are replaced instead;
+  :attr:`GuardedStore.journal_limit` keys, the kinds' generations are replaced instead. Other
+  processes read the shared store without that replay, so the journal is also **delivered**: a
+  daemon thread ("sa_cache-journal") writes it as soon as the breaker lets a probe through,
+  whether or not this process reads again, and at interpreter exit a bounded flush tries once
+  more and logs one ERROR line naming the models whose evictions never reached the store;
 - the dogpile region's **key mangler**;
 - **signing** (:mod:`sa_cache.signing`): values are sealed on the way in and opened on the way
   out; an entry with a bad signature reads as bytes no entry decodes from (a ``rejected`` miss).
@@ -20,10 +24,12 @@ unsigned payloads; the store underneath sees only mangled keys and stored bytes.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, Final, TypeVar
 
@@ -31,9 +37,9 @@ from . import codec
 from .breaker import CircuitBreaker
 from .errors import describe_error
 from .kinds import CachedKind
-from .protocol import eviction_writes
+from .protocol import GENERATION_TTL, eviction_writes, hold_writes
 from .signing import Signer
-from .store import Fill, Release, Store, Write
+from .store import Clock, Fill, Release, Store, Write
 
 log = logging.getLogger("sa_cache")
 
@@ -41,6 +47,12 @@ R = TypeVar("R")
 
 #: Evictions kept for replay while the store is unreachable; past this, generations are replaced.
 JOURNAL_LIMIT: Final = 10_000
+#: Seconds the journal's delivery waits after a failed attempt, doubling up to the breaker's
+#: cooldown (at least :data:`DELIVERY_BACKOFF_CAP_FLOOR`, so a zero cooldown never spins).
+DELIVERY_FIRST_BACKOFF: Final = 0.05
+DELIVERY_BACKOFF_CAP_FLOOR: Final = 0.5
+#: Seconds the flush at interpreter exit keeps trying to deliver the journal.
+EXIT_FLUSH_TIMEOUT: Final = 5.0
 #: Random bytes in a lease's owner token.
 LEASE_TOKEN_BYTES: Final = 8
 #: Seconds between two log lines about entries with bad signatures.
@@ -67,6 +79,7 @@ class GuardedStore:
         tombstone_ttl: float,
         mangle: Callable[[str], str] | None = None,
         signer: Signer | None = None,
+        exit_flush_timeout: float = EXIT_FLUSH_TIMEOUT,
     ) -> None:
         self.store = store
         self.breaker = breaker
@@ -81,14 +94,24 @@ class GuardedStore:
         self._journal: dict[str, CachedKind] = {}
         self._journal_kinds: set[CachedKind] = set()
         self._journal_writes = 0  # bumped by every journaling: a replay forgets only what it sent
+        self.exit_flush_timeout = exit_flush_timeout
+        #: How the delivery thread waits ``seconds`` before its next attempt (tests hold it).
+        self.delivery_wait: Callable[[float], object] = time.sleep
+        self._delivery: threading.Thread | None = None  # the running "sa_cache-journal" thread
+        self._process_hooks = False  # the at-fork and at-exit hooks are registered
         self._forgery_logged_at = -FORGERY_LOG_INTERVAL
 
     # -- the one guard around every store call ----------------------------------------------------
 
     def _call(
-        self, who: Collection[CachedKind], operation: Callable[..., R], *args: Any
+        self,
+        who: Collection[CachedKind],
+        operation: Callable[..., R],
+        *args: Any,
+        force: bool = False,
     ) -> R | _Unavailable:
-        if not self.breaker.allow():
+        """``force``: send even while the breaker is open (a caller that chose to wait)."""
+        if not force and not self.breaker.allow():
             self.bypassed += 1
             return UNAVAILABLE
         try:
@@ -153,6 +176,7 @@ class GuardedStore:
         payloads, in one round trip (two the first time a generation is created). None if the
         store is unavailable."""
         if (self._journal or self._journal_kinds) and not self._replay_journal():
+            self._ensure_delivery()  # a forked child restarts the delivery it did not inherit
             return None
         read = self._call(kinds, self._read, kinds, keys)
         return None if read is UNAVAILABLE else read  # type: ignore[return-value]
@@ -169,31 +193,45 @@ class GuardedStore:
         generations = []
         for gen_key, value in zip(gen_keys, values, strict=False):
             if value is None:
-                value = self.store.init_generation(gen_key, codec.new_generation())
+                value = self.store.init_generation(
+                    gen_key, codec.new_generation(), GENERATION_TTL
+                )
             generations.append(value)
         stored = values[len(kinds) :]
         return generations, stored, stored if self._signer is None else self._open(keys, stored)
 
     def acquire(
-        self, kind: CachedKind, key: str, lease_key: str, ttl: float
-    ) -> tuple[bytes | None, bytes | None, bytes | None, bytes | None] | None:
+        self,
+        kind: CachedKind,
+        key: str,
+        lease_key: str,
+        ttl: float,
+        timed: bool = False,
+        ttls: bool = False,
+    ) -> tuple[bytes | None, bytes | None, bytes | None, bytes | None, Clock | None] | None:
         """Take the lease ``lease_key`` unless someone holds it, and read ``key`` and its kind's
         generation again, in one round trip: (the lease's owner token if this call took it,
-        generation, stored, payload), or None if the store is unavailable."""
+        generation, stored, payload, clock), or None if the store is unavailable. ``timed``:
+        read the store's :class:`~sa_cache.store.Clock` too, where the store has one
+        (``capabilities.clock``; otherwise clock is None), with ``ttls`` the generation's
+        remaining TTL and then the key's."""
         token = os.urandom(LEASE_TOKEN_BYTES)
-        result = self._call(
-            (kind,),
-            self.store.acquire,
-            self._k(lease_key),
-            token,
-            ttl,
-            [self._k(kind.keys.generation_key), self._k(key)],
-        )
-        if result is UNAVAILABLE:
-            return None
-        acquired, (generation, stored) = result  # type: ignore[misc]
+        read = [self._k(kind.keys.generation_key), self._k(key)]
+        clock = None
+        if timed and self.store.capabilities.clock:
+            timed_result = self._call(
+                (kind,), self.store.acquire_timed, self._k(lease_key), token, ttl, read, ttls
+            )
+            if isinstance(timed_result, _Unavailable):
+                return None
+            acquired, (generation, stored), clock = timed_result
+        else:
+            result = self._call((kind,), self.store.acquire, self._k(lease_key), token, ttl, read)
+            if isinstance(result, _Unavailable):
+                return None
+            acquired, (generation, stored) = result
         owned = token if acquired else None
-        return owned, generation, stored, self._open([key], [stored])[0]
+        return owned, generation, stored, self._open([key], [stored])[0], clock
 
     def fill(
         self, fills: Sequence[tuple[CachedKind, Fill]], release: Sequence[Release] = ()
@@ -216,6 +254,18 @@ class GuardedStore:
             if ok:
                 kind.stats.fills += 1
 
+    def hold(
+        self, keys: dict[str, CachedKind], kinds: Collection[CachedKind], ttl: float
+    ) -> bool:
+        """Write holds for ``keys`` and held generations for ``kinds`` (see
+        :func:`~sa_cache.protocol.hold_writes`), in one round trip; whether the store has them.
+        Not journaled: the eviction that follows the commit is, and it is what must arrive."""
+        holds, generations = hold_writes(keys, kinds, ttl)
+        writes = [Write(self._k(w.key), self._seal(w.key, w.value, w.ttl), w.ttl) for w in holds]
+        writes += [Write(self._k(w.key), w.value, w.ttl) for w in generations]
+        who = list(keys.values()) + list(kinds)
+        return bool(writes) and self._call(who, self.store.write_many, writes) is not UNAVAILABLE
+
     def evict(self, keys: dict[str, CachedKind], kinds: Collection[CachedKind] = ()) -> bool:
         """Tombstone ``keys`` and replace the generations of ``kinds``, in one round trip.
         Whether the store has them now; if not, they are journaled and written before the next
@@ -226,7 +276,9 @@ class GuardedStore:
             return False
         return True
 
-    def _write_evictions(self, keys: dict[str, CachedKind], kinds: set[CachedKind]) -> bool:
+    def _write_evictions(
+        self, keys: dict[str, CachedKind], kinds: set[CachedKind], *, force: bool = False
+    ) -> bool:
         if not keys and not kinds:
             return True
         tombstones, generations = eviction_writes(keys, kinds, self.tombstone_ttl)
@@ -235,7 +287,7 @@ class GuardedStore:
         ]
         writes += [Write(self._k(w.key), w.value, w.ttl) for w in generations]
         who = list(keys.values()) + list(kinds)
-        if self._call(who, self.store.write_many, writes) is UNAVAILABLE:
+        if self._call(who, self.store.write_many, writes, force=force) is UNAVAILABLE:
             return False
         for kind in who:
             kind.stats.evictions += 1
@@ -254,12 +306,13 @@ class GuardedStore:
             if len(self._journal) > self.journal_limit:
                 self._journal_kinds.update(self._journal.values())
                 self._journal.clear()
+        self._ensure_delivery()
 
-    def _replay_journal(self) -> bool:
+    def _replay_journal(self, *, force: bool = False) -> bool:
         with self._lock:
             keys, kinds = dict(self._journal), set(self._journal_kinds)
             writes = self._journal_writes
-        if not self._write_evictions(keys, kinds):
+        if not self._write_evictions(keys, kinds, force=force):
             return False
         with self._lock:
             if writes != self._journal_writes:
@@ -269,7 +322,145 @@ class GuardedStore:
             self._journal_kinds.difference_update(kinds)
         return True
 
+    # -- delivery: other processes never replay this journal, so it must reach the store -----------
+
+    def _journal_empty(self) -> bool:
+        return not self._journal and not self._journal_kinds
+
+    def _ensure_delivery(self) -> None:
+        """Start the delivery thread unless it runs: one per store, ending when the journal is
+        empty; the next journaling starts another."""
+        with self._lock:
+            if self._delivery is not None or self._journal_empty():
+                return
+            if not self._process_hooks:
+                self._process_hooks = True
+                _register_process_hooks(weakref.ref(self))
+            thread = threading.Thread(
+                target=self._deliver_in_background,
+                name="sa_cache-journal",
+                daemon=True,
+            )
+            try:
+                thread.start()
+            except RuntimeError:  # interpreter shutdown: the flush at exit delivers instead
+                return
+            self._delivery = thread
+
+    def _deliver_in_background(self) -> None:
+        """The "sa_cache-journal" thread: wait (backing off up to the breaker's cooldown, and
+        never less than the breaker's own wait, so each attempt is the probe it lets through),
+        write the journal, until it is empty. It holds the store meanwhile: evictions not yet
+        written are owed to every other process, so a cache dropped during an outage still
+        delivers them, and its flush at exit still runs."""
+        backoff = DELIVERY_FIRST_BACKOFF
+        try:
+            while not self._delivery_finished():
+                self.delivery_wait(max(backoff, self.breaker.retry_in()))
+                delivered = self._replay_journal()
+                backoff = DELIVERY_FIRST_BACKOFF if delivered else self._backoff(backoff)
+        except BaseException:  # the next journaling or read starts another thread
+            with self._lock:
+                if self._delivery is threading.current_thread():
+                    self._delivery = None
+            raise
+
+    def _delivery_finished(self) -> bool:
+        """Asked by the delivery thread before each attempt: whether it is done. The journal
+        is checked and the thread forgotten under the lock journaling takes, so an eviction
+        journaled meanwhile either sees the thread still running or starts a new one."""
+        with self._lock:
+            if self._delivery is not threading.current_thread():
+                return True
+            if self._journal_empty():
+                self._delivery = None
+                return True
+            return False
+
+    def _backoff(self, backoff: float) -> float:
+        """The wait after another failed attempt: doubled, up to the breaker's cooldown."""
+        return min(2 * backoff, max(self.breaker.cooldown, DELIVERY_BACKOFF_CAP_FLOOR))
+
+    def deliver(self, timeout: float) -> bool:
+        """Write the journal now, from this thread, trying again until it is written or
+        ``timeout`` seconds have passed (an attempt under way may add one socket timeout).
+        Not held back by an open breaker: the caller chose to wait. Whether the journal is
+        empty."""
+        deadline = time.monotonic() + timeout
+        backoff = DELIVERY_FIRST_BACKOFF
+        while True:
+            if self._journal_empty():
+                return True
+            delivered = self._replay_journal(force=True)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return self._journal_empty()
+            if not delivered:
+                time.sleep(min(backoff, remaining))
+                backoff = self._backoff(backoff)
+
+    def _after_fork_in_child(self) -> None:
+        """The parent's delivery thread does not exist here, and a lock some thread held at the
+        fork (this store's, its breaker's) would never be released: forget them, keep the
+        journal (the child's copy is as much owed to everyone else); the child's next journaling
+        or read starts its own thread."""
+        self._lock = threading.Lock()
+        self._delivery = None
+        self.breaker.after_fork()
+
+    def _flush_at_exit(self, timeout: float) -> None:
+        """A last bounded delivery; if the journal is still not written, one ERROR line saying
+        what stays stale for other processes (model names and counts: never keys or values)."""
+        if self._journal_empty():
+            return
+        if self.exit_flush_timeout > 0 and self.deliver(max(timeout, 0.0)):
+            return
+        keys, kinds = self.journal()
+        if not keys and not kinds:
+            return
+        log.error(
+            "sa_cache: %d row eviction(s) (models: %s) and %d whole-model eviction(s) (%s) were "
+            "not written to the cache backend before exit; other processes may serve those rows "
+            "stale until their TTL unless they are evicted by hand "
+            "(sa-cache evict MODEL PK..., or sa-cache flush)",
+            len(keys),
+            ", ".join(sorted({kind.name for kind in keys.values()})) or "none",
+            len(kinds),
+            ", ".join(sorted(kind.name for kind in kinds)) or "none",
+        )
+
     def delete_prefix(self, prefix: str) -> int:
         """Delete every key under ``prefix`` (unmangled: a key mangler that rewrites prefixes hides
         keys from this); raises what the store raises, so the caller knows it failed."""
         return self.store.delete_prefix(prefix)
+
+
+# -- the process hooks: each holds its store by a weak reference, so a cache that is dropped (its
+# journal empty: the delivery thread holds it otherwise) is collected, and its hooks do nothing ---
+
+
+#: When the first flush at exit began: every store's flush is bounded from that moment, so an
+#: exit waits at most the largest ``exit_flush_timeout``, however many caches it has.
+_exit_began: list[float] = []
+
+
+def _flush_at_exit(ref: weakref.ref[GuardedStore]) -> None:
+    store = ref()
+    if store is None:
+        return
+    if not _exit_began:
+        _exit_began.append(time.monotonic())
+    store._flush_at_exit(_exit_began[0] + store.exit_flush_timeout - time.monotonic())
+
+
+def _after_fork_in_child(ref: weakref.ref[GuardedStore]) -> None:
+    store = ref()
+    if store is not None:
+        store._after_fork_in_child()
+
+
+def _register_process_hooks(ref: weakref.ref[GuardedStore]) -> None:
+    """Once per store, when it first journals."""
+    atexit.register(_flush_at_exit, ref)
+    if hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=lambda: _after_fork_in_child(ref))

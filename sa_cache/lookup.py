@@ -32,9 +32,17 @@ from sqlalchemy.orm import InstanceState
 
 from .guarded import GuardedStore
 from .kinds import Answer, CachedKind
-from .protocol import Observation, absent_fill, classify, fill_for
+from .protocol import (
+    Freshness,
+    Observation,
+    absent_fill,
+    classify,
+    fill_for,
+    may_fill_over,
+    proves_no_eviction_since,
+)
 from .registry import Registry
-from .store import Fill, Release
+from .store import Clock, Fill, Release
 from .tracking import TransactionChanges
 
 #: First and longest pause between two polls of a key another caller is loading.
@@ -42,9 +50,9 @@ FIRST_POLL: Final = 0.001
 LONGEST_POLL: Final = 0.025
 
 Sleep = Callable[[float], None]
-#: ``rule(kind, context)`` decides, at a read's first miss, (may it fill, may it cache an
-#: absence); the session supplies it, since the answer depends on its transaction.
-FillRule = Callable[[CachedKind, Any], tuple[bool, bool]]
+#: ``rule(kind, context)`` decides, at a read's first miss, (what the load will read, may it cache
+#: an absence); the session supplies it, since the answer depends on its transaction.
+FillRule = Callable[[CachedKind, Any], tuple[Freshness, bool]]
 
 
 class Settings(Protocol):
@@ -56,6 +64,7 @@ class Settings(Protocol):
     lease_ttl: float
     max_fill_age: float
     negative_ttl: float
+    tombstone_ttl: float
 
 
 def lease_key(key: str) -> str:
@@ -66,7 +75,7 @@ def lease_key(key: str) -> str:
 class Lookups:
     """The cache state of one session; see the module docstring."""
 
-    __slots__ = ("cache", "changes", "pending", "batch", "current", "sleep")
+    __slots__ = ("cache", "changes", "pending", "batch", "current", "sleep", "snapshot_bound")
 
     def __init__(self, cache: Settings, sleep: Sleep = time.sleep) -> None:
         self.cache = cache
@@ -78,6 +87,9 @@ class Lookups:
         #: the identity key of the single-key lookup under way
         self.current: Any = None
         self.sleep = sleep
+        #: a store time read before the transaction's snapshot began (None: none known); later
+        #: misses in the snapshot fill only what is proven no older than it
+        self.snapshot_bound: float | None = None
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -97,7 +109,7 @@ class Lookups:
         if read is None:
             return [None] * len(wanted)
         (generation,), stored, payloads = read
-        may_fill: bool | None = None  # decided at the first miss: hits need none of this
+        may_fill: Freshness | None = None  # decided at the first miss: hits need none of this
         negative_ok = False
         answers: list[Answer | None] = []
         stats = kind.stats
@@ -110,9 +122,14 @@ class Lookups:
             stats.misses += 1
             if may_fill is None:
                 may_fill, negative_ok = fill_rule(kind, context)
-            if may_fill:
+                if self.snapshot_bound is None:
+                    if may_fill is Freshness.IN_SNAPSHOT:
+                        may_fill = Freshness.NEVER  # no bound on its start to prove against
+                elif may_fill is Freshness.BEGINS_SNAPSHOT:
+                    may_fill = Freshness.FRESH  # the bound is known already
+            if may_fill is not Freshness.NEVER and may_fill_over(payload, generation):
                 self.pending[identity_key] = Observation(
-                    kind, key, raw, generation, now, negative_ok
+                    kind, key, raw, generation, now, negative_ok, freshness=may_fill
                 )
             answers.append(None)
         return answers
@@ -124,17 +141,25 @@ class Lookups:
         wait for the caller who has it; an answer if the key was filled meanwhile.
 
         Taking the lease re-reads the key in the same round trip, so a caller whose miss came
-        just before another caller's fill is answered by that fill, not by a second load."""
+        just before another caller's fill is answered by that fill, not by a second load. In a
+        snapshot transaction the same round trip reads the store's clock: before the snapshot
+        begins, as its lower bound; after, to prove the fill no older than the key's last
+        eviction (:meth:`_judge`)."""
         self.current = identity_key
         if self.cache.lease_wait <= 0 or identity_key not in self.pending:
             return None
         observation = self.pending[identity_key]
         lease = self.cache.guarded.acquire(
-            kind, observation.key, lease_key(observation.key), self.cache.lease_ttl
+            kind,
+            observation.key,
+            lease_key(observation.key),
+            self.cache.lease_ttl,
+            timed=observation.freshness is not Freshness.FRESH,
+            ttls=observation.freshness is Freshness.IN_SNAPSHOT,
         )
         if lease is None:
             return None  # the store failed: load (the fill will most likely fail too)
-        owned, generation, stored, payload = lease
+        owned, generation, stored, payload, clock = lease
         if generation is not None and (stored, generation) != (
             observation.stored,
             observation.generation,
@@ -146,14 +171,47 @@ class Lookups:
                     self.cache.guarded.fill([], [Release(lease_key(observation.key), owned)])
                 self._answered_after_all(kind)
                 return answer
+            if not may_fill_over(payload, generation):  # a commit elsewhere holds it: load
+                del self.pending[identity_key]
+                if owned is not None:
+                    self.cache.guarded.fill([], [Release(lease_key(observation.key), owned)])
+                return None
             observation = observation._replace(
                 stored=stored, generation=generation, observed_at=time.monotonic()
             )
         if owned is not None:
+            if observation.freshness is not Freshness.FRESH:
+                observation = self._judge(observation, clock, payload)
             self.pending[identity_key] = observation._replace(lease=owned)
             return None
         self.pending[identity_key] = observation
         return self._wait_for_fill(kind, pk, identity_key)
+
+    def _judge(
+        self, observation: Observation, clock: Clock | None, payload: bytes | None
+    ) -> Observation:
+        """``observation`` as the store's ``clock``, read with ``payload`` (the key's bytes the
+        fill will compare against) in the lease's round trip, lets it fill.
+
+        Before the snapshot begins, that store time is a lower bound on its start, kept for the
+        transaction. After, the fill goes ahead only if the store proves that nothing evicted the
+        key or its kind since that bound (:func:`~sa_cache.protocol.proves_no_eviction_since`).
+        Without a clock (a store that has none) an observation stays as it was: a load that
+        begins the snapshot still fills, one inside it does not."""
+        if clock is None:
+            return observation
+        if observation.freshness is Freshness.BEGINS_SNAPSHOT:
+            if self.snapshot_bound is None:
+                self.snapshot_bound = clock.now
+            return observation._replace(freshness=Freshness.FRESH)
+        if self.snapshot_bound is None:
+            return observation
+        cache = self.cache
+        shortest_ttl = min(cache.tombstone_ttl, cache.negative_ttl, observation.kind.ttl)
+        keeps_ttl = payload is None and cache.guarded.store.capabilities.keeps_ttl
+        if proves_no_eviction_since(self.snapshot_bound, clock, payload, shortest_ttl, keeps_ttl):
+            return observation._replace(freshness=Freshness.FRESH)
+        return observation
 
     def _wait_for_fill(
         self, kind: CachedKind, pk: tuple[Any, ...], identity_key: Any
@@ -178,6 +236,8 @@ class Lookups:
                 del self.pending[identity_key]
                 self._answered_after_all(kind)
                 return answer
+            if not may_fill_over(payload, generation):
+                break  # a commit elsewhere holds it: load without filling
             if held is None:  # released without a fill: take it over
                 self.pending[identity_key] = observation._replace(
                     stored=stored, generation=generation, observed_at=time.monotonic()
@@ -246,6 +306,7 @@ class Lookups:
 
     def transaction_ended(self) -> None:
         self.changes.reset()
+        self.snapshot_bound = None
         self.pending.clear()
 
 

@@ -16,13 +16,15 @@ from collections.abc import Callable, Iterable
 from typing import Any, Final, TypeVar
 
 from sqlalchemy import inspect, select, tuple_
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapper, Query, Session
 
-from . import _orm, isolation, tracking
+from . import _orm, connections, isolation, tracking
 from .cache import IdentityCache
 from .keys import coercer_for, normalise
 from .kinds import Answer, Hit
 from .lookup import Lookups
+from .protocol import Freshness
 from .rows import CachedModel
 
 T = TypeVar("T")
@@ -70,7 +72,10 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
             return None
         if execution_options.get("populate_existing") or _orm.session_populates_existing(self):
             return None
-        if _orm.runs_in_outside_transaction(self):  # type: ignore[arg-type]
+        if _orm.runs_in_outside_transaction(self) or (  # type: ignore[arg-type]
+            isinstance(self.bind, Connection)  # type: ignore[attr-defined]
+            and connections.written_by_others(self.bind, self)  # type: ignore[attr-defined]
+        ):
             # its connection's transaction may have written (or read a snapshot) unseen: what
             # the cache holds and what the SELECT sees may differ either way
             model.stats.skipped += 1
@@ -142,19 +147,23 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         if self._sa_cache is not None:
             self._sa_cache.done()
 
-    def _fill_rule(self, model: Any, mapper: Mapper[Any]) -> tuple[bool, bool]:
-        """Whether a miss may fill (nothing written yet, and the load will see data at least as
-        new as the observation), and may cache an absence."""
+    def _fill_rule(self, model: Any, mapper: Mapper[Any]) -> tuple[Freshness, bool]:
+        """What a miss's load will read, and whether it may cache an absence. Nothing may be
+        filled once the transaction wrote. The load reads data at least as new as the
+        observation when no snapshot has begun (it may begin one: then the lookup takes the
+        snapshot's lower bound); otherwise it reads an older snapshot, whose fills need a proof
+        (docs/protocol.md, "The snapshot hole")."""
         lookups = self._sa_cache
         assert lookups is not None
-        may_fill = not lookups.changes.wrote and _orm.next_load_sees_fresh_snapshot(
-            self  # type: ignore[arg-type]
-        )
-        negative_ok = model.may_cache_absence(
-            mapper,
-            self.get_bind(mapper=mapper).dialect,  # type: ignore[attr-defined]
-        )
-        return may_fill, negative_ok
+        bind = self.get_bind(mapper=mapper)  # type: ignore[attr-defined]
+        if lookups.changes.wrote:
+            freshness = Freshness.NEVER
+        elif _orm.next_load_sees_fresh_snapshot(self):  # type: ignore[arg-type]
+            begins = _orm.begins_snapshot(bind)
+            freshness = Freshness.BEGINS_SNAPSHOT if begins else Freshness.FRESH
+        else:
+            freshness = Freshness.IN_SNAPSHOT
+        return freshness, model.may_cache_absence(mapper, bind.dialect)
 
     def _place(
         self, answer: Answer, mapper: Mapper[Any], identity_key: Any, complete: bool = True

@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import event, inspect
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import (
     InstanceState,
     Mapper,
@@ -37,7 +38,7 @@ from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.expression import Alias, Join
 
-from . import _orm
+from . import _orm, connections
 from .kinds import CachedKind
 from .rows import CachedModel
 
@@ -150,7 +151,7 @@ def _after_flush(session: Session, flush_context: UOWTransaction) -> None:
     if lookups is None:
         return
     changes = lookups.changes
-    changes.wrote = True
+    _wrote(session, changes)
     registry = lookups.cache.registry
     for obj in session.new:
         state = instance_state(obj)
@@ -179,6 +180,15 @@ def _may_write_cached_rows(registry: Any, mapper: Mapper[Any]) -> bool:
     )
 
 
+def _wrote(session: Session, changes: TransactionChanges) -> None:
+    """The session wrote (or may have): it publishes nothing until its transaction ends, and on
+    a connection it shares, no other session trusts the cache until that connection's does."""
+    changes.wrote = True
+    bind = session.bind
+    if isinstance(bind, Connection):
+        connections.wrote(bind, session)
+
+
 def _after_commit(session: Session) -> None:
     lookups = _lookups(session)
     if lookups is None or session.in_nested_transaction():
@@ -186,6 +196,20 @@ def _after_commit(session: Session) -> None:
     changes = lookups.changes
     if changes.keys or changes.bulk_models:
         lookups.cache.guarded.evict(dict(changes.keys), changes.bulk_models)
+    bind = session.bind
+    if isinstance(bind, Connection):
+        if _orm.runs_in_outside_transaction(session):
+            # not durable yet: the connection's own commit makes it so (sa_cache.connections)
+            if changes.keys or changes.bulk_models:
+                connections.defer(
+                    bind,
+                    lookups.cache.guarded,
+                    changes.keys,
+                    changes.bulk_models,
+                    lookups.cache.max_fill_age,
+                )
+        else:
+            connections.after_commit(bind)  # what sessions joined to ours changed
     changes.reset()
 
 
@@ -206,14 +230,14 @@ def on_orm_execute(state: ORMExecuteState) -> Any:
             lookups = _lookups(state.session)
             sql = state.statement.text.lstrip().upper()
             if lookups is not None and not sql.startswith(_READ_ONLY_SQL):
-                lookups.changes.wrote = True  # rows unknown: at least never publish what it wrote
+                _wrote(state.session, lookups.changes)  # rows unknown: never publish what it wrote
         return None
     session = state.session
     lookups = _lookups(session)
     if lookups is None:
         return None
     changes = lookups.changes
-    changes.wrote = True  # whatever table it writes: publish nothing until the transaction ends
+    _wrote(session, changes)  # whatever table it writes: publish nothing until the transaction ends
     registry = lookups.cache.registry
     statement: Any = _orm.dml_statement(state.statement)
     target, *others = _tables_written(statement, state.is_update)
@@ -358,7 +382,7 @@ def bulk_mappings(session: Session, mapper: Mapper[Any], mappings: list[dict[str
     if lookups is None:
         return
     changes = lookups.changes
-    changes.wrote = True  # as after a flush: publish nothing until commit
+    _wrote(session, changes)  # as after a flush: publish nothing until commit
     registry = lookups.cache.registry
     model = registry.model_for(mapper)
     if model is not None:
@@ -377,7 +401,7 @@ def bulk_objects(session: Session, objects: list[Any]) -> None:
     if lookups is None:
         return
     changes = lookups.changes
-    changes.wrote = True
+    _wrote(session, changes)
     registry = lookups.cache.registry
     for obj in objects:
         state = inspect(obj, raiseerr=False)

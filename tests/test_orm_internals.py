@@ -263,6 +263,12 @@ def test_a_session_tells_a_transaction_it_joined_from_one_it_began(Sessions):
             s.get(User, 1)
             assert s.get_transaction()._connections[conn][2] is False  # joined, not its own
             assert _orm.runs_in_outside_transaction(s)
+        with Session(bind=conn, join_transaction_mode="create_savepoint") as s:
+            s.get(User, 1)
+            entry = s.get_transaction()._connections[conn]
+            assert entry[2] is True  # its savepoint is its own to release...
+            assert entry[1]._is_root is False  # ...but its root is a savepoint in another's
+            assert _orm.runs_in_outside_transaction(s)
         conn.rollback()
     with Session(engine) as s:
         assert not _orm.runs_in_outside_transaction(s)
