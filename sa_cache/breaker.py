@@ -31,6 +31,19 @@ class CircuitBreaker:
     def is_open(self) -> bool:
         return self._open_until != 0.0
 
+    def retry_in(self) -> float:
+        """Seconds until :meth:`allow` may let a probe through (0 when closed or cooled down), so
+        a background task can wait for the probe instead of being refused."""
+        if self._open_until == 0.0:
+            return 0.0
+        return max(0.0, self._open_until - time.monotonic())
+
+    def after_fork(self) -> None:
+        """In a forked child: a probe the parent had in flight will never report back here,
+        and the lock may be held by a thread that does not exist here."""
+        self._lock = threading.Lock()
+        self._probing = False
+
     def allow(self) -> bool:
         """Whether the next store call may go out (at most one probe at a time once open)."""
         if self._open_until == 0.0:

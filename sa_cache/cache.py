@@ -59,6 +59,9 @@ class IdentityCache:
         same row (the thundering herd) before reading the database itself, without filling;
         0 turns leases off. A lease lives ``max(2 * lease_wait, 1)`` seconds, so one whose holder
         died (or whose release was lost in an outage) delays that row's lookups at most that long.
+    :param exit_flush_timeout: seconds the process spends at interpreter exit writing evictions
+        it could not write during an outage (its journal), shared by every cache of the process;
+        what is still unwritten then is logged as one ERROR line. 0: no flush, only the line.
     """
 
     def __init__(
@@ -75,6 +78,7 @@ class IdentityCache:
         breaker_threshold: int = 3,
         breaker_cooldown: float = 5.0,
         lease_wait: float = 0.5,
+        exit_flush_timeout: float = 5.0,
     ) -> None:
         if backend is None:
             region = memory_region()
@@ -99,6 +103,7 @@ class IdentityCache:
             tombstone_ttl=tombstone_ttl,
             mangle=region.key_mangler,
             signer=None if signing_key is None else Signer(signing_key),
+            exit_flush_timeout=exit_flush_timeout,
         )
         self.registry = Registry(prefix)
 
@@ -149,8 +154,8 @@ class IdentityCache:
 
     def evict(self, target: Any, pk: Any = None) -> bool:
         """Evict one row now: ``evict(instance)`` or ``evict(Model, pk)``. Returns whether the
-        store has the eviction now; False means it is journaled and will be written before this
-        process's next read, or as soon as the store is reachable.
+        store has the eviction now; False means it is journaled: written before this process's
+        next read and, in the background, as soon as the store is reachable.
 
         For changes sa_cache cannot see: ``text()`` SQL, other applications, triggers. Changes
         made through a :class:`CachingSession` are evicted at commit without this call."""
@@ -183,12 +188,21 @@ class IdentityCache:
         fails (an explicit command: the caller must know)."""
         return self.guarded.delete_prefix(self.prefix + ":")
 
+    def deliver_evictions(self, timeout: float = 5.0) -> bool:
+        """Write the evictions journaled during an outage now, trying for up to ``timeout``
+        seconds; whether none is left. For a worker about to go idle or a script about to exit
+        that wants to know (the background delivery and the flush at exit do this unasked)."""
+        return self.guarded.deliver(timeout)
+
     # -- counters --------------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        """Counters of this process: totals and per model."""
+        """Counters of this process: totals and per model; ``journal``: the evictions not yet
+        written (row keys, and models to evict whole)."""
         per_model = {m.name: m.stats.as_dict() for m in self.registry.models()}
         totals = {name: sum(s[name] for s in per_model.values()) for name in MODEL_COUNTERS}
         totals["errors"] = max(totals["errors"], self.guarded.errors)
         totals["bypassed"] = self.guarded.bypassed
-        return {**totals, "models": per_model}
+        keys, kinds = self.guarded.journal()
+        journal = {"keys": len(keys), "models": len(kinds)}
+        return {**totals, "models": per_model, "journal": journal}

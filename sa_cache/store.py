@@ -19,7 +19,7 @@ from typing import NamedTuple, Protocol
 
 from .errors import UnsupportedBackend
 
-__all__ = ["Capabilities", "Fill", "Release", "Store", "UnsupportedBackend", "Write"]
+__all__ = ["Capabilities", "Clock", "Fill", "Release", "Store", "UnsupportedBackend", "Write"]
 
 
 class Fill(NamedTuple):
@@ -53,10 +53,33 @@ class Capabilities(NamedTuple):
     :param shared: other processes see its writes (Redis); False for a store in this process's
         memory, which is coherent only within one process (a forked worker has its own copy).
     :param scans: :meth:`Store.delete_prefix` works (needed by ``flush``).
+    :param clock: :meth:`Store.acquire_timed` reads one clock that every key's TTL runs on, and
+        :meth:`Store.init_generation` honours its ``ttl`` (a single server, or this process).
+    :param keeps_ttl: a key is never dropped before its TTL runs out (no eviction under memory
+        pressure), so an absent key proves that nothing written to it within its shortest TTL
+        is missing. Later fills in snapshot transactions rely on it (docs/protocol.md); False
+        is always safe, and costs only those fills.
     """
 
     shared: bool
     scans: bool
+    clock: bool = False
+    keeps_ttl: bool = False
+
+
+class Clock(NamedTuple):
+    """The store's own clock, read in the same round trip as some keys.
+
+    ``now``: seconds on the store's clock (Redis ``TIME``; ``time.monotonic()`` in process); only
+    differences between two readings of the same store mean anything. ``left``: per key read
+    (when asked for, else empty), the seconds it has left to live, None where it has no TTL or is
+    absent. A store whose keys
+    live on servers with different clocks must measure each key's ``left`` on the clock of
+    ``now``, or not offer :meth:`Store.acquire_timed`.
+    """
+
+    now: float
+    left: list[float | None]
 
 
 class Store(Protocol):
@@ -81,8 +104,16 @@ class Store(Protocol):
         """Set ``key`` (a lease) to ``token``, its owner's, unless it exists, and read ``read``
         after that, in one round trip: whether this call set it, and the values read."""
 
-    def init_generation(self, key: str, token: bytes) -> bytes:
-        """Set ``key`` to ``token`` unless it exists; return whichever value it holds after."""
+    def acquire_timed(
+        self, key: str, token: bytes, ttl: float, read: Sequence[str], ttls: bool
+    ) -> tuple[bool, list[bytes | None], Clock]:
+        """:meth:`acquire`, and in the same round trip the store's :class:`Clock`: its time and,
+        with ``ttls``, the TTL each key of ``read`` has left (so a reader can tell when a value
+        was written). Only called on stores that declare ``capabilities.clock``."""
+
+    def init_generation(self, key: str, token: bytes, ttl: float | None = None) -> bytes:
+        """Set ``key`` to ``token`` with ``ttl`` (None: none) unless it exists; return whichever
+        value it holds after."""
 
     def delete_prefix(self, prefix: str) -> int:
         """Delete every key that starts with ``prefix``; return how many were removed."""

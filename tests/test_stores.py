@@ -174,6 +174,34 @@ def check_a_generation_is_created_once(store: Store, p: str) -> None:
     assert store.get_many([p + "gen"]) == [b"first"]
 
 
+def check_a_timed_acquire_reads_the_stores_clock_and_what_each_key_has_left(
+    store: Store, p: str
+) -> None:
+    """Later fills in snapshot transactions tell when a value was written from the store's clock
+    and the TTL the key has left, read in the lease's round trip (stores with a clock only)."""
+    if not store.capabilities.clock:
+        return
+    store.write_many([Write(p + "k", b"K", 60), Write(p + "kept", b"J", None)])
+    time.sleep(0.05)  # the TTL counts down with wall-clock time, not an interleaving
+    acquired, values, clock = store.acquire_timed(
+        p + "lease", b"1", 60, [p + "k", p + "kept", p + "none"], True
+    )
+    assert (acquired, values) == (True, [b"K", b"J", None])
+    left = clock.left
+    assert left[0] is not None and 59 < left[0] <= 59.99 and left[1:] == [None, None]
+    again = store.acquire_timed(p + "lease", b"2", 60, [p + "k"], False)
+    assert again[:2] == (False, [b"K"]) and again[2].left == []
+    assert 0 <= again[2].now - clock.now < 5
+
+
+def check_a_generation_is_created_with_its_ttl(store: Store, p: str) -> None:
+    assert store.init_generation(p + "gen", b"first", 60) == b"first"
+    assert store.init_generation(p + "gen", b"second", 3600) == b"first"
+    if store.capabilities.clock:
+        left = store.acquire_timed(p + "lease", b"1", 60, [p + "gen"], True)[2].left[0]
+        assert left is not None and 59 < left <= 60
+
+
 def check_delete_prefix_removes_exactly_the_prefix(store: Store, p: str) -> None:
     store.write_many([Write(p + "a", b"1", None), Write(p + "b*[?", b"2", 60)])
     store.write_many([Write(p[:-1] + "X", b"kept", 60)])
@@ -230,11 +258,21 @@ class Broken:
             return True, self.inner.get_many(read)
         return self.inner.acquire(key, token, ttl, read)
 
-    def init_generation(self, key: str, token: bytes) -> bytes:
+    def init_generation(self, key: str, token: bytes, ttl: float | None = None) -> bytes:
         if self.flaw == "generation overwritten":
             self.inner.write_many([Write(key, token, None)])
             return token
-        return self.inner.init_generation(key, token)
+        if self.flaw == "generation keeps no ttl":
+            ttl = None
+        return self.inner.init_generation(key, token, ttl)
+
+    def acquire_timed(
+        self, key: str, token: bytes, ttl: float, read: Sequence[str], ttls: bool
+    ) -> Any:
+        acquired, values, clock = self.inner.acquire_timed(key, token, ttl, read, ttls)
+        if self.flaw == "clock reads the time at the write":  # no TTL counts down
+            clock = clock._replace(left=[None if t is None else 60.0 for t in clock.left])
+        return acquired, values, clock
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         values = self.inner.get_many(keys)
@@ -248,6 +286,8 @@ FLAWS = [
     "release ignores the owner",
     "every caller gets the lease",
     "generation overwritten",
+    "generation keeps no ttl",
+    "clock reads the time at the write",
     "reads reordered",
 ]
 

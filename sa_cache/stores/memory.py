@@ -13,7 +13,7 @@ from typing import Any
 
 from dogpile.cache.api import NO_VALUE
 
-from ..store import Capabilities, Fill, Release, Write
+from ..store import Capabilities, Clock, Fill, Release, Write
 
 
 class MemoryStore:
@@ -23,12 +23,14 @@ class MemoryStore:
     :meth:`get_many`. Conditional writes go to the backend itself (see :mod:`sa_cache.stores`).
     """
 
-    capabilities = Capabilities(shared=False, scans=True)
-
     def __init__(self, backend: Any, reader: Any = None) -> None:
         self._backend = backend
         self._reader = reader  # None: no proxies, read the backend directly
         self._lock = threading.Lock()
+        # a plain dict drops nothing by itself; a cache_dict of the application's own (an LRU
+        # mapping, say) may drop entries before they expire
+        keeps_ttl = type(getattr(backend, "_cache", None)) is dict
+        self.capabilities = Capabilities(shared=False, scans=True, clock=True, keeps_ttl=keeps_ttl)
 
     def _read(self, key: str, now: float, stored: Any = NO_VALUE) -> bytes | None:
         if stored is NO_VALUE:
@@ -77,18 +79,33 @@ class MemoryStore:
                 self._put(key, token, ttl, now)
             return acquired, [self._read(k, now) for k in read]
 
+    def acquire_timed(
+        self, key: str, token: bytes, ttl: float, read: Sequence[str], ttls: bool
+    ) -> tuple[bool, list[bytes | None], Clock]:
+        now = time.monotonic()
+        with self._lock:
+            acquired = self._read(key, now) is None
+            if acquired:
+                self._put(key, token, ttl, now)
+            values = [self._read(k, now) for k in read]
+            left: list[float | None] = []
+            for k, value in zip(read if ttls else (), values, strict=False):
+                expires_at = None if value is None else self._backend.get(k)[0]
+                left.append(None if expires_at is None else expires_at - now)
+            return acquired, values, Clock(now, left)
+
     def write_many(self, writes: Sequence[Write]) -> None:
         now = time.monotonic()
         with self._lock:
             for write in writes:
                 self._put(write.key, write.value, write.ttl, now)
 
-    def init_generation(self, key: str, token: bytes) -> bytes:
+    def init_generation(self, key: str, token: bytes, ttl: float | None = None) -> bytes:
         now = time.monotonic()
         with self._lock:
             current = self._read(key, now)
             if current is None:
-                self._put(key, token, None, now)
+                self._put(key, token, ttl, now)
                 return token
             return current
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from dogpile.cache.api import NO_VALUE
 
-from ..store import Capabilities, Fill, Release, Write
+from ..store import Capabilities, Clock, Fill, Release, Write
 from .scripts import lua_script
 
 _COMPARE_AND_SET = lua_script("compare_and_set")
@@ -32,8 +32,6 @@ class RedisStore:
     :meth:`get_many`. Everything else goes to the writer client (see :mod:`sa_cache.stores`).
     """
 
-    capabilities = Capabilities(shared=True, scans=True)
-
     def __init__(self, backend: Any, reader: Any = None) -> None:
         self.client = backend.writer_client
         self._reader = reader
@@ -42,6 +40,9 @@ class RedisStore:
             raise ValueError("sa_cache needs a Redis client with decode_responses=False")
         self._cas = self.client.register_script(_COMPARE_AND_SET)
         self._cad = self.client.register_script(_COMPARE_AND_DELETE)
+        #: ``keeps_ttl`` is learnt with the first timed acquire (see :meth:`acquire_timed`)
+        self.capabilities = Capabilities(shared=True, scans=True, clock=True, keeps_ttl=False)
+        self._asked_config = False
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         if self._reader is not None:
@@ -90,8 +91,51 @@ class RedisStore:
         acquired, values = pipe.execute()
         return bool(acquired), values
 
-    def init_generation(self, key: str, token: bytes) -> bytes:
-        previous = self.client.set(key, token, nx=True, get=True)
+    def acquire_timed(
+        self, key: str, token: bytes, ttl: float, read: Sequence[str], ttls: bool
+    ) -> tuple[bool, list[bytes | None], Clock]:
+        """The first call with ``ttls`` also asks, in the same round trip, whether the server
+        evicts keys under memory pressure (``CONFIG GET maxmemory*``): ``capabilities.keeps_ttl``
+        becomes True only for ``maxmemory`` 0 or ``maxmemory-policy noeviction``, and stays False
+        if CONFIG is refused (an ACL, a managed service). A change of that setting at runtime is
+        not seen: restart the processes after it."""
+        ask = ttls and not self._asked_config
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(key, token, px=_ms(ttl), nx=True)
+        pipe.mget(read)
+        for k in read if ttls else ():
+            pipe.pttl(k)
+        pipe.time()
+        if ask:
+            pipe.config_get("maxmemory*")
+        replies = pipe.execute(raise_on_error=False)
+        if ask:
+            self._learn_keeps_ttl(replies.pop())
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        acquired, values, *left_ms, (seconds, micros) = replies
+        left = [None if ms < 0 else ms / 1000 for ms in left_ms]  # -1: no TTL, -2: absent
+        return bool(acquired), values, Clock(seconds + micros / 1_000_000, left)
+
+    def _learn_keeps_ttl(self, config: Any) -> None:
+        from redis.exceptions import ResponseError
+
+        if isinstance(config, ResponseError):  # CONFIG refused or renamed: assume the worst
+            self._asked_config = True
+            return
+        if isinstance(config, Exception):
+            return  # ask again next time
+        self._asked_config = True
+        options = {_text(k): _text(v) for k, v in config.items()}
+        keeps_ttl = (
+            options.get("maxmemory") == "0" or options.get("maxmemory-policy") == "noeviction"
+        )
+        self.capabilities = self.capabilities._replace(keeps_ttl=keeps_ttl)
+
+    def init_generation(self, key: str, token: bytes, ttl: float | None = None) -> bytes:
+        px = None if ttl is None else _ms(ttl)
+        previous = self.client.set(key, token, nx=True, get=True, px=px)
         return token if previous is None else previous
 
     def delete_prefix(self, prefix: str) -> int:
@@ -105,6 +149,10 @@ class RedisStore:
         if batch:
             removed += self.client.unlink(*batch)
         return removed
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _glob_escape(text: str) -> str:
