@@ -236,6 +236,53 @@ def test_an_eviction_no_replica_acknowledged_is_journaled_not_trusted(cluster):
     cache.flush()
 
 
+def test_a_key_of_a_migrating_slot_is_followed_with_asking(cluster):
+    """While a slot moves between masters, its absent keys are answered with ASK: the store
+    asks the importing master (ASKING first) without waiting for the slot map to change."""
+    store = store_for(make_region().configure(
+        "dogpile.cache.redis_cluster", arguments={"url": _node_url(cluster)}
+    ))  # fmt: skip
+    assert isinstance(store, RedisClusterStore)
+    key = f"{RUN_ID}_ask_{uuid.uuid4().hex[:8]}:{{users:1}}"
+    slot = store.client.keyslot(key)
+    source = next(n for n in cluster.masters() if n.port == store._node(key)[0].port)
+    target = next(n for n in cluster.masters() if n is not source)
+    ids = {n.port: n.client().execute_command("CLUSTER MYID").decode() for n in (source, target)}
+    target.client().execute_command("CLUSTER SETSLOT", slot, "IMPORTING", ids[source.port])
+    source.client().execute_command("CLUSTER SETSLOT", slot, "MIGRATING", ids[target.port])
+    try:
+        assert store.get_many([key]) == [None]
+        assert store.fill_many([Fill(key, None, b"filled", 60)]) == [True]
+        assert store.get_many([key]) == [b"filled"]
+        count = source.client().execute_command("CLUSTER COUNTKEYSINSLOT", slot)
+        assert count == 0  # it went to the importing master
+        pipe = target.client().pipeline(transaction=False)
+        pipe.execute_command("ASKING")
+        pipe.get(key)
+        assert pipe.execute()[1] == b"filled"
+    finally:
+        pipe = target.client().pipeline(transaction=False)
+        pipe.execute_command("ASKING")
+        pipe.delete(key)
+        pipe.execute()
+        for node in (source, target):
+            node.client().execute_command("CLUSTER SETSLOT", slot, "STABLE")
+
+
+def test_shared_counters_are_published_and_read_on_a_cluster(Session, cache, engine):
+    from sa_cache.shared_stats import StatsPublisher, read_shared_stats
+
+    with sessionmaker(engine)() as s:
+        s.add(User(id=1, name="u1"))
+        s.commit()
+    for _ in range(3):
+        with Session() as s:
+            s.get(User, 1)
+    publisher = StatsPublisher(cache, interval=60)
+    assert publisher.publish() is True
+    assert read_shared_stats(cache.store.client, cache.prefix)["hits"] == 2  # type: ignore[attr-defined]
+
+
 # -- leases ---------------------------------------------------------------------------------------
 
 
