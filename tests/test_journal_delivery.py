@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -230,7 +230,44 @@ def test_without_a_hook_the_journal_is_delivered_once_redis_answers(server, pref
     assert name_of(Reader, 1) == "changed"
 
 
-def test_a_forked_child_delivers_the_journal_it_inherited(server, prefix, database):
+def fork(child: Callable[[Callable[[], None]], bool]) -> tuple[int, int]:
+    """Fork. The child runs ``child(signal)`` and exits 0 if it returns True, 3 if False, 1 if it
+    raises, with no test machinery after it (``os._exit``). The parent gets the child's pid and
+    a file descriptor that turns readable when the child calls ``signal()``."""
+    ready, done = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            os.close(ready)
+            status = 0 if child(lambda: os.write(done, b"!") and None) else 3
+        finally:
+            os._exit(status)
+    os.close(done)
+    return pid, ready
+
+
+def signalled(ready: int) -> bool:
+    try:
+        return bool(select.select([ready], [], [], DEADLINE)[0] and os.read(ready, 1) == b"!")
+    finally:
+        os.close(ready)
+
+
+def exit_code(pid: int) -> int:
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def journal_empty_within_deadline(cache: IdentityCache) -> bool:
+    """For a forked child, where no test helper runs: poll with a deadline."""
+    deadline = time.monotonic() + DEADLINE
+    while cache.guarded.journal() != ({}, set()) and time.monotonic() < deadline:
+        threading.Event().wait(0.01)
+    return cache.guarded.journal() == ({}, set())
+
+
+@pytest.mark.parametrize("then", ["journals", "reads"])
+def test_a_forked_child_delivers_the_journal_it_inherited(server, prefix, database, then):
     writer = process_cache(server, prefix, RedisCounter(), breaker_cooldown=0.2)
     reader = process_cache(server, prefix, RedisCounter())
     Writer, Reader = sessions(writer, database), sessions(reader, database)  # noqa: N806
@@ -239,37 +276,72 @@ def test_a_forked_child_delivers_the_journal_it_inherited(server, prefix, databa
     journal_while_hung(server, Writer)
     assert gate.wait_for_calls(1)
     server.pause()
-    ready, done = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: no test machinery from here on, only os._exit
-        status = 1
-        try:
-            os.close(ready)
-            writer.guarded.delivery_wait = time.sleep  # the parent's gate is not the child's
-            writer.evict(User, 2)  # bypassed: journaled in the child
-            os.write(done, b"journaled")
-            deadline = time.monotonic() + DEADLINE
-            while writer.guarded.journal() != ({}, set()) and time.monotonic() < deadline:
-                threading.Event().wait(0.01)
-            status = 0 if writer.guarded.journal() == ({}, set()) else 3
-        finally:
-            os._exit(status)
-    os.close(done)
+
+    def child(signal: Callable[[], None]) -> bool:
+        writer.guarded.delivery_wait = time.sleep  # the parent's gate is not the child's
+        if then == "journals":
+            writer.evict(User, 2)  # bypassed or timed out: journaled in the child
+        else:
+            assert name_of(sessions(writer, database), 2) == "u2"  # its replay fails first
+        signal()
+        return journal_empty_within_deadline(writer)
+
+    pid, ready = fork(child)
     try:
-        assert select.select([ready], [], [], DEADLINE)[0], "the child did not journal"
-        assert os.read(ready, 16) == b"journaled"
+        assert signalled(ready), f"the child did not get as far as it {then}"
     finally:
         server.resume()
-        os.close(ready)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, "the child did not deliver its journal"
-    assert name_of(Reader, 1) == "changed"  # written by the child, the parent's thread still waits
-    assert len(gate.waits) == 1
+    assert exit_code(pid) == 0, "the child did not deliver its journal"
+    assert name_of(Reader, 1) == "changed"
+    assert len(gate.waits) == 1  # the parent's thread is still waiting: the child delivered
     thread = writer.guarded._delivery
     assert thread is not None
     writer.guarded.delivery_wait = time.sleep
     gate.release()  # the parent delivers its own copy too: a fresh tombstone again, harmless
     thread.join(DEADLINE)
+    assert writer.guarded.journal() == ({}, set())
+
+
+def test_a_child_forked_while_its_parent_probes_is_not_locked_out_of_the_store(
+    server, prefix, database
+):
+    writer = process_cache(server, prefix, RedisCounter(), breaker_cooldown=0.2)
+    Writer = sessions(writer, database)  # noqa: N806
+    name_of(Writer, 1)
+    gate = writer.guarded.delivery_wait = Gate()
+    journal_while_hung(server, Writer)
+    assert gate.wait_for_calls(1)
+    store = writer.store
+    write_many = store.write_many
+    probing, finish = threading.Event(), threading.Event()
+
+    def held_probe(writes):  # the parent's delivery, the breaker's one probe, in flight
+        probing.set()
+        assert finish.wait(DEADLINE)
+        return write_many(writes)
+
+    store.write_many = held_probe
+    wait_until(lambda: writer.breaker.retry_in() == 0, "the breaker to let a probe through")
+    gate.release()
+    assert probing.wait(DEADLINE)
+
+    def child(signal: Callable[[], None]) -> bool:
+        store.write_many = write_many  # the parent's probe never reports back here
+        writer.guarded.delivery_wait = time.sleep
+        signal()
+        name_of(sessions(writer, database), 2)  # replays the journal: a probe of its own
+        return journal_empty_within_deadline(writer)
+
+    pid, ready = fork(child)
+    try:
+        assert signalled(ready)
+        assert exit_code(pid) == 0, "the child never got a probe through"
+    finally:
+        writer.guarded.delivery_wait = time.sleep
+        finish.set()
+    thread = writer.guarded._delivery
+    if thread is not None:
+        thread.join(DEADLINE)
     assert writer.guarded.journal() == ({}, set())
 
 
