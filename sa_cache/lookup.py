@@ -181,17 +181,21 @@ class Lookups:
             )
         if owned is not None:
             if observation.freshness is not Freshness.FRESH:
-                observation = self._judge(observation, clock, payload)
+                observation = self._judge(observation, clock, generation, payload)
             self.pending[identity_key] = observation._replace(lease=owned)
             return None
         self.pending[identity_key] = observation
         return self._wait_for_fill(kind, pk, identity_key)
 
     def _judge(
-        self, observation: Observation, clock: Clock | None, payload: bytes | None
+        self,
+        observation: Observation,
+        clock: Clock | None,
+        generation: bytes | None,
+        payload: bytes | None,
     ) -> Observation:
-        """``observation`` as the store's ``clock``, read with ``payload`` (the key's bytes the
-        fill will compare against) in the lease's round trip, lets it fill.
+        """``observation`` as the store's ``clock``, read with ``generation`` and ``payload`` (the
+        key's bytes the fill will compare against) in the lease's round trip, lets it fill.
 
         Before the snapshot begins, that store time is a lower bound on its start, kept for the
         transaction. After, the fill goes ahead only if the store proves that nothing evicted the
@@ -207,9 +211,15 @@ class Lookups:
         if self.snapshot_bound is None:
             return observation
         cache = self.cache
-        shortest_ttl = min(cache.tombstone_ttl, cache.negative_ttl, observation.kind.ttl)
+        # every TTL a value in the key is written with: tombstone, absence, row, and a hold
+        # (written for max_fill_age, see sa_cache/connections.py)
+        shortest_ttl = min(
+            cache.tombstone_ttl, cache.negative_ttl, observation.kind.ttl, cache.max_fill_age
+        )
         keeps_ttl = payload is None and cache.guarded.store.capabilities.keeps_ttl
-        if proves_no_eviction_since(self.snapshot_bound, clock, payload, shortest_ttl, keeps_ttl):
+        if proves_no_eviction_since(
+            self.snapshot_bound, clock, generation, payload, shortest_ttl, keeps_ttl
+        ):
             return observation._replace(freshness=Freshness.FRESH)
         return observation
 

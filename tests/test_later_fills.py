@@ -340,6 +340,8 @@ def tombstone(ttl: float) -> bytes:
         ("absent, kept for its ttl, soon after the bound", True),
         ("absent, on a store that may drop keys", False),
         ("absent, the shortest ttl since the bound", False),
+        ("a held generation", False),
+        ("a hold", False),
     ],
 )
 def test_the_proof_that_nothing_was_evicted_since_the_snapshot_began(case: str, proven: bool):
@@ -348,6 +350,7 @@ def test_the_proof_that_nothing_was_evicted_since_the_snapshot_began(case: str, 
     key_left: float | None = 300 - 50  # a 300 s tombstone written at 960
     payload: bytes | None = tombstone(300)
     keeps_ttl = True
+    generation = codec.new_generation()
     if case == "tombstone written after the bound":
         key_left = 300 - 5  # at 1005
     elif case == "tombstone written within the clock's doubt of the bound":
@@ -365,5 +368,10 @@ def test_the_proof_that_nothing_was_evicted_since_the_snapshot_began(case: str, 
         keeps_ttl = case != "absent, on a store that may drop keys"
         if case == "absent, the shortest ttl since the bound":
             now = bound + shortest
+    elif case == "a held generation":
+        generation = codec.new_held_generation()
+    elif case == "a hold":
+        payload = codec.new_hold()
     clock = Clock(now, [generation_left, key_left])
-    assert proves_no_eviction_since(bound, clock, payload, shortest, keeps_ttl) is proven
+    proof = proves_no_eviction_since(bound, clock, generation, payload, shortest, keeps_ttl)
+    assert proof is proven
