@@ -1,5 +1,6 @@
 """A short-lived process for tests/test_journal_delivery.py: it commits a change while its Redis
-is hung, so the eviction is journaled, says so on stdout, and exits without reading again.
+is hung, so the eviction is journaled, says so on stdout, and exits without reading again
+once it reads a line on stdin (so the test can bring Redis back before or after).
 
 ``python -m tests.journal_exit_script REDIS_URL DB_URL PREFIX PK EXIT_FLUSH_TIMEOUT``
 
@@ -38,6 +39,7 @@ def main(redis_url: str, db_url: str, prefix: str, pk: str, exit_flush_timeout: 
         s.commit()  # the eviction is bypassed: journaled, nothing sent
     assert cache.stats()["journal"] == {"keys": 1, "models": 0}
     print("journaled", flush=True)
+    sys.stdin.readline()
 
 
 if __name__ == "__main__":
