@@ -190,7 +190,8 @@ def begins_snapshot(bind: Engine | Connection) -> bool:
     if bind.dialect.name == "sqlite":
         return False
     level = bind.get_execution_options().get("isolation_level")
-    level = level or bind.dialect.default_isolation_level
+    # the dialect learns its default at the engine's first connect: until then it has none
+    level = level or getattr(bind.dialect, "default_isolation_level", None)
     return level is None or str(level).upper().replace("_", " ") not in _STATEMENT_SNAPSHOTS
 
 

@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 from dogpile.cache import make_region
-from sqlalchemy import ForeignKey, Integer, String, update
+from sqlalchemy import ForeignKey, Integer, String, create_engine, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
-from sa_cache import CachingSession, IdentityCache, codec
+from sa_cache import CachingSession, IdentityCache, _orm, codec
 from sa_cache.protocol import CLOCK_MARGIN, GENERATION_TTL, proves_no_eviction_since
 from sa_cache.store import Clock, Write
 
@@ -318,6 +318,46 @@ def test_entries_whose_write_time_is_unknown_prove_nothing(Session, cache, sql, 
     with expect_sql(sql, selects=2):
         request(Session)
     assert type(entry_at(cache, key)) is codec.Tombstone
+
+
+def test_a_redis_that_refuses_config_is_taken_for_one_that_may_drop_keys(tables, sql):
+    """Managed Redis services often refuse CONFIG: the store cannot know its eviction policy, so
+    it declares the worst, and absent keys never fill late."""
+    server = RedisServer("--rename-command", "CONFIG", "").start()
+    try:
+        cache = register_all(IdentityCache(server.url, prefix=f"{RUN_ID}_{uuid.uuid4().hex[:8]}"))
+        Session = use(cache, tables)
+        warm_up(Session, sql)  # the first later miss asked, and was refused
+        assert cache.store.capabilities.keeps_ttl is False
+        assert cache.stats()["errors"] == 0  # a refusal is an answer, not a store failure
+    finally:
+        server.kill()
+
+
+def test_whether_a_load_may_begin_a_snapshot_is_read_from_the_bind_without_sql(engine, sql):
+    with expect_sql(sql, 0):
+        assert _orm.begins_snapshot(engine) is True  # MariaDB's default, REPEATABLE READ
+        assert _orm.begins_snapshot(engine.execution_options(isolation_level="SERIALIZABLE"))
+        for level in ("READ COMMITTED", "READ UNCOMMITTED", "AUTOCOMMIT"):
+            assert not _orm.begins_snapshot(engine.execution_options(isolation_level=level))
+    never_connected = create_engine(engine.url)
+    assert getattr(never_connected.dialect, "default_isolation_level", None) is None
+    assert _orm.begins_snapshot(never_connected) is True  # unknown: assume it may
+    never_connected.dispose()
+    assert _orm.begins_snapshot(create_engine("sqlite://")) is False  # pysqlite's default mode
+
+
+def test_a_process_whose_first_database_use_is_a_cache_miss_fills_it(tables, cache, sql):
+    """The engine has never connected, so its default level is not known yet: the miss takes
+    the bound as for a snapshot, and its load (the engine's first connect) fills."""
+    use(cache, tables)
+    fresh = create_engine(tables.url)
+    try:
+        with sessionmaker(fresh, class_=CachingSession, cache=cache)() as s:
+            assert s.get(Post, 1).title == "hello"
+        assert fills(cache, "Post") == 1
+    finally:
+        fresh.dispose()
 
 
 # -- the proof itself ------------------------------------------------------------------------------
