@@ -158,6 +158,19 @@ def test_a_later_miss_in_a_repeatable_read_transaction_fills_when_nothing_was_ev
         request(Session)
 
 
+def test_signed_tombstones_are_dated_like_plain_ones(tables, cache_factory, backend, sql):
+    cache = cache_factory(backend, signing_key="later fills")
+    Session = use(cache, tables)
+    warm_up(Session, sql)  # its second pass fills an account under a signed tombstone
+    renamed_in_another_session(Session)  # a signed tombstone on the author
+    cache.evict(Post, 1)  # the post's miss begins the snapshot; the author's is proven
+    settle()
+    with expect_sql(sql, selects=2):
+        request(Session, author="renamed")
+    with expect_sql(sql, 0):
+        request(Session, author="renamed")
+
+
 def test_an_absent_key_fills_when_the_store_keeps_every_key_for_its_ttl(Session, cache, sql):
     warm_up(Session, sql)
     cache.evict(Post, 1)
