@@ -2,8 +2,10 @@
 
 A :class:`Lookups` is the whole per-session state of the cache (the session module holds one and
 nothing else): the misses waiting for their load (observations), the lease the current ``get``
-holds, the fills a ``get_many`` batches, and what the current transaction changed
-(:class:`~sa_cache.tracking.TransactionChanges`).
+holds, the fills a ``get_many`` batches, what the current transaction changed
+(:class:`~sa_cache.tracking.TransactionChanges`), and a store time read before its snapshot
+began (``snapshot_bound``), against which later misses in a REPEATABLE READ transaction prove
+their fills (docs/protocol.md, "Later fills in a snapshot").
 
 The sequence for one key, as :mod:`sa_cache.session` drives it:
 
@@ -11,8 +13,9 @@ The sequence for one key, as :mod:`sa_cache.session` drives it:
    absences are answered, each miss is remembered as an :class:`~sa_cache.protocol.Observation`
    if the session may fill it (the session decides that: it depends on the transaction);
 2. :meth:`Lookups.lease_or_wait`: for a single-key miss, take the key's lease (re-reading the key
-   in the same round trip) or wait for the caller holding it to fill it. The waiting is injected
-   (``sleep``), so an asyncio path can await instead of blocking;
+   in the same round trip, and in a snapshot transaction the store's clock) or wait for the
+   caller holding it to fill it. The waiting is injected (``sleep``), so an asyncio path can
+   await instead of blocking;
 3. the database load happens in SQLAlchemy; :meth:`Lookups.loaded` (from the ``load`` event) and
    :meth:`Lookups.loaded_nothing` write back what it found, conditionally, releasing the lease;
 4. :meth:`Lookups.done` releases a lease whose load never came (it raised, or loaded nothing
