@@ -43,6 +43,7 @@ from .protocol import (
     fill_for,
     may_fill_over,
     proves_no_eviction_since,
+    undated_generation,
 )
 from .registry import Registry
 from .store import Clock, Fill, Release
@@ -224,6 +225,8 @@ class Lookups:
             self.snapshot_bound, clock, generation, payload, shortest_ttl, keeps_ttl
         ):
             return observation._replace(freshness=Freshness.FRESH)
+        if generation is not None and undated_generation(clock, generation):
+            cache.guarded.date_generation(observation.kind, generation)  # for later transactions
         return observation
 
     def _wait_for_fill(

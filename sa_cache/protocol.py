@@ -193,6 +193,18 @@ def proves_no_eviction_since(
     return written_before(bound, clock.now, entry.ttl_ms / 1000, key_left)
 
 
+def undated_generation(clock: Clock, generation: bytes | None) -> bool:
+    """Whether the timed round trip found an ordinary generation with no TTL (written by a version
+    before generations had one): it can never be dated, so no later fill of its kind is ever
+    proven until it is given its TTL (:meth:`~sa_cache.guarded.GuardedStore.date_generation`)."""
+    return (
+        generation is not None
+        and not codec.is_held_generation(generation)
+        and bool(clock.left)
+        and clock.left[0] is None
+    )
+
+
 def eviction_writes(
     keys: Iterable[str], kinds: Iterable[CachedKind], tombstone_ttl: float
 ) -> tuple[list[Write], list[Write]]:

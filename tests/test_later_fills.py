@@ -20,7 +20,7 @@ from sqlalchemy import ForeignKey, Integer, String, create_engine, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
-from sa_cache import CachingSession, IdentityCache, _orm, codec
+from sa_cache import CachingSession, IdentityCache, _orm, codec, lookup
 from sa_cache.protocol import CLOCK_MARGIN, GENERATION_TTL, proves_no_eviction_since
 from sa_cache.store import Clock, Write
 
@@ -331,6 +331,61 @@ def test_entries_whose_write_time_is_unknown_prove_nothing(Session, cache, sql, 
     with expect_sql(sql, selects=2):
         request(Session)
     assert type(entry_at(cache, key)) is codec.Tombstone
+
+
+def test_a_generation_without_a_ttl_is_given_one_so_later_transactions_can_date_it(
+    Session, cache, sql
+):
+    """Generation keys written before they had a TTL would block later fills of their model for
+    good: the refused miss gives the generation its TTL (the same token, compare-and-set), dated
+    from then on, so a later transaction's miss proves its fill."""
+    warm_up(Session, sql)
+    gen_key = cache.model_for(Account.__mapper__).keys.generation_key  # type: ignore[union-attr]
+    (generation,) = cache.store.get_many([gen_key])
+    assert generation is not None
+    cache.store.write_many([Write(gen_key, generation, None)])  # as an older version left it
+    cache.evict(Account, 2)
+    cache.evict(Post, 1)
+    settle()
+    with expect_sql(sql, selects=2):
+        request(Session)  # refused, and dated
+    assert cache.store.get_many([gen_key]) == [generation]  # the same token: rows stay valid
+    settle()
+    cache.evict(Post, 1)
+    with expect_sql(sql, selects=2):
+        request(Session)  # the account's miss is proven now
+    with expect_sql(sql, 0):
+        request(Session)
+
+
+def test_dating_a_generation_never_brings_back_one_replaced_meanwhile(
+    Session, cache, sql, monkeypatch
+):
+    """The model is evicted whole between the round trip that found its generation undated and
+    the dating: the dating is a compare-and-set, so the new generation stays and the rows of the
+    old one stay unreadable."""
+    warm_up(Session, sql)
+    gen_key = cache.model_for(Account.__mapper__).keys.generation_key  # type: ignore[union-attr]
+    (generation,) = cache.store.get_many([gen_key])
+    cache.store.write_many([Write(gen_key, generation, None)])
+    cache.evict(Account, 2)
+    cache.evict(Post, 1)
+    settle()
+
+    undated = lookup.undated_generation
+
+    def evicted_whole_first(clock: Clock, seen: bytes | None) -> bool:
+        cache.evict_model(Account)  # a bulk statement's commit, just before the dating
+        return undated(clock, seen)
+
+    monkeypatch.setattr(lookup, "undated_generation", evicted_whole_first)
+    with expect_sql(sql, selects=2):
+        request(Session)
+    monkeypatch.setattr(lookup, "undated_generation", undated)
+    (now,) = cache.store.get_many([gen_key])
+    assert now not in (None, generation)
+    with expect_sql(sql, selects=1), Session() as s:  # account 1's row was of the old generation
+        assert s.get(Account, 1).name == "author"
 
 
 def test_a_redis_that_refuses_config_is_taken_for_one_that_may_drop_keys(tables, sql):
