@@ -54,7 +54,6 @@ class Freshness(enum.Enum):
     IN_SNAPSHOT = "in snapshot"
 
 
-
 class Observation(NamedTuple):
     """What a miss saw in the store: the fill may replace exactly this, and nothing newer."""
 
