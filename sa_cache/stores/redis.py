@@ -211,7 +211,8 @@ def async_twin(client: Any) -> Any:
     """A ``redis.asyncio.Redis`` with ``client``'s connection settings. Its connection class is
     the one the synchronous class names as ``async_connection_class`` (a custom class brings its
     own), else redis-py's asyncio class of the same name; settings the asyncio class does not
-    take are left out, and a ``Retry`` is rebuilt with the same backoff and count."""
+    take are left out, a ``Retry`` is rebuilt with the same backoff and count, and the pool
+    allows as many connections as the synchronous one."""
     import redis.asyncio
     from redis.asyncio import connection as async_connection
     from redis.asyncio.retry import Retry
@@ -236,7 +237,14 @@ def async_twin(client: Any) -> Any:
     retry = pool.connection_kwargs.get("retry")
     if retry is not None and "retry" in accepted:
         options["retry"] = Retry(retry._backoff, getattr(retry, "_retries", 0))
-    async_pool = redis.asyncio.ConnectionPool(connection_class=async_class, **options)
+    # as many connections as the synchronous pool allows; a task that finds them all in use
+    # awaits one (for up to the socket timeout) instead of failing
+    async_pool = redis.asyncio.BlockingConnectionPool(
+        connection_class=async_class,
+        max_connections=pool.max_connections,
+        timeout=options.get("socket_timeout") or 1.0,
+        **options,
+    )
     return redis.asyncio.Redis(connection_pool=async_pool)
 
 
