@@ -9,7 +9,7 @@ cache; it never holds a session. The protocol it runs is described in docs/proto
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar, overload
+from typing import Any, TypeVar, cast, overload
 
 from dogpile.cache.region import CacheRegion
 from sqlalchemy import inspect
@@ -18,11 +18,12 @@ from sqlalchemy.orm import InstanceState, Mapper
 from .breaker import CircuitBreaker
 from .guarded import GuardedStore
 from .lookup import listen_for_loads
+from .protocol import eviction_writes
 from .registry import Registry
 from .rows import CachedModel
 from .signing import Signer
 from .stats import MODEL_COUNTERS
-from .store import Store
+from .store import FailoverStore, Store, Write
 from .stores import memory_region, region_for_url, store_for
 
 T = TypeVar("T")
@@ -106,6 +107,17 @@ class IdentityCache:
             exit_flush_timeout=exit_flush_timeout,
         )
         self.registry = Registry(prefix)
+        if self.guarded.store.capabilities.failover:
+            cast(FailoverStore, self.guarded.store).on_master_change(self._new_generations)
+
+    def _new_generations(self) -> list[Write]:
+        """A new generation for every registered kind, keys as stored: what a store that lost
+        writes in a change of master (Sentinel) writes first, so nothing older is served."""
+        mangle = self.region.key_mangler
+        _, generations = eviction_writes((), self.registry.models(), 0)
+        return [
+            Write(w.key if mangle is None else mangle(w.key), w.value, w.ttl) for w in generations
+        ]
 
     @property
     def store(self) -> Store:

@@ -14,12 +14,21 @@ multi-key operation is one round trip. Implementations must be thread-safe.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple, Protocol
 
 from .errors import UnsupportedBackend
 
-__all__ = ["Capabilities", "Clock", "Fill", "Release", "Store", "UnsupportedBackend", "Write"]
+__all__ = [
+    "Capabilities",
+    "Clock",
+    "FailoverStore",
+    "Fill",
+    "Release",
+    "Store",
+    "UnsupportedBackend",
+    "Write",
+]
 
 
 class Fill(NamedTuple):
@@ -59,12 +68,16 @@ class Capabilities(NamedTuple):
         pressure), so an absent key proves that nothing written to it within its shortest TTL
         is missing. Later fills in snapshot transactions rely on it (docs/protocol.md); False
         is always safe, and costs only those fills.
+    :param failover: the store can lose acknowledged writes when its master changes (Redis
+        Sentinel), so it is a :class:`FailoverStore`: the cache gives it the writes that replace
+        every registered kind's generation, which it sends to a new master before serving from it.
     """
 
     shared: bool
     scans: bool
     clock: bool = False
     keeps_ttl: bool = False
+    failover: bool = False
 
 
 class Clock(NamedTuple):
@@ -117,3 +130,11 @@ class Store(Protocol):
 
     def delete_prefix(self, prefix: str) -> int:
         """Delete every key that starts with ``prefix``; return how many were removed."""
+
+
+class FailoverStore(Store, Protocol):
+    """A store declaring ``capabilities.failover``."""
+
+    def on_master_change(self, generations: Callable[[], Sequence[Write]]) -> None:
+        """Set what makes every entry written before a change of master unreachable: a call
+        returning, for every registered kind, a write of a new generation (keys as stored)."""

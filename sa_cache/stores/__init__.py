@@ -83,6 +83,43 @@ def redis_cluster_region(url: str, socket_timeout: float, retries: int) -> Cache
     )
 
 
+def redis_sentinel_region(url: str, socket_timeout: float, retries: int) -> CacheRegion:
+    """dogpile's Redis Sentinel backend for
+    ``redis+sentinel://[:password@]host:port,host:port/service_name[?db=N]``: the sentinels'
+    addresses and the monitored service (``mymaster`` if none). The password, if any, is given
+    to the servers and to the sentinels (as dogpile does)."""
+    from urllib.parse import parse_qs, unquote, urlsplit
+
+    from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.retry import Retry
+
+    parts = urlsplit(url)
+    hosts = parts.netloc.rpartition("@")[2]
+    sentinels = []
+    for address in hosts.split(","):
+        host, _, port = address.rpartition(":")
+        sentinels.append((host or "127.0.0.1", int(port or 26379)))
+    arguments: dict[str, Any] = {
+        "sentinels": sentinels,
+        "service_name": unquote(parts.path.strip("/")) or "mymaster",
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": socket_timeout,
+        "sentinel_kwargs": {
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": socket_timeout,
+        },
+        "connection_kwargs": {
+            "retry": Retry(NoBackoff(), retries, supported_errors=(RedisConnectionError,))
+        },
+    }
+    if parts.password:
+        arguments["password"] = unquote(parts.password)
+    if "db" in parse_qs(parts.query):
+        arguments["db"] = int(parse_qs(parts.query)["db"][0])
+    return make_region().configure("dogpile.cache.redis_sentinel", arguments=arguments)
+
+
 #: URL scheme -> region factory ``(url, socket_timeout, retries)``.
 SCHEMES: dict[str, RegionFactory] = {
     "redis": redis_region,
@@ -90,6 +127,7 @@ SCHEMES: dict[str, RegionFactory] = {
     "unix": redis_region,
     "redis+cluster": redis_cluster_region,
     "rediss+cluster": redis_cluster_region,
+    "redis+sentinel": redis_sentinel_region,
 }
 
 
@@ -152,6 +190,17 @@ def _redis_cluster_store(backend: Any, reader: Any) -> Store:
     return RedisClusterStore(backend)
 
 
+def _redis_sentinel_store(backend: Any, reader: Any) -> Store:
+    from .redis_sentinel import RedisSentinelStore
+
+    if reader is not None:
+        raise UnsupportedBackend(
+            f"{type(backend).__name__}: dogpile proxies read through the backend's replica "
+            "client, and sa_cache must read the master; configure the region without wrap="
+        )
+    return RedisSentinelStore(backend)
+
+
 def _refuse(reason: str) -> StoreFactory:
     def refuse(backend: Any, reader: Any) -> Store:
         raise UnsupportedBackend(f"{type(backend).__name__}: {reason}")
@@ -161,13 +210,18 @@ def _refuse(reason: str) -> StoreFactory:
 
 def _backends() -> list[tuple[type, StoreFactory]]:
     from dogpile.cache.backends.memory import MemoryBackend, MemoryPickleBackend
-    from dogpile.cache.backends.redis import RedisBackend, RedisClusterBackend
+    from dogpile.cache.backends.redis import (
+        RedisBackend,
+        RedisClusterBackend,
+        RedisSentinelBackend,
+    )
 
     return [
         (MemoryBackend, _memory_store),
         (MemoryPickleBackend, _refuse("sa_cache never pickles; use dogpile.cache.memory")),
         (RedisBackend, _redis_store),
         (RedisClusterBackend, _redis_cluster_store),
+        (RedisSentinelBackend, _redis_sentinel_store),
     ]
 
 
