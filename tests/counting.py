@@ -132,10 +132,13 @@ class RedisCounter:
         self.round_trips = 0
 
 
-def counting_connection_class(counter: RedisCounter) -> type[redis.Connection]:
+def counting_connection_class(
+    counter: RedisCounter, base: type[redis.Connection] = redis.Connection
+) -> type[redis.Connection]:
+    """``base``: the connection class counted (a ``SentinelManagedConnection`` for Sentinel)."""
     counter.live = True
 
-    class CountingConnection(redis.Connection):
+    class CountingConnection(base):  # type: ignore[valid-type, misc]
         def send_command(self, *args: Any, **kwargs: Any) -> None:
             counter.commands[str(args[0]).upper()] += 1
             super().send_command(*args, **kwargs)

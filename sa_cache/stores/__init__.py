@@ -98,7 +98,7 @@ def redis_sentinel_region(url: str, socket_timeout: float, retries: int) -> Cach
     hosts = parts.netloc.rpartition("@")[2]
     sentinels = []
     for address in hosts.split(","):
-        host, _, port = address.rpartition(":")
+        host, _, port = address.partition(":")
         sentinels.append((host or "127.0.0.1", int(port or 26379)))
     arguments: dict[str, Any] = {
         "sentinels": sentinels,
