@@ -40,7 +40,8 @@ class IdentityCache:
     """A shared cache of ORM rows by primary key, in front of any :class:`CachingSession`.
 
     :param backend: None for the in-process backend (the embedded default, one process only);
-        a ``redis://``, ``rediss://`` or ``unix://`` URL for dogpile.cache's Redis backend; or a
+        a ``redis://``, ``rediss://`` or ``unix://`` URL for dogpile.cache's Redis backend
+        (``redis+cluster://`` for Redis Cluster, ``redis+sentinel://`` for Sentinel); or a
         configured :class:`dogpile.cache.region.CacheRegion`, used as it is (its key mangler and
         its read-only dogpile proxies included).
     :param prefix: the first part of every key, so several applications can share one Redis.
