@@ -19,7 +19,7 @@ from sqlalchemy.orm import sessionmaker
 
 from sa_cache import CachingSession, IdentityCache
 
-from . import models, redis_cluster
+from . import models, redis_cluster, redis_sentinel
 from .counting import RedisCounter, SQLCounter, counted_redis_region, counting_sql
 from .databases import create_database, drop_database, port_open
 
@@ -44,6 +44,7 @@ def require_service(name: str, port: int) -> None:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     redis_cluster.stop_shared()  # the private Redis Cluster, if a test started it
+    redis_sentinel.stop_shared()  # the private Sentinel deployment, likewise
 
 
 def require_redis_cluster() -> redis_cluster.RedisClusterServers:

@@ -5,7 +5,9 @@ after 1 s without an answer). The shared Redis on 6379 is never touched.
 
 from __future__ import annotations
 
+import atexit
 import os
+import threading
 import time
 from typing import Any
 
@@ -153,3 +155,32 @@ class RedisSentinelServers:
     def stop(self) -> None:
         for server in [*self.sentinels, *self.servers]:
             server.stop()
+
+
+_shared: RedisSentinelServers | None = None
+_lock = threading.Lock()
+
+
+def shared() -> RedisSentinelServers:
+    """The test run's deployment for tests that leave its topology alone, started on first use
+    (stopped at exit)."""
+    global _shared
+    with _lock:
+        if _shared is None:
+            servers = RedisSentinelServers()
+            try:
+                servers.start()
+            except BaseException:
+                servers.stop()
+                raise
+            _shared = servers
+            atexit.register(stop_shared)
+        return _shared
+
+
+def stop_shared(*args: Any) -> None:
+    global _shared
+    with _lock:
+        if _shared is not None:
+            _shared.stop()
+            _shared = None

@@ -25,6 +25,7 @@ from sa_cache.store import Write
 from sa_cache.stores import region_for_url
 from sa_cache.stores.redis_sentinel import RedisSentinelStore
 
+from . import redis_sentinel
 from .conftest import RUN_ID, register_all
 from .counting import (
     RedisCounter,
@@ -37,12 +38,10 @@ from .models import User
 from .redis_sentinel import RedisSentinelServers
 
 
-@pytest.fixture(scope="module")
-def shared_sentinel() -> Iterator[RedisSentinelServers]:
-    """One deployment for the tests that do not change its topology."""
-    servers = RedisSentinelServers().start()
-    yield servers
-    servers.stop()
+@pytest.fixture
+def shared_sentinel() -> RedisSentinelServers:
+    """The run's deployment, for the tests that do not change its topology."""
+    return redis_sentinel.shared()
 
 
 @pytest.fixture

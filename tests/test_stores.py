@@ -23,6 +23,7 @@ from sa_cache.errors import UnsupportedBackend
 from sa_cache.store import Capabilities, Fill, Release, Store, Write
 from sa_cache.stores import memory_region, redis_region, region_for_url, store_for
 
+from . import redis_sentinel
 from .conftest import REDIS_URL, require_redis_cluster, require_service
 
 # -- the stores ---------------------------------------------------------------------------------
@@ -63,12 +64,17 @@ def _cluster() -> Store:
     return store_for(region_for_url(require_redis_cluster().url, 1.0, 1))
 
 
+def _sentinel() -> Store:
+    return store_for(region_for_url(redis_sentinel.shared().url, 1.0, 1))
+
+
 STORES: dict[str, Callable[[], Store]] = {
     "memory": lambda: _memory(False),
     "memory+proxy": lambda: _memory(True),
     "redis": lambda: _redis(False),
     "redis+proxy": lambda: _redis(True),
     "redis_cluster": _cluster,
+    "redis_sentinel": _sentinel,
 }
 
 
