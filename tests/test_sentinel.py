@@ -221,7 +221,7 @@ def test_an_eviction_no_replica_acknowledged_is_delivered_to_the_new_master(sent
 # -- failovers under a checked load ---------------------------------------------------------------
 
 READERS = 3
-ROWS = 20
+ROWS = 200  # more than the writer rewrites during a breaker cooldown
 LOAD_SECONDS_BEFORE = 1.0
 SETTLE_LIMIT_SECONDS = 60.0
 HITS_AFTER = 20
