@@ -23,7 +23,7 @@ from sqlalchemy.orm import sessionmaker
 from sa_cache import CachingSession, IdentityCache
 from sa_cache.store import Write
 from sa_cache.stores import region_for_url
-from sa_cache.stores.redis_sentinel import RedisSentinelStore
+from sa_cache.stores.redis_sentinel import MasterChanged, RedisSentinelStore, ReplicationTimeout
 
 from . import redis_sentinel
 from .conftest import RUN_ID, register_all
@@ -391,3 +391,26 @@ def test_a_master_killed_under_load_serves_nothing_stale(engine, settings):
         _run_checked_load(engine, servers, kill, settled, f"master SIGKILLed ({settings})")
     finally:
         servers.stop()
+
+
+def test_a_write_the_old_master_took_alone_is_written_again_on_the_new_master(sentinel):
+    """The store keeps its writes of the last minute: after a change of master it writes them
+    again (before anything else), so a tombstone only the old master took is not lost."""
+    cache = IdentityCache(sentinel.url, prefix=_prefix())  # no model: no generation to replace
+    store = cache.store
+    assert isinstance(store, RedisSentinelStore)
+    old, new = sentinel.master, sentinel.replica
+    key = f"{RUN_ID}_sn_ring:tombstone"
+    store.get_many([key])  # connected: the master has a replica
+    new.client().replicaof("NO", "ONE")
+    sentinel.wait(lambda: old.client().info("replication")["connected_slaves"] == 0, "unlinked")
+    with pytest.raises(ReplicationTimeout):
+        store.write_many([Write(key, b"evicted", 60)])  # the old master has it, alone
+    store.write_many([Write(key, b"evicted", 60)])  # no replica any more: no WAIT
+    assert new.client().get(key) is None
+    old.kill()
+    sentinel.point_sentinels_at(new)
+    with pytest.raises(MasterChanged):
+        store.get_many([key])  # answered by the new master: refused
+    assert store.get_many([key]) == [b"evicted"]  # written again first
+    assert new.client().get(key) == b"evicted"
