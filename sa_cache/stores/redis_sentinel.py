@@ -38,6 +38,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+
 from ..store import Clock, Fill, Release, Write
 from .redis import RedisStore, _ms
 
@@ -98,13 +100,11 @@ class RedisSentinelStore(RedisStore):
 
     def _on_connect(self, connection: Any) -> None:
         """Runs on every new connection, before its first command: who is the master?"""
-        from redis.exceptions import ConnectionError
-
         connection.on_connect()
         connection.send_command("INFO", "replication")
         info = _parse_info(connection.read_response())
         if info.get("role") != "master":
-            raise ConnectionError("the server the sentinels named is not a master (demoted)")
+            raise RedisConnectionError("the server the sentinels named is not a master (demoted)")
         replid = info.get("master_replid")
         with self._lock:
             self._replicas = int(info.get("connected_slaves", "0"))
@@ -142,13 +142,12 @@ class RedisSentinelStore(RedisStore):
     def _call(self, operation: Callable[[], Any]) -> Any:
         """Run ``operation`` on the master, after recovering from a change of master; its reply
         is refused if the master changed meanwhile."""
-        from redis.exceptions import ConnectionError
-
-        self._recover()
-        epoch = self._epoch
+        epoch = self._epoch  # read first: a change noticed from here on refuses the reply
+        if self._pending:
+            self._recover()
         try:
             result = operation()
-        except (ConnectionError, ReplicationTimeout):
+        except (RedisConnectionError, ReplicationTimeout):
             self._check_address()
             raise
         if self._epoch != epoch:
