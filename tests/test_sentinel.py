@@ -15,12 +15,14 @@ from typing import Any
 import pytest
 import redis
 from dogpile.cache import make_region
+from dogpile.cache.proxy import ProxyBackend
 from redis.sentinel import SentinelManagedConnection
 from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
 
 from sa_cache import CachingSession, IdentityCache
+from sa_cache.errors import UnsupportedBackend
 from sa_cache.store import Write
 from sa_cache.stores import region_for_url
 from sa_cache.stores.redis_sentinel import MasterChanged, RedisSentinelStore, ReplicationTimeout
@@ -129,6 +131,17 @@ def test_the_url_names_the_sentinels_the_service_the_password_and_the_database()
     assert backend.sentinels == [("10.0.0.1", 5000), ("10.0.0.2", 26379)]
     assert backend.service_name == "cache"
     assert (backend.password, backend.db, backend.socket_timeout) == ("s3cret", 3, 0.5)
+
+
+def test_a_sentinel_region_with_a_dogpile_proxy_is_refused():
+    """dogpile's proxies read through the backend's replica client; the cache reads the master."""
+    region = make_region().configure(
+        "dogpile.cache.redis_sentinel",
+        arguments={"sentinels": [("127.0.0.1", 1)], "service_name": "unused"},
+        wrap=[ProxyBackend],
+    )
+    with pytest.raises(UnsupportedBackend, match="dogpile proxies"):
+        IdentityCache(region)
 
 
 def test_a_batch_of_evictions_is_one_round_trip_ending_with_a_wait_for_the_replica(
