@@ -427,3 +427,14 @@ def test_a_write_the_old_master_took_alone_is_written_again_on_the_new_master(se
         store.get_many([key])  # answered by the new master: refused
     assert store.get_many([key]) == [b"evicted"]  # written again first
     assert new.client().get(key) == b"evicted"
+
+
+def test_a_server_the_sentinels_name_that_answers_as_a_replica_is_not_read(sentinel):
+    """A demoted master (or a replica named by stale sentinels) holds what it resynced, not
+    what the master took since: the store refuses it as soon as it connects."""
+    cache = IdentityCache(sentinel.url, prefix=_prefix())
+    store = cache.store
+    assert isinstance(store, RedisSentinelStore)
+    sentinel.point_sentinels_at(sentinel.replica)  # still a replica
+    with pytest.raises(redis.ConnectionError, match="not a master"):
+        store.get_many([f"{RUN_ID}_sn_role:k"])
