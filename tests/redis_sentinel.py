@@ -49,7 +49,7 @@ class SentinelServer(RedisServer):
 
 
 class RedisSentinelServers:
-    """``master_args``: extra ``redis-server`` arguments of both data servers (the replica may
+    """``server_args``: extra ``redis-server`` arguments of both data servers (the replica may
     become the master), e.g. ``--min-replicas-to-write 1``."""
 
     def __init__(self, *server_args: str) -> None:
@@ -76,12 +76,17 @@ class RedisSentinelServers:
         }
 
     def start(self) -> RedisSentinelServers:
-        self.master.start()
-        self.replica.start()
-        self.wait_replicated(self.master)
-        for sentinel in self.sentinels:
-            sentinel.start()
-        self.wait(self._sentinels_agree, "the sentinels to see each other and the replica")
+        """Start everything and wait until the sentinels agree; on failure, stop what started."""
+        try:
+            self.master.start()
+            self.replica.start()
+            self.wait_replicated(self.master)
+            for sentinel in self.sentinels:
+                sentinel.start()
+            self.wait(self._sentinels_agree, "the sentinels to see each other and the replica")
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def sentinel_client(self, index: int = 0) -> redis.Redis:
