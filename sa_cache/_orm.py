@@ -31,6 +31,14 @@ changes one fails there first, by name.
 10. :func:`runs_in_outside_transaction` reads ``SessionTransaction._connections`` to tell a
     transaction the session began from one it joined; :func:`held_connections` lists the
     connections there, whose isolation levels decide fills and hits.
+11. Lazy collection loads: ``LazyLoader._emit_lazyload`` runs ``session.execute(select(Target))``
+    with ``_lazy_loaded_from`` in its load options and the relationship last on its
+    ``_current_path``; a ``do_orm_execute`` listener that returns a ``Result`` answers it
+    without SQL (consumed as ``.unique().scalars().all()``). :func:`lazy_loaded_relationship`,
+    :func:`plain_lazy_load` (``Select._with_options``, ``load_options._populate_existing``),
+    :func:`load_autoflushes` (``load_options._autoflush``), :func:`instances_result`
+    (``SimpleResultMetaData._create_unique_filters``) and :func:`target_correlates_to_parent`
+    (``RelationshipProperty._target_correlates_to_parent``).
 """
 
 from __future__ import annotations
@@ -40,8 +48,9 @@ from typing import Any, Final, NamedTuple
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import inspect
-from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.orm import Mapper, Session
+from sqlalchemy.engine import Connection, Engine, Result
+from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
+from sqlalchemy.orm import Mapper, ORMExecuteState, RelationshipProperty, Session
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.base import PassiveFlag
 from sqlalchemy.orm.context import FromStatement
@@ -357,3 +366,43 @@ def has_own_returning(statement: Any) -> bool:
     """Whether the caller gave the statement its own ``returning()`` (``_returning``)."""
     return bool(statement._returning)
 
+
+# -- lazy collection loads ------------------------------------------------------------------------
+
+
+def lazy_loaded_relationship(state: ORMExecuteState) -> RelationshipProperty[Any] | None:
+    """The relationship a lazy load runs for (the last element of its loader path), or None
+    when the statement is no lazy load of a relationship."""
+    if state.lazy_loaded_from is None:
+        return None
+    path = state.loader_strategy_path
+    elements = () if path is None else path.path
+    last = elements[-1] if elements else None
+    return last if isinstance(last, RelationshipProperty) else None
+
+
+def plain_lazy_load(state: ORMExecuteState) -> bool:
+    """Whether a lazy load runs the relationship's own SELECT: no loader options or criteria
+    added to it (``Select._with_options``: the parent's ``load_options``,
+    ``with_loader_criteria``) and no ``populate_existing`` (``load_options._populate_existing``)."""
+    statement: Any = state.statement
+    return not statement._with_options and not state.load_options._populate_existing
+
+
+def load_autoflushes(state: ORMExecuteState) -> bool:
+    """Whether the SELECT would autoflush first (``load_options._autoflush``: False for a lazy
+    load from a pending object or under ``no_autoflush``); the session's own ``autoflush``
+    setting is honoured by :func:`autoflush`."""
+    return bool(state.load_options._autoflush)
+
+
+def instances_result(objects: list[Any]) -> Result[Any]:
+    """A result whose rows are ``objects``, as a lazy load consumes the result of its SELECT
+    (``.unique().scalars().all()``), uniqued by identity as ORM results are."""
+    metadata = SimpleResultMetaData(["entity"], _create_unique_filters=lambda _: [id])
+    return IteratorResult(metadata, iter([(obj,) for obj in objects]))
+
+
+def target_correlates_to_parent(prop: RelationshipProperty[Any]) -> bool:
+    """Whether a relationship's target (a LATERAL subquery) is selected joined to its parent."""
+    return bool(getattr(prop, "_target_correlates_to_parent", False))

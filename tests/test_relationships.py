@@ -1,0 +1,230 @@
+"""Cached relationship collections (issue 13, part 1): a lazy load of a collection is answered
+from the cache as the list of its targets' primary keys, hydrated through the row cache, and
+every change to its membership made through a session evicts it at commit.
+
+Each scenario is differential: the same read through a plain session and through the cache,
+cold and warm, must agree (the members, in order), on SQLite, PostgreSQL and MariaDB, with Redis
+and the in-process store."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import inspect
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session as PlainSession
+from sqlalchemy.orm import sessionmaker
+
+from sa_cache import CachingSession, IdentityCache
+
+from .counting import RedisCounter, SQLCounter, expect_commands, expect_sql
+from .models_relationships import (
+    CACHED,
+    Ability,
+    Board,
+    Line,
+    Member,
+    Node,
+    Order,
+    Post,
+    Product,
+    Role,
+    ensure_tables,
+)
+
+Read = Callable[[Any], Any]
+
+
+@pytest.fixture
+def rel(engine: Engine, cache: IdentityCache) -> Iterator[None]:
+    ensure_tables(engine)
+    for model in CACHED:
+        cache.register(model)
+    yield
+
+
+@pytest.fixture
+def plain(engine: Engine) -> sessionmaker[PlainSession]:
+    return sessionmaker(engine)
+
+
+def names(objects: Any) -> list[Any]:
+    """A collection as the test compares it: each member's class and primary key, in order."""
+    return [(type(o).__name__, inspect(o).identity) for o in objects]
+
+
+def outcome(factory: Callable[[], Any], read: Read) -> Any:
+    with factory() as session:
+        return read(session)
+
+
+def agree(plain: Any, cached: Any, read: Read) -> Any:
+    """The plain answer, after checking the cache's cold and warm answers are the same."""
+    expected = outcome(plain, read)
+    assert outcome(cached, read) == expected, "cold"
+    assert outcome(cached, read) == expected, "warm"
+    return expected
+
+
+def seed(Session: Any) -> None:  # noqa: N803
+    """Three members: 1 has roles 1 and 2, 2 has role 2, 3 none; role 1 has abilities 1 and 2,
+    role 2 has ability 3."""
+    with Session() as s:
+        a1, a2 = Ability(id=1, name="read"), Ability(id=2, name="write")
+        a3 = Ability(id=3, name="a")
+        r1 = Role(id=1, name="admin", abilities=[a1, a2])
+        r2 = Role(id=2, name="staff", abilities=[a3])
+        s.add_all([Member(id=1, name="m1", roles=[r2, r1]), Member(id=2, name="m2", roles=[r2])])
+        s.add(Member(id=3, name="m3"))
+        s.commit()
+
+
+def roles_and_abilities(s: Any) -> Any:
+    """The issue's request: a user, the user's roles, every role's abilities."""
+    member = s.get(Member, 1)
+    return [(role.name, [a.name for a in role.abilities]) for role in member.roles]
+
+
+def roles_of(pk: int) -> Read:
+    return lambda s: names(s.get(Member, pk).roles)
+
+
+def users_of(pk: int) -> Read:
+    return lambda s: names(s.get(Role, pk).users)
+
+
+def posts_of(pk: int) -> Read:
+    return lambda s: names(s.get(Board, pk).posts)
+
+
+# -- reads ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("rel")
+def test_a_warm_request_reads_roles_and_abilities_with_no_sql(
+    Session: sessionmaker[CachingSession],  # noqa: N803
+    plain: sessionmaker[PlainSession],
+    cache: IdentityCache,
+    sql: SQLCounter,
+    redis_counter: RedisCounter,
+) -> None:
+    seed(Session)
+    expected = agree(plain, Session, roles_and_abilities)
+    assert expected == [("admin", ["read", "write"]), ("staff", ["a"])]  # in order
+    before = cache.stats()["models"]
+    # the member: 1 round trip; each collection: 1 for its keys, 1 for its rows' values
+    with (
+        Session() as s,
+        expect_sql(sql, 0),
+        expect_commands(redis_counter, {"MGET": 7}, round_trips=7),
+    ):
+        assert roles_and_abilities(s) == expected
+    after = cache.stats()["models"]
+    assert after["Member.roles"]["hits"] == before["Member.roles"]["hits"] + 1
+    assert after["Role.abilities"]["hits"] == before["Role.abilities"]["hits"] + 2
+
+
+@pytest.mark.usefixtures("rel")
+def test_collections_of_instances_already_in_the_session_cost_one_round_trip(
+    Session: sessionmaker[CachingSession],  # noqa: N803
+    sql: SQLCounter,
+    redis_counter: RedisCounter,
+) -> None:
+    seed(Session)
+    outcome(Session, roles_and_abilities)  # warms the collection and the roles
+    with Session() as s:
+        held = [s.get(Role, 1), s.get(Role, 2)]  # the identity map holds them weakly
+        member = s.get(Member, 1)
+        with expect_sql(sql, 0), expect_commands(redis_counter, {"MGET": 1}, round_trips=1):
+            assert member.roles == held
+
+
+@pytest.mark.usefixtures("rel")
+def test_an_empty_collection_is_cached_too(
+    Session: sessionmaker[CachingSession],  # noqa: N803
+    plain: sessionmaker[PlainSession],
+    sql: SQLCounter,
+) -> None:
+    seed(Session)
+    assert agree(plain, Session, roles_of(3)) == []
+    with Session() as s:
+        member = s.get(Member, 3)
+        with expect_sql(sql, 0):
+            assert member.roles == []
+
+
+@pytest.mark.usefixtures("rel")
+def test_one_to_many_keeps_its_order_by(
+    Session: sessionmaker[CachingSession],  # noqa: N803
+    plain: sessionmaker[PlainSession],
+    sql: SQLCounter,
+) -> None:
+    with Session() as s:
+        s.add_all([Board(id=1), Board(id=2)])
+        s.add_all([Post(id=i, board_id=1, rank=r) for i, r in ((1, 5), (2, 9), (3, 5), (4, 0))])
+        s.commit()
+    assert [pk for _, (pk,) in agree(plain, Session, posts_of(1))] == [2, 1, 3, 4]
+    assert agree(plain, Session, posts_of(2)) == []
+    with Session() as s:
+        board = s.get(Board, 1)
+        with expect_sql(sql, 0):
+            assert [p.id for p in board.posts] == [2, 1, 3, 4]
+    # a change of a member's rank reorders the collection: evicted by the member's change
+    with Session() as s:
+        s.get(Post, 4).rank = 10
+        s.commit()
+    assert [pk for _, (pk,) in agree(plain, Session, posts_of(1))] == [4, 2, 1, 3]
+
+
+@pytest.mark.usefixtures("rel")
+def test_a_self_referential_tree(
+    Session: sessionmaker[CachingSession],  # noqa: N803
+    plain: sessionmaker[PlainSession],
+    sql: SQLCounter,
+) -> None:
+    with Session() as s:
+        root = Node(id=1, name="root")
+        a, b = Node(id=2, parent=root), Node(id=3, parent=root)
+        s.add_all([root, a, b, Node(id=4, parent=a), Node(id=5, parent=a)])
+        s.commit()
+
+    def tree(s: Any) -> Any:
+        def walk(node: Node) -> Any:
+            return (node.id, [walk(child) for child in node.children])
+
+        return walk(s.get(Node, 1))
+
+    assert agree(plain, Session, tree) == (1, [(2, [(4, []), (5, [])]), (3, [])])
+    with Session() as s, expect_sql(sql, 0):
+        tree(s)
+    with Session() as s:  # move a subtree: both parents' children change
+        s.get(Node, 2).parent = s.get(Node, 3)
+        s.commit()
+    assert agree(plain, Session, tree) == (1, [(3, [(2, [(4, []), (5, [])])])])
+
+
+@pytest.mark.usefixtures("rel")
+def test_an_association_object_with_a_composite_key(
+    Session: sessionmaker[CachingSession],  # noqa: N803
+    plain: sessionmaker[PlainSession],
+    sql: SQLCounter,
+) -> None:
+    with Session() as s:
+        s.add_all([Product(id=i, name=f"p{i}") for i in (1, 2, 3)])
+        s.add(Order(id=1, lines=[Line(product_id=3, quantity=2), Line(product_id=1)]))
+        s.commit()
+
+    def lines(s: Any) -> Any:
+        return [(line.product.name, line.quantity) for line in s.get(Order, 1).lines]
+
+    assert agree(plain, Session, lines) == [("p1", 1), ("p3", 2)]
+    with Session() as s, expect_sql(sql, 0):
+        lines(s)
+    with Session() as s:  # an orphan deleted by the cascade, a line added
+        order = s.get(Order, 1)
+        order.lines.remove(order.lines[0])
+        order.lines.append(Line(product_id=2, quantity=7))
+        s.commit()
+    assert agree(plain, Session, lines) == [("p2", 7), ("p3", 2)]
