@@ -229,6 +229,14 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
             return None
         waiting = (kind, pk)  # where the miss's observation waits for the load
         answer = lookups.read(kind, [(key, pk, waiting)], self._fill_rule, target)[0]
+        if answer is None and waiting in lookups.pending:
+            # the key's lease, as a get takes it (in a snapshot, with the clock that may prove
+            # the fill fresh); the get under way, if this load runs inside one, keeps its own
+            outer = lookups.current
+            try:
+                answer = lookups.lease_or_wait(kind, pk, waiting)
+            finally:
+                lookups.current = outer
         if type(answer) is Hit:
             found = self._hydrate(kind, answer.value)
             # a target the row cache lacks: the SELECT, whose load fills it
@@ -248,7 +256,9 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
             lookups.loaded(waiting, pks)
             return frozen()
         finally:
-            lookups.pending.pop(waiting, None)
+            observation = lookups.pending.pop(waiting, None)
+            if observation is not None:
+                lookups.write_back([], observation)  # releases its lease, if it holds one
 
     def _hydrate(self, kind: CachedRelationship, pks: list[tuple[Any, ...]]) -> list[Any] | None:
         """The instances of a cached collection: those in the identity map as they are, the
