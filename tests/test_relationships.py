@@ -69,7 +69,7 @@ def agree(plain: Any, cached: Any, read: Read) -> Any:
     return expected
 
 
-def settle(factory: Callable[[], Any], read: Read, sql: SQLCounter, runs: int = 6) -> None:
+def settle(factory: Callable[[], Any], read: Read, sql: SQLCounter, runs: int = 10) -> None:
     """Run ``read`` until a run costs no SQL. Under MariaDB's REPEATABLE READ a miss after the
     transaction's first SELECT fills only what the store's clock proves no older than the
     snapshot (docs/protocol.md): rows first loaded by a collection's SELECT inside a snapshot
@@ -250,7 +250,7 @@ def test_an_association_object_with_a_composite_key(
     assert agree(plain, Session, lines) == [("p2", 7), ("p3", 2)]
 
 
-# -- invalidation -----------------------------------------------------------------------------------
+# -- invalidation ---------------------------------------------------------------------------------
 
 
 def boards(Session: Any) -> None:  # noqa: N803
