@@ -12,13 +12,16 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import delete, insert, inspect, update
+from sqlalchemy import delete, insert, inspect, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session as PlainSession
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import defer, sessionmaker
 
 from sa_cache import CachingSession, IdentityCache
+from sa_cache.errors import NotRegistered
+from sa_cache.relationships import uncacheable
 
+from .conftest import CacheFactory
 from .counting import RedisCounter, SQLCounter, expect_commands, expect_sql
 from .models_relationships import (
     CACHED,
@@ -451,3 +454,138 @@ def test_an_update_of_an_ordered_many_to_many_target_evicts_the_relationship(
         s.get(Ability, 1).name = "zzz"  # ordered by name: the order changes
         s.commit()
     assert agree(plain, Session, abilities) == ["write", "zzz"]
+
+
+# -- what is not cached ---------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("rel")
+def test_a_collection_longer_than_the_bound_is_not_cached(
+    engine: Engine,
+    cache_factory: CacheFactory,
+    backend: str,
+    plain: sessionmaker[PlainSession],
+    sql: SQLCounter,
+) -> None:
+    small = cache_factory(backend, max_collection=2)
+    for model in CACHED:
+        small.register(model)
+    Session = sessionmaker(engine, class_=CachingSession, cache=small)  # noqa: N806
+    with Session() as s:
+        s.add_all([Board(id=1), Board(id=2)])
+        s.add_all([Post(id=i, board_id=1 if i < 4 else 2) for i in range(1, 6)])
+        s.commit()
+    agree(plain, Session, posts_of(1))  # three posts: loaded every time
+    settle(Session, posts_of(2), sql)  # two: cached
+    stats = small.stats()["models"]["Board.posts"]
+    assert stats["oversized"] >= 1 and stats["fills"] == 1  # MariaDB: only fresh loads count
+    with Session() as s:
+        board = s.get(Board, 1)
+        with expect_sql(sql, selects=1):
+            assert [p.id for p in board.posts] == [1, 2, 3]
+
+
+@pytest.mark.usefixtures("rel")
+def test_loader_options_on_the_parent_skip_the_cache(
+    Session: sessionmaker[CachingSession],  # noqa: N803
+    cache: IdentityCache,
+    sql: SQLCounter,
+) -> None:
+    seed(Session)
+    settle(Session, roles_of(1), sql)
+    skipped = cache.stats()["models"]["Member.roles"]["skipped"]
+    with Session() as s:
+        member = s.scalars(select(Member).where(Member.id == 1).options(defer(Member.name))).one()
+        with expect_sql(sql, selects=1):  # the options travel to the lazy load: the database
+            assert [r.id for r in member.roles] == [1, 2]
+    assert cache.stats()["models"]["Member.roles"]["skipped"] == skipped + 1
+
+
+@pytest.mark.usefixtures("rel")
+def test_a_collection_whose_target_row_was_evicted_is_reloaded(
+    Session: sessionmaker[CachingSession],  # noqa: N803
+    plain: sessionmaker[PlainSession],
+    cache: IdentityCache,
+    sql: SQLCounter,
+) -> None:
+    seed(Session)
+    settle(Session, roles_of(1), sql)
+    cache.evict(Role, 2)
+    with Session() as s:
+        member = s.get(Member, 1)
+        with expect_sql(sql, selects=1):  # the collection's SELECT, which fills the row again
+            assert [r.id for r in member.roles] == [1, 2]
+    settle(Session, roles_of(1), sql)
+    assert agree(plain, Session, roles_of(1)) == [("Role", (1,)), ("Role", (2,))]
+
+
+@pytest.mark.usefixtures("rel")
+def test_relationships_that_cannot_be_evicted_exactly_are_never_cached(
+    Session: sessionmaker[CachingSession],  # noqa: N803
+    plain: sessionmaker[PlainSession],
+    cache: IdentityCache,
+) -> None:
+    registry = cache.registry
+    assert registry.relationship_kind(Board.posts.property) is not None
+    assert registry.relationship_kind(Board.pinned_posts.property) is None  # custom criteria
+    assert registry.relationship_kind(Board.post_query.property) is None  # dynamic
+    assert registry.relationship_kind(Post.board.property) is None  # many-to-one: the row cache
+    assert uncacheable(Board.pinned_posts.property) == (
+        "its join condition is not plain column equality"
+    )
+    boards(Session)
+    with Session() as s:
+        s.get(Post, 2).pinned = True
+        s.commit()
+
+    def pinned(s: Any) -> Any:
+        return names(s.get(Board, 1).pinned_posts)
+
+    assert agree(plain, Session, pinned) == [("Post", (2,))]
+    with Session() as s:
+        s.get(Post, 2).pinned = False  # no foreign key changed: only the criteria
+        s.commit()
+    assert agree(plain, Session, pinned) == []
+
+
+def test_register_narrows_the_cached_relationships(
+    engine: Engine, cache_factory: CacheFactory, backend: str
+) -> None:
+    ensure_tables(engine)
+    narrow = cache_factory(backend)
+    for model in CACHED:
+        narrow.register(model, relationships=["users"] if model is Role else ())
+    registry = narrow.registry
+    assert registry.relationship_kind(Role.users.property) is not None
+    assert registry.relationship_kind(Role.abilities.property) is None
+    assert registry.relationship_kind(Member.roles.property) is None
+    assert {k.name for k in registry.relationship_kinds()} == {"Role.users"}
+    with pytest.raises(TypeError):
+        narrow.register(Role, relationships="users")
+
+
+@pytest.mark.usefixtures("rel")
+def test_a_change_the_session_cannot_see_is_evicted_by_hand(
+    Session: sessionmaker[CachingSession],  # noqa: N803
+    plain: sessionmaker[PlainSession],
+    engine: Engine,
+    cache: IdentityCache,
+    sql: SQLCounter,
+) -> None:
+    seed(Session)
+    settle(Session, roles_of(1), sql)
+    settle(Session, roles_of(2), sql)
+    with engine.begin() as conn:  # unseen, like a database-side cascade or a trigger
+        conn.execute(delete(user_roles).where(user_roles.c.role_id == 2))
+    with Session() as s:
+        member = s.get(Member, 1)
+        with expect_sql(sql, 0):
+            assert [r.id for r in member.roles] == [1, 2]  # stale: the documented limit
+    assert cache.evict_collection(Member, "roles", 1)
+    assert agree(plain, Session, roles_of(1)) == [("Role", (1,))]
+    with Session() as s:
+        assert cache.evict_collection(s.get(Member, 2), "roles")
+    cache.evict_collection(Member, "roles")  # every collection of the relationship
+    assert agree(plain, Session, roles_of(2)) == []
+    with pytest.raises(NotRegistered):
+        cache.evict_collection(Board, "pinned_posts")
