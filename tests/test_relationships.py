@@ -360,6 +360,26 @@ def test_deleting_a_many_to_many_member_evicts_the_collections_it_was_in(
 
 
 @pytest.mark.usefixtures("rel")
+def test_a_deleted_target_inserted_again_does_not_return_to_its_old_collections(
+    Session: sessionmaker[CachingSession],  # noqa: N803
+    plain: sessionmaker[PlainSession],
+    sql: SQLCounter,
+) -> None:
+    seed(Session)
+    settle(Session, roles_of(1), sql)  # member 1's roles, and the roles' rows
+    settle(Session, roles_of(2), sql)
+    with Session() as s:
+        s.delete(s.get(Role, 2))
+        s.commit()
+    with Session() as s:  # the same key, in no collection
+        s.add(Role(id=2, name="again"))
+        s.commit()
+    settle(Session, lambda s: s.get(Role, 2).name, sql)  # its row cached again
+    assert agree(plain, Session, roles_of(1)) == [("Role", (1,))]
+    assert agree(plain, Session, roles_of(2)) == []
+
+
+@pytest.mark.usefixtures("rel")
 def test_bulk_statements_on_the_child_table_evict_the_relationship(
     Session: sessionmaker[CachingSession],  # noqa: N803
     plain: sessionmaker[PlainSession],
