@@ -69,6 +69,11 @@ class Registry:
             raise TypeError("relationships takes attribute names, not one string")
         chosen = None if relationships is None else frozenset(relationships)
         base = mapper_of(model).base_mapper
+        if chosen and base.configured:  # else: checked by nothing, the mappers being incomplete
+            known = {prop.key for m in base.self_and_descendants for prop in m.relationships}
+            if chosen - known:
+                names = ", ".join(sorted(chosen - known))
+                raise CacheError(f"{base.class_.__name__} has no relationship named {names}")
         for mapper in base.self_and_descendants:
             reason = unservable(mapper)
             if reason is not None and not _has_concrete_subclasses(mapper):

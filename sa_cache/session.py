@@ -214,10 +214,11 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
             or parent.load_options  # loader options travel to the load: a list cannot honour them
             or not _orm.plain_lazy_load(state)
             or self._rewrites_statements()
-            or self._cacheable(target, None, state.execution_options) is None
         ):
             kind.stats.skipped += 1
             return None
+        if self._cacheable(target, None, state.execution_options) is None:
+            return None  # the session's own rules, counted on the target's model
         if _orm.load_autoflushes(state):
             _orm.autoflush(self)  # type: ignore[arg-type]
         changes = lookups.changes

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session as PlainSession
 from sqlalchemy.orm import defer, sessionmaker
 
 from sa_cache import CachingSession, IdentityCache
-from sa_cache.errors import NotRegistered
+from sa_cache.errors import CacheError, NotRegistered
 from sa_cache.relationships import uncacheable
 
 from .conftest import CacheFactory
@@ -582,6 +582,8 @@ def test_register_narrows_the_cached_relationships(
     assert {k.name for k in registry.relationship_kinds()} == {"Role.users"}
     with pytest.raises(TypeError):
         narrow.register(Role, relationships="users")
+    with pytest.raises(CacheError, match="no relationship named userz"):
+        narrow.register(Role, relationships=["userz"])
 
 
 @pytest.mark.usefixtures("rel")
