@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import delete, insert, inspect, select, update
+from sqlalchemy import delete, event, insert, inspect, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session as PlainSession
 from sqlalchemy.orm import defer, sessionmaker
@@ -611,3 +611,38 @@ def test_a_change_the_session_cannot_see_is_evicted_by_hand(
     assert agree(plain, Session, roles_of(2)) == []
     with pytest.raises(NotRegistered):
         cache.evict_collection(Board, "pinned_posts")
+
+
+# -- races ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("rel")
+def test_a_membership_change_committed_during_a_miss_is_never_hidden_by_its_fill(
+    Session: sessionmaker[CachingSession],  # noqa: N803
+    plain: sessionmaker[PlainSession],
+    engine: Engine,
+    db: str,
+) -> None:
+    if db == "sqlite":
+        pytest.skip("the reader's open cursor holds SQLite's lock: the writer cannot commit")
+    seed(Session)
+    changed: list[bool] = []
+
+    def commit_a_change(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        # right after the reader's SELECT of member 3's roles ran, before its fill
+        if changed or "rel_user_roles.user_id" not in statement:
+            return
+        changed.append(True)
+        with Session() as other:
+            member = other.get(Member, 3)
+            member.roles.append(other.get(Role, 1))
+            other.commit()
+
+    event.listen(engine, "after_cursor_execute", commit_a_change)
+    try:
+        with Session() as s:
+            assert s.get(Member, 3).roles == []  # what the SELECT saw: the old membership
+    finally:
+        event.remove(engine, "after_cursor_execute", commit_a_change)
+    assert changed
+    assert agree(plain, Session, roles_of(3)) == [("Role", (1,))]
