@@ -40,6 +40,10 @@ class Ability(RelBase):
     __tablename__ = "rel_abilities"
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
     name: Mapped[str] = mapped_column(String(50))
+    #: unordered: an update of a role never changes it (only link rows and deletes do)
+    roles: Mapped[list[Role]] = relationship(
+        secondary=role_abilities, back_populates="abilities"
+    )
 
 
 class Role(RelBase):
@@ -50,7 +54,7 @@ class Role(RelBase):
         secondary=user_roles, back_populates="roles", order_by="Member.id"
     )
     abilities: Mapped[list[Ability]] = relationship(
-        secondary=role_abilities, order_by=Ability.name
+        secondary=role_abilities, order_by=Ability.name, back_populates="roles"
     )
 
 

@@ -380,6 +380,28 @@ def test_a_deleted_target_inserted_again_does_not_return_to_its_old_collections(
 
 
 @pytest.mark.usefixtures("rel")
+def test_a_deleted_target_of_an_unordered_collection_evicts_the_relationship(
+    Session: sessionmaker[CachingSession],  # noqa: N803
+    plain: sessionmaker[PlainSession],
+    sql: SQLCounter,
+) -> None:
+    seed(Session)
+
+    def roles_with(pk: int) -> Read:
+        return lambda s: sorted(r.id for r in s.get(Ability, pk).roles)
+
+    settle(Session, roles_with(3), sql)  # ability 3's roles: [2], unordered
+    with Session() as s:
+        s.delete(s.get(Role, 2))  # deleted through its own side: Ability.roles is not loaded
+        s.commit()
+    with Session() as s:
+        s.add(Role(id=2, name="again"))
+        s.commit()
+    settle(Session, lambda s: s.get(Role, 2).name, sql)
+    assert agree(plain, Session, roles_with(3)) == []
+
+
+@pytest.mark.usefixtures("rel")
 def test_bulk_statements_on_the_child_table_evict_the_relationship(
     Session: sessionmaker[CachingSession],  # noqa: N803
     plain: sessionmaker[PlainSession],
