@@ -31,7 +31,11 @@ changes one fails there first, by name.
 10. :func:`runs_in_outside_transaction` reads ``SessionTransaction._connections`` to tell a
     transaction the session began from one it joined; :func:`held_connections` lists the
     connections there, whose isolation levels decide fills and hits.
-11. Lazy collection loads: ``LazyLoader._emit_lazyload`` runs ``session.execute(select(Target))``
+11. :func:`under_asyncio` and :func:`await_` are ``sqlalchemy.util.concurrency``'s
+    ``in_greenlet`` and ``await_`` (``await_only`` before 2.1): the bridge by which SQLAlchemy's
+    asyncio drivers run beneath the synchronous ``Session`` that ``AsyncSession`` drives, and by
+    which the cache's own Redis I/O is awaited on the event loop instead of blocking it.
+12. Lazy collection loads: ``LazyLoader._emit_lazyload`` runs ``session.execute(select(Target))``
     with ``_lazy_loaded_from`` in its load options and the relationship last on its
     ``_current_path``; a ``do_orm_execute`` listener that returns a ``Result`` answers it
     without SQL (consumed as ``.unique().scalars().all()``). :func:`lazy_loaded_relationship`,
@@ -55,6 +59,7 @@ from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.base import PassiveFlag
 from sqlalchemy.orm.context import FromStatement
 from sqlalchemy.util import EMPTY_DICT
+from sqlalchemy.util import concurrency as _concurrency
 
 _SQL_ALLOWED: Final = PassiveFlag.SQL_OK | PassiveFlag.RELATED_OBJECT_OK
 
@@ -199,7 +204,8 @@ def begins_snapshot(bind: Engine | Connection) -> bool:
     if bind.dialect.name == "sqlite":
         return False
     level = bind.get_execution_options().get("isolation_level")
-    level = level or bind.dialect.default_isolation_level
+    # the dialect learns its default at the engine's first connect: until then it has none
+    level = level or getattr(bind.dialect, "default_isolation_level", None)
     return level is None or str(level).upper().replace("_", " ") not in _STATEMENT_SNAPSHOTS
 
 
@@ -365,6 +371,23 @@ def dml_statement(statement: Any) -> Any:
 def has_own_returning(statement: Any) -> bool:
     """Whether the caller gave the statement its own ``returning()`` (``_returning``)."""
     return bool(statement._returning)
+
+
+
+#: ``await_`` from SQLAlchemy 2.1, ``await_only`` in 2.0 (kept as an alias in 2.1).
+_await: Callable[[Any], Any] = getattr(_concurrency, "await_", None) or _concurrency.await_only
+
+
+def under_asyncio() -> bool:
+    """Whether this code runs inside the greenlet ``AsyncSession`` (``greenlet_spawn``) runs the
+    synchronous session in: there :func:`await_` may await on the event loop."""
+    return bool(_concurrency.in_greenlet())
+
+
+def await_(awaitable: Any) -> Any:
+    """Await ``awaitable`` on the event loop from synchronous code under :func:`under_asyncio`,
+    suspending this greenlet (not the loop) until it completes."""
+    return _await(awaitable)
 
 
 # -- lazy collection loads ------------------------------------------------------------------------

@@ -233,6 +233,18 @@ class GuardedStore:
         owned = token if acquired else None
         return owned, generation, stored, self._open([key], [stored])[0], clock
 
+    def date_generation(self, kind: CachedKind, generation: bytes) -> None:
+        """Give ``kind``'s generation its TTL if it still holds ``generation``: a compare-and-set
+        of the same token, so a generation replaced meanwhile is left alone. From then on its
+        write time reads as the time of this call, later than its true one: safe for the proof
+        of later fills, which only trusts values written early enough."""
+        gen_key = self._k(kind.keys.generation_key)
+        self._call(
+            (kind,),
+            self.store.fill_many,
+            [Fill(gen_key, generation, generation, GENERATION_TTL)],
+        )
+
     def fill(
         self, fills: Sequence[tuple[CachedKind, Fill]], release: Sequence[Release] = ()
     ) -> None:

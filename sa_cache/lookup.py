@@ -2,8 +2,10 @@
 
 A :class:`Lookups` is the whole per-session state of the cache (the session module holds one and
 nothing else): the misses waiting for their load (observations), the lease the current ``get``
-holds, the fills a ``get_many`` batches, and what the current transaction changed
-(:class:`~sa_cache.tracking.TransactionChanges`).
+holds, the fills a ``get_many`` batches, what the current transaction changed
+(:class:`~sa_cache.tracking.TransactionChanges`), and a store time read before its snapshot
+began (``snapshot_bound``), against which later misses in a REPEATABLE READ transaction prove
+their fills (docs/protocol.md, "Later fills in a snapshot").
 
 The sequence for one key, as :mod:`sa_cache.session` drives it:
 
@@ -11,8 +13,9 @@ The sequence for one key, as :mod:`sa_cache.session` drives it:
    absences are answered, each miss is remembered as an :class:`~sa_cache.protocol.Observation`
    if the session may fill it (the session decides that: it depends on the transaction);
 2. :meth:`Lookups.lease_or_wait`: for a single-key miss, take the key's lease (re-reading the key
-   in the same round trip) or wait for the caller holding it to fill it. The waiting is injected
-   (``sleep``), so an asyncio path can await instead of blocking;
+   in the same round trip, and in a snapshot transaction the store's clock) or wait for the
+   caller holding it to fill it. The waiting is injected (``sleep``), so an asyncio path can
+   await instead of blocking;
 3. the database load happens in SQLAlchemy; :meth:`Lookups.loaded` (from the ``load`` event) and
    :meth:`Lookups.loaded_nothing` write back what it found, conditionally, releasing the lease;
 4. :meth:`Lookups.done` releases a lease whose load never came (it raised, or loaded nothing
@@ -40,6 +43,7 @@ from .protocol import (
     fill_for,
     may_fill_over,
     proves_no_eviction_since,
+    undated_generation,
 )
 from .registry import Registry
 from .store import Clock, Fill, Release
@@ -181,17 +185,21 @@ class Lookups:
             )
         if owned is not None:
             if observation.freshness is not Freshness.FRESH:
-                observation = self._judge(observation, clock, payload)
+                observation = self._judge(observation, clock, generation, payload)
             self.pending[identity_key] = observation._replace(lease=owned)
             return None
         self.pending[identity_key] = observation
         return self._wait_for_fill(kind, pk, identity_key)
 
     def _judge(
-        self, observation: Observation, clock: Clock | None, payload: bytes | None
+        self,
+        observation: Observation,
+        clock: Clock | None,
+        generation: bytes | None,
+        payload: bytes | None,
     ) -> Observation:
-        """``observation`` as the store's ``clock``, read with ``payload`` (the key's bytes the
-        fill will compare against) in the lease's round trip, lets it fill.
+        """``observation`` as the store's ``clock``, read with ``generation`` and ``payload`` (the
+        key's bytes the fill will compare against) in the lease's round trip, lets it fill.
 
         Before the snapshot begins, that store time is a lower bound on its start, kept for the
         transaction. After, the fill goes ahead only if the store proves that nothing evicted the
@@ -207,10 +215,18 @@ class Lookups:
         if self.snapshot_bound is None:
             return observation
         cache = self.cache
-        shortest_ttl = min(cache.tombstone_ttl, cache.negative_ttl, observation.kind.ttl)
+        # every TTL a value in the key is written with: tombstone, absence, row, and a hold
+        # (written for max_fill_age, see sa_cache/connections.py)
+        shortest_ttl = min(
+            cache.tombstone_ttl, cache.negative_ttl, observation.kind.ttl, cache.max_fill_age
+        )
         keeps_ttl = payload is None and cache.guarded.store.capabilities.keeps_ttl
-        if proves_no_eviction_since(self.snapshot_bound, clock, payload, shortest_ttl, keeps_ttl):
+        if proves_no_eviction_since(
+            self.snapshot_bound, clock, generation, payload, shortest_ttl, keeps_ttl
+        ):
             return observation._replace(freshness=Freshness.FRESH)
+        if generation is not None and undated_generation(clock, generation):
+            cache.guarded.date_generation(observation.kind, generation)  # for later transactions
         return observation
 
     def _wait_for_fill(

@@ -54,7 +54,6 @@ class Freshness(enum.Enum):
     IN_SNAPSHOT = "in snapshot"
 
 
-
 class Observation(NamedTuple):
     """What a miss saw in the store: the fill may replace exactly this, and nothing newer."""
 
@@ -159,14 +158,15 @@ def written_before(bound: float, now: float, ttl: float | None, left: float | No
 def proves_no_eviction_since(
     bound: float,
     clock: Clock,
+    generation: bytes | None,
     payload: bytes | None,
     shortest_ttl: float,
     keeps_ttl: bool,
 ) -> bool:
     """Whether nothing evicted a key, or its kind, after the store time ``bound`` (a lower bound
     on the start of the reader's snapshot), judged from one round trip that read the kind's
-    generation and the key (``payload``: the key's opened bytes, None if absent) with the store's
-    ``clock`` (``clock.left``: the generation's remaining TTL, then the key's).
+    ``generation`` (None if gone) and the key (``payload``: its opened bytes, None if absent) with
+    the store's ``clock`` (``clock.left``: the generation's remaining TTL, then the key's).
 
     Then every commit that evicted the key is in the snapshot, and a fill from it is no older
     than the cache's knowledge (the proof is in docs/protocol.md, "Later fills in a snapshot"):
@@ -177,9 +177,11 @@ def proves_no_eviction_since(
       (the shortest TTL anything in the key is written with) after ``bound``: a tombstone
       written after ``bound`` would still be there.
 
-    Anything else (a row or an absence of an older generation, a tombstone of the older format,
-    undecodable bytes) proves nothing."""
+    Anything else (a held generation or key, a row or an absence of an older generation, a
+    tombstone of the older format, undecodable bytes) proves nothing."""
     generation_left, key_left = clock.left
+    if generation is None or codec.is_held_generation(generation):
+        return False  # gone, or held (written with a TTL of its own): no write time to read
     if not written_before(bound, clock.now, GENERATION_TTL, generation_left):
         return False
     if payload is None:
@@ -188,6 +190,18 @@ def proves_no_eviction_since(
     if type(entry) is not Tombstone or type(entry.ttl_ms) is not int:
         return False
     return written_before(bound, clock.now, entry.ttl_ms / 1000, key_left)
+
+
+def undated_generation(clock: Clock, generation: bytes | None) -> bool:
+    """Whether the timed round trip found an ordinary generation with no TTL (written by a version
+    before generations had one): it can never be dated, so no later fill of its kind is ever
+    proven until it is given its TTL (:meth:`~sa_cache.guarded.GuardedStore.date_generation`)."""
+    return (
+        generation is not None
+        and not codec.is_held_generation(generation)
+        and bool(clock.left)
+        and clock.left[0] is None
+    )
 
 
 def eviction_writes(

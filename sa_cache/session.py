@@ -11,6 +11,7 @@ with their own Session subclass mix in :class:`CachingSessionMixin` instead.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, Final, TypeVar
@@ -34,6 +35,13 @@ T = TypeVar("T")
 IN_CHUNK: Final = 500
 
 
+def _pause(seconds: float) -> None:
+    if _orm.under_asyncio():
+        _orm.await_(asyncio.sleep(seconds))
+    else:
+        time.sleep(seconds)
+
+
 class CachingSessionMixin(_orm.IdentityLookupHooks):
     """Adds the cache to a :class:`~sqlalchemy.orm.Session` subclass: ``cache=`` at construction.
 
@@ -42,9 +50,9 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
 
     cache: IdentityCache | None
     _sa_cache: Lookups | None
-    #: How a lookup waits for another caller's fill; a subclass driven from an event loop can
-    #: replace it with one that awaits (see :mod:`sa_cache.lookup`).
-    cache_sleep: Callable[[float], None] = staticmethod(time.sleep)
+    #: How a lookup waits for another caller's fill (see :mod:`sa_cache.lookup`): a sleep, or
+    #: under ``AsyncSession`` an ``asyncio.sleep`` awaited, so the wait never blocks the loop.
+    cache_sleep: Callable[[float], None] = staticmethod(_pause)
 
     def __init__(self, *args: Any, cache: IdentityCache | None = None, **kwargs: Any) -> None:
         self.cache = cache

@@ -168,6 +168,8 @@ def new_cache(backend: str, counter: RedisCounter, **options: Any) -> IdentityCa
     """A registered cache under a prefix of its own: ``backend`` "memory", "redis" (the tests'
     Redis, counted by ``counter``) or a Redis URL (a server of the test's own, not counted)."""
     prefix = f"{RUN_ID}_{uuid.uuid4().hex[:8]}"
+    # a test's cache whose server is gone never delays the run's exit (its ERROR line remains)
+    options.setdefault("exit_flush_timeout", 0)
     if backend == "redis":
         cache = IdentityCache(counted_region(counter), prefix=prefix, **options)
         cache.store.client.ping()  # type: ignore[attr-defined]

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import redis
+import redis.asyncio
 from dogpile.cache import make_region
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
@@ -148,6 +149,23 @@ def counting_connection_class(counter: RedisCounter) -> type[redis.Connection]:
             counter.round_trips += 1
             super().send_packed_command(command, check_health)
 
+    class CountingAsyncConnection(redis.asyncio.Connection):
+        """The same count for the ``redis.asyncio`` twin the store makes under asyncio."""
+
+        async def send_command(self, *args: Any, **kwargs: Any) -> None:
+            counter.commands[str(args[0]).upper()] += 1
+            await super().send_command(*args, **kwargs)
+
+        def pack_commands(self, commands: Any) -> Any:
+            for command in commands:
+                counter.commands[str(command[0]).upper()] += 1
+            return super().pack_commands(commands)
+
+        async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+            counter.round_trips += 1
+            await super().send_packed_command(command, check_health)
+
+    CountingConnection.async_connection_class = CountingAsyncConnection  # type: ignore[attr-defined]
     return CountingConnection
 
 

@@ -28,7 +28,7 @@ ALLOWED: dict[str, set[str]] = {
     "store": {"errors"},
     "stores.scripts": set(),
     "stores.memory": {"store"},
-    "stores.redis": {"store", "stores.scripts"},
+    "stores.redis": {"_orm", "store", "stores.scripts"},
     "stores.redis_cluster": {"store", "stores.redis", "stores.scripts"},
     "stores": {"errors", "store", "stores.memory", "stores.redis", "stores.redis_cluster"},
     "protocol": {"codec", "kinds", "store"},

@@ -1,7 +1,8 @@
 """asyncio: ``async_sessionmaker(engine, sync_session_class=CachingSession, cache=cache)`` gives
 an ``AsyncSession`` whose lookups, fills and evictions are the caching session's own, run inside
-SQLAlchemy's greenlet. The store is called synchronously, so with Redis each lookup blocks the
-event loop for one round trip, as a synchronous driver would."""
+SQLAlchemy's greenlet. The cache's Redis I/O is awaited on the event loop through the same
+greenlet bridge as the database driver's (a ``redis.asyncio`` client per loop), and lease waits
+await ``asyncio.sleep``: a lookup suspends its task, never the loop."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from sa_cache import CachingSession, IdentityCache
 
 from .counting import RedisCounter, SQLCounter, counting_sql, expect_commands, expect_sql
 from .models import Address, User
+from .redis_server import RedisServer
 
 ASYNC_DRIVERS = {
     "sqlite": "sqlite+aiosqlite",
@@ -121,3 +123,88 @@ def test_an_async_get_of_a_bad_key_answers_as_a_plain_async_session(
             assert await outcome(plain) == cached
 
     run(db, engine, cache, scenario)
+
+
+def test_the_cache_s_redis_round_trips_suspend_the_task_not_the_event_loop(
+    engine: Engine, db: str, cache_factory: Any
+) -> None:
+    """While a lookup waits for a Redis that does not answer (a hung server: the read times
+    out), other tasks on the loop keep running: the round trip is awaited through SQLAlchemy's
+    greenlet bridge on a ``redis.asyncio`` client, as the async database drivers are."""
+    if db != "sqlite":
+        pytest.skip("the store's I/O, not the database's")
+    server = RedisServer().start()
+    try:
+        cache = cache_factory(server.url, socket_timeout=0.3, breaker_threshold=100)
+
+        async def main() -> tuple[str, int]:
+            async_engine = create_async_engine(engine.url.set(drivername=ASYNC_DRIVERS[db]))
+            Session = async_sessionmaker(
+                async_engine, sync_session_class=CachingSession, cache=cache
+            )
+            async with Session() as s:
+                s.add(User(id=1, name="a"))
+                await s.commit()
+            ticks = 0
+            done = asyncio.Event()
+
+            async def ticker() -> None:
+                nonlocal ticks
+                while not done.is_set():
+                    ticks += 1
+                    await asyncio.sleep(0.005)
+
+            async def lookup() -> str:
+                try:
+                    async with Session() as s:
+                        return (await s.get(User, 1)).name  # Redis hangs: the database answers
+                finally:
+                    done.set()
+
+            server.pause()
+            try:
+                name, _ = await asyncio.gather(lookup(), ticker())
+            finally:
+                server.resume()
+            await async_engine.dispose()
+            return name, ticks
+
+        name, ticks = asyncio.run(main())
+        assert name == "a"
+        # the read alone waits 0.3 s for its timeout: a blocked loop would not tick at all
+        assert ticks >= 20
+        assert cache.stats()["errors"] >= 1
+    finally:
+        server.stop()
+
+
+def test_a_lease_wait_under_asyncio_awaits(engine: Engine, db: str, cache: IdentityCache) -> None:
+    """A lookup waiting for another caller's fill sleeps with ``asyncio.sleep``."""
+    if db != "sqlite":
+        pytest.skip("the store's I/O, not the database's")
+    from sa_cache.session import CachingSessionMixin
+
+    slept = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        original = asyncio.sleep
+
+        async def watched(seconds: float) -> None:
+            slept.append(asyncio.get_running_loop() is loop)
+            await original(seconds)
+
+        asyncio.sleep = watched  # type: ignore[assignment]
+        try:
+            await _run_in_greenlet(lambda: CachingSessionMixin.cache_sleep(0.001))
+        finally:
+            asyncio.sleep = original  # type: ignore[assignment]
+
+    asyncio.run(main())
+    assert slept == [True]
+
+
+async def _run_in_greenlet(function: Any) -> Any:
+    from sqlalchemy.util import greenlet_spawn
+
+    return await greenlet_spawn(function)

@@ -49,3 +49,16 @@ def test_quick_benchmark_writes_results_and_chart(tmp_path: Path) -> None:
         assert label in text
     assert "Flask-Login request" in text
     assert charts[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_event_loop_benchmark_runs_both_variants() -> None:
+    """``python -m benchmarks.asyncio_loop`` at a tiny scale: both variants run and report."""
+    if not _redis_running():
+        if os.environ.get("CI") == "true":
+            pytest.fail("Redis is not running on 127.0.0.1:6379")
+        pytest.skip("Redis is not running on 127.0.0.1:6379 (scripts/test.sh starts it)")
+    from benchmarks.asyncio_loop import measure
+
+    for variant in ("awaited", "blocking"):
+        figures = measure(variant, "redis://127.0.0.1:6379/0", tasks=5, lookups=3, miss_every=2)
+        assert figures["steps"] > 0 and figures["lookups_per_s"] > 0

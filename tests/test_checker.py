@@ -2,7 +2,9 @@
 for every scenario: worker processes and threads read and write through CachingSession on
 PostgreSQL (READ COMMITTED) and MariaDB (REPEATABLE READ) with Redis, and no read may see a row
 older than a commit that returned before it started, nor a version never committed; no
-read-modify-write increment may be lost; the cache ends equal to the database.
+read-modify-write increment may be lost; the cache ends equal to the database. Scenarios: the
+mixed workload, sessions joined to outer transactions, REPEATABLE READ/SERIALIZABLE increments,
+MariaDB REPEATABLE READ multi-lookup transactions, one process losing Redis.
 
 Each scenario is shown able to fail where that is cheap: with every eviction dropped the mixed
 workload must report stale reads; increments that read the counter outside their snapshot (what
@@ -161,6 +163,31 @@ def test_repeatable_read_transactions_of_several_lookups_see_nothing_stale():
     assert report.isolation_level == "REPEATABLE READ"
     assert report.kinds["transaction"] > report.operations / 4
     assert (report.stale, report.dirty, report.mismatches) == (0, 0, 0), report.examples
+
+
+def test_sessions_joined_to_outer_transactions_publish_nothing_early(server):
+    report = checker.run(
+        server, REDIS_URL, operations=2500, seed=6, time_limit=10, scenario="outer-transaction"
+    )
+    _ran_cleanly(report, 300)
+    kinds = set(report.kinds)
+    assert {"outer_commit", "outer_rollback", "outer_inner_rollback", "shared_connection"} <= kinds
+    assert report.cache["skipped"] > 0  # the joined sessions' lookups stepped aside
+    assert (report.stale, report.dirty, report.mismatches) == (0, 0, 0), report.examples
+
+
+def test_one_process_losing_redis_serves_nothing_stale_past_the_delivery_bound():
+    require_service("postgresql", 5432)
+    require_service("redis", 6379)
+    report = checker.run(
+        PG_SERVER, REDIS_URL, operations=3000, seed=7, time_limit=10, scenario="outage"
+    )
+    _ran_cleanly(report, 300)
+    assert report.outages >= 2 and report.delivery_bound > 0
+    assert report.cache["errors"] > 0  # the proxied process did lose Redis
+    assert (report.stale, report.dirty, report.mismatches, report.undelivered) == (0, 0, 0, 0), (
+        report.examples
+    )
 
 
 def test_the_outage_analysis_excuses_only_stale_reads_within_the_delivery_bound():

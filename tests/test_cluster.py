@@ -10,6 +10,7 @@ flush."""
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 from dogpile.cache import make_region
 from dogpile.cache.proxy import ProxyBackend
+from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
 
@@ -234,6 +236,53 @@ def test_an_eviction_no_replica_acknowledged_is_journaled_not_trusted(cluster):
     cache.flush()
 
 
+def test_a_key_of_a_migrating_slot_is_followed_with_asking(cluster):
+    """While a slot moves between masters, its absent keys are answered with ASK: the store
+    asks the importing master (ASKING first) without waiting for the slot map to change."""
+    store = store_for(make_region().configure(
+        "dogpile.cache.redis_cluster", arguments={"url": _node_url(cluster)}
+    ))  # fmt: skip
+    assert isinstance(store, RedisClusterStore)
+    key = f"{RUN_ID}_ask_{uuid.uuid4().hex[:8]}:{{users:1}}"
+    slot = store.client.keyslot(key)
+    source = next(n for n in cluster.masters() if n.port == store._node(key)[0].port)
+    target = next(n for n in cluster.masters() if n is not source)
+    ids = {n.port: n.client().execute_command("CLUSTER MYID").decode() for n in (source, target)}
+    target.client().execute_command("CLUSTER SETSLOT", slot, "IMPORTING", ids[source.port])
+    source.client().execute_command("CLUSTER SETSLOT", slot, "MIGRATING", ids[target.port])
+    try:
+        assert store.get_many([key]) == [None]
+        assert store.fill_many([Fill(key, None, b"filled", 60)]) == [True]
+        assert store.get_many([key]) == [b"filled"]
+        count = source.client().execute_command("CLUSTER COUNTKEYSINSLOT", slot)
+        assert count == 0  # it went to the importing master
+        pipe = target.client().pipeline(transaction=False)
+        pipe.execute_command("ASKING")
+        pipe.get(key)
+        assert pipe.execute()[1] == b"filled"
+    finally:
+        pipe = target.client().pipeline(transaction=False)
+        pipe.execute_command("ASKING")
+        pipe.delete(key)
+        pipe.execute()
+        for node in (source, target):
+            node.client().execute_command("CLUSTER SETSLOT", slot, "STABLE")
+
+
+def test_shared_counters_are_published_and_read_on_a_cluster(Session, cache, engine):
+    from sa_cache.shared_stats import StatsPublisher, read_shared_stats
+
+    with sessionmaker(engine)() as s:
+        s.add(User(id=1, name="u1"))
+        s.commit()
+    for _ in range(3):
+        with Session() as s:
+            s.get(User, 1)
+    publisher = StatsPublisher(cache, interval=60)
+    assert publisher.publish() is True
+    assert read_shared_stats(cache.store.client, cache.prefix)["hits"] == 2  # type: ignore[attr-defined]
+
+
 # -- leases ---------------------------------------------------------------------------------------
 
 
@@ -309,9 +358,127 @@ def test_a_cluster_region_with_a_dogpile_proxy_is_refused(cluster):
 
 
 def _wait(condition: Any, timeout: float = 30) -> None:
-    import time
-
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
+
+
+# -- a master killed under load -------------------------------------------------------------------
+
+READERS = 3
+ROWS = 20
+LOAD_SECONDS_BEFORE_KILL = 1.0
+RESUME_LIMIT_SECONDS = 30.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("db", ["postgresql"])
+def test_a_master_killed_under_load_serves_nothing_stale_and_hits_resume(engine):
+    """A writer commits ever-newer versions of rows while readers look them up through the
+    cache; one master is SIGKILLed and its replica takes over. No read returns a version older
+    than one committed before the read began, no caller sees an exception, and hits on the
+    killed master's slots resume (the time it took is printed)."""
+    servers = RedisClusterServers().start()  # a cluster of its own: this one loses a master
+    probe_engine = create_engine(engine.url.render_as_string(hide_password=False))
+    try:
+        cache = register_all(
+            IdentityCache(servers.url, prefix=f"{RUN_ID}_kill", breaker_cooldown=0.5)
+        )
+        with sessionmaker(engine)() as s:
+            s.add_all([User(id=i, name="v0") for i in range(1, ROWS + 1)])
+            s.commit()
+        Session = sessionmaker(engine, class_=CachingSession, cache=cache)
+        committed = dict.fromkeys(range(1, ROWS + 1), 0)
+        stop = threading.Event()
+        errors: list[BaseException] = []
+        stale: list[tuple[int, int, int]] = []
+        hits_at: list[float] = []
+        reads = [0]
+
+        def checked_read(session_class: Any, pk: int) -> None:
+            before = committed[pk]
+            with session_class() as s:
+                got = int(s.get(User, pk).name[1:])
+            reads[0] += 1
+            if got < before:
+                stale.append((pk, got, before))
+
+        def guarded(loop: Any) -> Any:
+            def run() -> None:
+                try:
+                    loop()
+                except BaseException as exc:  # reported to the test, never swallowed
+                    errors.append(exc)
+                    stop.set()
+
+            return threading.Thread(target=run)
+
+        def writer() -> None:
+            version = 0
+            while not stop.is_set():
+                version += 1
+                pk = version % ROWS + 1
+                with Session() as s:
+                    s.get(User, pk).name = f"v{version}"
+                    s.commit()
+                committed[pk] = version
+
+        def reader(seed: int) -> Any:
+            def loop() -> None:
+                pk = seed
+                while not stop.is_set():
+                    pk = pk % ROWS + 1
+                    checked_read(Session, pk)
+
+            return loop
+
+        probe_session = sessionmaker(probe_engine, class_=CachingSession, cache=cache)
+
+        def probe() -> None:  # user 1, on the master that is killed: when is it a hit again?
+            with counting_sql(probe_engine) as sql:
+                while not stop.is_set():
+                    sql.reset()
+                    checked_read(probe_session, 1)
+                    if sql.count == 0:
+                        hits_at.append(time.monotonic())
+
+        model = cache.model_for(User.__mapper__)
+        assert model is not None and isinstance(cache.store, RedisClusterStore)
+        victim_port = cache.store._node(model.keys.row_key((1,)))[0].port
+        victim = next(n for n in servers.nodes if n.port == victim_port)
+        threads = [guarded(writer), guarded(probe)]
+        threads += [guarded(reader(i * ROWS // READERS)) for i in range(READERS)]
+        for thread in threads:
+            thread.start()
+        try:
+            stop.wait(LOAD_SECONDS_BEFORE_KILL)
+            assert hits_at, "the probe never hit before the kill"
+            victim.kill()
+            killed_at = time.monotonic()
+            deadline = killed_at + RESUME_LIMIT_SECONDS
+            while not stop.is_set() and time.monotonic() < deadline:
+                if (
+                    hits_at[-1] > killed_at + 0.05
+                    and len([t for t in hits_at if t > killed_at]) >= 20
+                ):
+                    break
+                time.sleep(0.05)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=30)
+        resumed = next((t for t in hits_at if t > killed_at), None)
+        stats = cache.stats()
+        print(
+            f"\nmaster SIGKILLed: hits on its slots resumed after "
+            f"{'never' if resumed is None else f'{resumed - killed_at:.2f} s'}; "
+            f"{reads[0]} checked reads, {len(stale)} stale, {len(errors)} exceptions, "
+            f"{stats['errors']} store errors, {stats['bypassed']} bypassed"
+        )
+        assert errors == []
+        assert stale == []
+        assert resumed is not None
+    finally:
+        probe_engine.dispose()
+        servers.stop()

@@ -274,6 +274,28 @@ def test_a_session_tells_a_transaction_it_joined_from_one_it_began(Sessions):
         assert not _orm.runs_in_outside_transaction(s)
 
 
+def test_code_that_asyncsession_runs_knows_it_and_can_await_on_the_loop():
+    """``sqlalchemy.util.concurrency``: the synchronous code ``greenlet_spawn`` runs (as
+    ``AsyncSession`` runs the session) sees ``in_greenlet()`` true and can await on the running
+    loop; outside it, neither."""
+    import asyncio
+
+    from sqlalchemy.util import greenlet_spawn
+
+    async def answer() -> int:
+        await asyncio.sleep(0)
+        return 42
+
+    def inside() -> tuple[bool, int]:
+        return _orm.under_asyncio(), _orm.await_(answer())
+
+    async def main() -> tuple[bool, int]:
+        return await greenlet_spawn(inside)
+
+    assert asyncio.run(main()) == (True, 42)
+    assert _orm.under_asyncio() is False
+
+
 def test_a_lazy_collection_load_is_a_do_orm_execute_a_result_can_answer(Sessions):
     """``LazyLoader._emit_lazyload`` runs ``session.execute`` with ``_lazy_loaded_from`` and the
     relationship last on the path; the listener's result becomes the collection

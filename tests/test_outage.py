@@ -8,6 +8,7 @@ killed or paused.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 
@@ -143,6 +144,8 @@ def test_an_overflowing_journal_evicts_whole_models_when_redis_is_back(
 ):
     cache = cache_factory(server.url, **FAST_FAILURE, breaker_cooldown=0)
     cache.guarded.journal_limit = 2
+    held = threading.Event()  # the background delivery waits: here the read replays the journal
+    cache.guarded.delivery_wait = lambda seconds: held.wait()
     Session = sessionmaker(engine, class_=CachingSession, cache=cache)
     for pk in (1, 2, 3):
         with Session() as s:
@@ -162,3 +165,4 @@ def test_an_overflowing_journal_evicts_whole_models_when_redis_is_back(
         assert [s.get(User, pk).name for pk in (1, 2, 3)] == [f"changed {pk}" for pk in (1, 2, 3)]
     assert cache.store.get_many([model.keys.generation_key])[0] != generation
     assert cache.guarded.journal() == ({}, set())
+    held.set()

@@ -3,15 +3,24 @@ protocol needs: MGET for reads, ``SET NX`` and a compare-and-set script for fill
 batch costs one round trip.
 
 Reads go to the backend's writer client on purpose: a replica may lag behind an eviction.
+
+Under asyncio (a session driven by ``AsyncSession``, whose synchronous code runs in SQLAlchemy's
+greenlet) the same commands go through a ``redis.asyncio`` client with the same connection
+settings, one per event loop, awaited through that greenlet bridge the way SQLAlchemy's asyncio
+drivers are: a lookup's round trip suspends its task, never the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
 from dogpile.cache.api import NO_VALUE
 
+from .. import _orm
 from ..store import Capabilities, Clock, Fill, Release, Write
 from .scripts import lua_script
 
@@ -43,12 +52,26 @@ class RedisStore:
         #: ``keeps_ttl`` is learnt with the first timed acquire (see :meth:`acquire_timed`)
         self.capabilities = Capabilities(shared=True, scans=True, clock=True, keeps_ttl=False)
         self._asked_config = False
+        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Awaiting] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def _client(self) -> Any:
+        """The client for this call: the synchronous one, or under asyncio this event loop's
+        ``redis.asyncio`` client behind the same synchronous interface."""
+        if not _orm.under_asyncio():
+            return self.client
+        loop = asyncio.get_running_loop()
+        client = self._by_loop.get(loop)
+        if client is None:
+            client = self._by_loop[loop] = _Awaiting(async_twin(self.client))
+        return client
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         if self._reader is not None:
             values = self._reader.get_serialized_multi(keys)
             return [None if value is NO_VALUE else value for value in values]
-        return self.client.mget(keys)  # type: ignore[no-any-return]
+        return self._client().mget(keys)  # type: ignore[no-any-return]
 
     def _queue_fill(self, target: Any, fill: Fill) -> None:
         if fill.expected is None:
@@ -59,8 +82,9 @@ class RedisStore:
     def fill_many(self, fills: Sequence[Fill], release: Sequence[Release] = ()) -> list[bool]:
         from redis.exceptions import NoScriptError
 
+        client = self._client()
         for attempt in (1, 2):
-            pipe = self.client.pipeline(transaction=False)
+            pipe = client.pipeline(transaction=False)
             for fill in fills:
                 self._queue_fill(pipe, fill)
             for key, token in release:
@@ -68,7 +92,7 @@ class RedisStore:
             replies = pipe.execute(raise_on_error=False)
             if attempt == 1 and any(isinstance(r, NoScriptError) for r in replies):
                 for script in (_COMPARE_AND_SET, _COMPARE_AND_DELETE):
-                    self.client.script_load(script)  # Redis restarted, or SCRIPT FLUSH
+                    client.script_load(script)  # Redis restarted, or SCRIPT FLUSH
                 continue
             for reply in replies:
                 if isinstance(reply, Exception):
@@ -77,7 +101,7 @@ class RedisStore:
         raise AssertionError("unreachable")
 
     def write_many(self, writes: Sequence[Write]) -> None:
-        pipe = self.client.pipeline(transaction=False)
+        pipe = self._client().pipeline(transaction=False)
         for write in writes:
             pipe.set(write.key, write.value, px=None if write.ttl is None else _ms(write.ttl))
         pipe.execute()
@@ -85,7 +109,7 @@ class RedisStore:
     def acquire(
         self, key: str, token: bytes, ttl: float, read: Sequence[str]
     ) -> tuple[bool, list[bytes | None]]:
-        pipe = self.client.pipeline(transaction=False)
+        pipe = self._client().pipeline(transaction=False)
         pipe.set(key, token, px=_ms(ttl), nx=True)
         pipe.mget(read)
         acquired, values = pipe.execute()
@@ -100,7 +124,7 @@ class RedisStore:
         if CONFIG is refused (an ACL, a managed service). A change of that setting at runtime is
         not seen: restart the processes after it."""
         ask = ttls and not self._asked_config
-        pipe = self.client.pipeline(transaction=False)
+        pipe = self._client().pipeline(transaction=False)
         pipe.set(key, token, px=_ms(ttl), nx=True)
         pipe.mget(read)
         for k in read if ttls else ():
@@ -135,7 +159,7 @@ class RedisStore:
 
     def init_generation(self, key: str, token: bytes, ttl: float | None = None) -> bytes:
         px = None if ttl is None else _ms(ttl)
-        previous = self.client.set(key, token, nx=True, get=True, px=px)
+        previous = self._client().set(key, token, nx=True, get=True, px=px)
         return token if previous is None else previous
 
     def delete_prefix(self, prefix: str) -> int:
@@ -149,6 +173,79 @@ class RedisStore:
         if batch:
             removed += self.client.unlink(*batch)
         return removed
+
+
+class _Awaiting:
+    """A ``redis.asyncio`` client or pipeline behind the synchronous interface the store uses:
+    a call whose result is awaitable is awaited through SQLAlchemy's greenlet bridge
+    (:func:`sa_cache._orm.await_`); queueing a command on a pipeline returns the pipeline, as the
+    synchronous one does."""
+
+    __slots__ = ("_target",)
+
+    def __init__(self, target: Any) -> None:
+        self._target = target
+
+    def pipeline(self, transaction: bool = False) -> _Awaiting:
+        return _Awaiting(self._target.pipeline(transaction=transaction))
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._target, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            result = method(*args, **kwargs)
+            return _orm.await_(result) if inspect.isawaitable(result) else result
+
+        return call
+
+
+#: The ``redis.asyncio`` connection class for each synchronous one.
+_ASYNC_CONNECTIONS = {
+    "Connection": "Connection",
+    "SSLConnection": "SSLConnection",
+    "UnixDomainSocketConnection": "UnixDomainSocketConnection",
+}
+
+
+def async_twin(client: Any) -> Any:
+    """A ``redis.asyncio.Redis`` with ``client``'s connection settings. Its connection class is
+    the one the synchronous class names as ``async_connection_class`` (a custom class brings its
+    own), else redis-py's asyncio class of the same name; settings the asyncio class does not
+    take are left out, a ``Retry`` is rebuilt with the same backoff and count, and the pool
+    allows as many connections as the synchronous one."""
+    import redis.asyncio
+    from redis.asyncio import connection as async_connection
+    from redis.asyncio.retry import Retry
+
+    pool = client.connection_pool
+    sync_class = pool.connection_class
+    async_class = getattr(sync_class, "async_connection_class", None)
+    if async_class is None:
+        for base in sync_class.__mro__:
+            name = _ASYNC_CONNECTIONS.get(base.__name__)
+            if name is not None and base.__module__.startswith("redis."):
+                async_class = getattr(async_connection, name)
+                break
+        else:
+            raise TypeError(f"no asyncio connection class for {sync_class.__name__}")
+    accepted: set[str] = set()
+    for base in async_class.__mro__:
+        init = vars(base).get("__init__")
+        if init is not None:
+            accepted.update(inspect.signature(init).parameters)
+    options = {k: v for k, v in pool.connection_kwargs.items() if k in accepted and k != "retry"}
+    retry = pool.connection_kwargs.get("retry")
+    if retry is not None and "retry" in accepted:
+        options["retry"] = Retry(retry._backoff, getattr(retry, "_retries", 0))
+    # as many connections as the synchronous pool allows; a task that finds them all in use
+    # awaits one (for up to the socket timeout) instead of failing
+    async_pool = redis.asyncio.BlockingConnectionPool(
+        connection_class=async_class,
+        max_connections=pool.max_connections,
+        timeout=options.get("socket_timeout") or 1.0,
+        **options,
+    )
+    return redis.asyncio.Redis(connection_pool=async_pool)
 
 
 def _text(value: Any) -> str:

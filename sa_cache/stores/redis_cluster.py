@@ -92,7 +92,11 @@ class RedisClusterStore:
         with self._lock:
             stale, self._stale = self._stale, False
         if stale:
-            self.client.nodes_manager.initialize()
+            try:
+                self.client.nodes_manager.initialize()
+            except Exception:
+                self._stale = True  # still to do: no node answered
+                raise
 
     def _node(self, key: str) -> tuple[Any, bool]:
         """The primary serving ``key``'s slot, and whether the slot map knows a replica of it
@@ -109,8 +113,23 @@ class RedisClusterStore:
         """Send ``commands`` grouped by the primary serving each key, one pipeline per node, and
         return the replies in order; ``wait``: each node's pipeline ends with a WAIT for one
         replica. A command redirected (MOVED, ASK) is sent again once after a slot-map refresh;
-        any other error reply is raised."""
-        from redis.exceptions import AskError, ConnectionError, MovedError, TimeoutError
+        any other error reply is raised. A node that cannot be reached, a slot no node serves, a
+        cluster that says it is down: the slot map is read again before the next batch."""
+        from redis.exceptions import (
+            ClusterDownError,
+            ConnectionError,
+            RedisClusterException,
+            TimeoutError,
+        )
+
+        try:
+            return self._route(commands, wait)
+        except (ConnectionError, TimeoutError, RedisClusterException, ClusterDownError):
+            self._stale = True  # the node may be gone: ask the cluster before next time
+            raise
+
+    def _route(self, commands: Sequence[_Command], wait: bool) -> list[Any]:
+        from redis.exceptions import AskError, MovedError
 
         self._refresh()
         replies: list[Any] = [None] * len(commands)
@@ -128,11 +147,7 @@ class RedisClusterStore:
                 self._look_for_replicas()
             for (_, asking), (node, replicated, indexes) in groups.items():
                 batch = [commands[i] for i in indexes]
-                try:
-                    results = self._send(node, batch, asking, wait and replicated)
-                except (ConnectionError, TimeoutError):
-                    self._stale = True  # the node may be gone: ask the cluster before next time
-                    raise
+                results = self._send(node, batch, asking, wait and replicated)
                 for index, result in zip(indexes, results, strict=True):
                     if isinstance(result, MovedError):
                         self._stale = True

@@ -216,6 +216,7 @@ class Report:
     kinds: dict[str, int] = field(default_factory=dict)
     cache: dict[str, int] = field(default_factory=dict)
     examples: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what a scenario adds to the report
     error_messages: list[str] = field(default_factory=list)
 
     @property
@@ -259,6 +260,7 @@ class Report:
                 f"{self.outage_lag * 1000:.0f} ms after its stall ended; keys undelivered after "
                 f"that: {self.undelivered}",
             )
+        lines += [f"note: {line}" for line in self.notes]
         lines += [f"  example: {line}" for line in self.examples]
         lines += [f"  error: {line}" for line in self.error_messages]
         return "\n".join(lines)

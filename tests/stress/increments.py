@@ -194,6 +194,8 @@ class IncrementScenario(Scenario):
             final = {row: value for row, value in rows}
         engine.dispose()
         report.increments = sum(records.increments.values())
+        retried = records.outcomes["serialization failure, retried"]
+        report.notes.append(f"{retried} serialization failures or deadlocks retried")
         for row in COUNTERS:
             low = records.increments[row]
             high = low + records.uncertain_increments[row]

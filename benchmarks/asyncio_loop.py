@@ -1,0 +1,152 @@
+"""How long the cache blocks the event loop under ``AsyncSession``:
+``python -m benchmarks.asyncio_loop [--tasks 200] [--lookups 20] [--redis URL]``.
+
+200 concurrent tasks each run lookups (``AsyncSession.get``, one session per lookup) against
+Redis on an aiosqlite database: cache hits, and with ``--miss-every N`` every Nth lookup an
+evicted miss that loads and fills. Every step the loop runs (each callback, each resumption of
+a task until its next await) is timed; the benchmark prints, side by side in one run:
+
+- **awaited**: the store as it runs under ``AsyncSession`` (a ``redis.asyncio`` client awaited
+  through SQLAlchemy's greenlet bridge);
+- **blocking**: the same store forced onto its synchronous client (what every release before
+  the asyncio bridge did).
+
+For each: the longest step in milliseconds, how many steps exceeded 1 ms, and lookups per second.
+The longest step includes SQLAlchemy's own work between two awaits (placing an instance, a
+flush), not only the cache's; the blocking variant's extra is the Redis round trips.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import asyncio.events
+import tempfile
+import time
+import uuid
+from typing import Any
+
+from sqlalchemy import Integer, String
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from sa_cache import CachingSession, IdentityCache
+
+timer: _StepTimer
+SLOW_STEP = 0.001  # seconds: the bound of the issue
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Item(Base):
+    __tablename__ = "item"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(50))
+
+
+class _StepTimer:
+    """Times every step the event loop runs (``asyncio.events.Handle._run``: a callback, or one
+    resumption of a task up to its next await) while installed."""
+
+    def __init__(self) -> None:
+        self.durations: list[float] = []
+        self._original = asyncio.events.Handle._run
+
+    def __enter__(self) -> _StepTimer:
+        original, durations = self._original, self.durations
+
+        def timed(handle: Any) -> None:
+            started = time.perf_counter()
+            try:
+                original(handle)
+            finally:
+                durations.append(time.perf_counter() - started)
+
+        asyncio.events.Handle._run = timed  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.events.Handle._run = self._original  # type: ignore[method-assign]
+
+
+async def _run(
+    cache: IdentityCache, url: str, tasks: int, lookups: int, miss_every: int
+) -> float:
+    engine = create_async_engine(url)
+    async with engine.begin() as conn:
+        await conn.run_sync(Base.metadata.create_all)
+    Session = async_sessionmaker(engine, sync_session_class=CachingSession, cache=cache)
+    async with Session() as s:
+        s.add_all(Item(id=n, name=f"item {n}") for n in range(tasks))
+        await s.commit()
+
+    async with Session() as s:  # warm: every row cached
+        for n in range(tasks):
+            await s.get(Item, n)
+
+    async def worker(n: int) -> None:
+        for round_ in range(lookups):
+            if miss_every and round_ % miss_every == miss_every - 1:
+                cache.evict(Item, n)  # a miss: a load and a fill
+            async with Session() as s:
+                await s.get(Item, n)
+
+    started = time.perf_counter()
+    with timer:
+        await asyncio.gather(*(worker(n) for n in range(tasks)))
+    elapsed = time.perf_counter() - started
+    await engine.dispose()
+    return tasks * lookups / elapsed
+
+
+def measure(
+    variant: str, redis_url: str, tasks: int, lookups: int, miss_every: int = 0
+) -> dict[str, float]:
+    """One variant's figures: the longest step (ms), steps over 1 ms, lookups per second."""
+    cache = IdentityCache(redis_url, prefix=f"bench_aio_{uuid.uuid4().hex[:8]}")
+    cache.register(Item)
+    store: Any = cache.store
+    if variant == "blocking":
+        store._client = lambda: store.client  # the synchronous client, inside the loop
+    global timer
+    timer = _StepTimer()
+    with tempfile.TemporaryDirectory() as folder:
+        url = f"sqlite+aiosqlite:///{folder}/bench.sqlite"
+        try:
+            rate = asyncio.run(_run(cache, url, tasks, lookups, miss_every))
+        finally:
+            cache.flush()
+    durations = sorted(timer.durations)
+    return {
+        "longest_step_ms": 1000 * durations[-1],
+        "p99_step_ms": 1000 * durations[int(0.99 * (len(durations) - 1))],
+        "steps_over_1ms": float(sum(1 for d in durations if d > SLOW_STEP)),
+        "steps": float(len(durations)),
+        "lookups_per_s": rate,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", type=int, default=200)
+    parser.add_argument("--lookups", type=int, default=20)
+    parser.add_argument("--miss-every", type=int, default=0)
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    args = parser.parse_args()
+    print(f"{args.tasks} tasks x {args.lookups} lookups, Redis at {args.redis}")
+    print(
+        f"{'variant':10} {'longest step ms':>16} {'p99 step ms':>12} {'steps > 1 ms':>13} "
+        f"{'of steps':>9} {'lookups/s':>10}"
+    )
+    for variant in ("awaited", "blocking"):
+        f = measure(variant, args.redis, args.tasks, args.lookups, args.miss_every)
+        print(
+            f"{variant:10} {f['longest_step_ms']:16.2f} {f['p99_step_ms']:12.3f} "
+            f"{f['steps_over_1ms']:13.0f} {f['steps']:9.0f} {f['lookups_per_s']:10.0f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
