@@ -128,7 +128,32 @@ class Order(RelBase):
     )
 
 
-CACHED = (Ability, Role, Member, Post, Board, Node, Product, Line, Order)
+class Worker(RelBase):
+    """A joined-inheritance hierarchy as a collection's target."""
+
+    __tablename__ = "rel_workers"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    team_id: Mapped[int | None] = mapped_column(ForeignKey("rel_teams.id"))
+    kind: Mapped[str] = mapped_column(String(20))
+    __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "worker"}
+
+
+class Engineer(Worker):
+    __tablename__ = "rel_engineers"
+    id: Mapped[int] = mapped_column(ForeignKey("rel_workers.id"), primary_key=True)
+    language: Mapped[str] = mapped_column(String(20), default="")
+    __mapper_args__ = {"polymorphic_identity": "engineer"}
+
+
+class Team(RelBase):
+    __tablename__ = "rel_teams"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    workers: Mapped[list[Worker]] = relationship(order_by=Worker.id)
+    #: a subclass as the target: its SELECT joins the subclass table
+    engineers: Mapped[list[Engineer]] = relationship(order_by=Engineer.id, viewonly=True)
+
+
+CACHED = (Ability, Role, Member, Post, Board, Node, Product, Line, Order, Worker, Team)
 
 
 def ensure_tables(engine: Engine) -> None:

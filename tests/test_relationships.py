@@ -27,6 +27,7 @@ from .models_relationships import (
     CACHED,
     Ability,
     Board,
+    Engineer,
     Line,
     Member,
     Node,
@@ -34,6 +35,8 @@ from .models_relationships import (
     Post,
     Product,
     Role,
+    Team,
+    Worker,
     ensure_tables,
     user_roles,
 )
@@ -251,6 +254,41 @@ def test_an_association_object_with_a_composite_key(
         order.lines.append(Line(product_id=2, quantity=7))
         s.commit()
     assert agree(plain, Session, lines) == [("p2", 7), ("p3", 2)]
+
+
+@pytest.mark.usefixtures("rel")
+def test_a_polymorphic_target_comes_back_as_its_own_class(
+    Session: sessionmaker[CachingSession],  # noqa: N803
+    plain: sessionmaker[PlainSession],
+    sql: SQLCounter,
+) -> None:
+    with Session() as s:
+        s.add(Team(id=1))
+        s.add(Team(id=2))
+        s.add_all([Worker(id=1, team_id=1), Engineer(id=2, team_id=1, language="py")])
+        s.add(Engineer(id=3, team_id=1, language="c"))
+        s.commit()
+
+    def team(s: Any) -> Any:
+        found = s.get(Team, 1)
+        workers = [(type(w).__name__, w.id, getattr(w, "language", None)) for w in found.workers]
+        return workers, [e.id for e in found.engineers]
+
+    assert agree(plain, Session, team) == (
+        [("Worker", 1, None), ("Engineer", 2, "py"), ("Engineer", 3, "c")],
+        [2, 3],
+    )
+    # a base class's SELECT loads a subclass row without its own table's columns: not a row the
+    # cache can hold, so the collection's rows are cached by lookups of their own classes
+    settle(Session, lambda s: (s.get(Worker, 1), s.get(Engineer, 2), s.get(Engineer, 3)), sql)
+    settle(Session, team, sql)
+    with Session() as s:  # an engineer moves: both collections of both teams change
+        s.get(Engineer, 3).team_id = 2
+        s.commit()
+    assert agree(plain, Session, team) == (
+        [("Worker", 1, None), ("Engineer", 2, "py")],
+        [2],
+    )
 
 
 # -- invalidation ---------------------------------------------------------------------------------
