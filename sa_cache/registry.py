@@ -152,7 +152,9 @@ class Registry:
         return self._cached_relationships().get(prop)
 
     def relationship_kinds(self) -> list[CachedRelationship]:
-        return list(self._cached_relationships().values())
+        """The relationship kinds made so far, for their counters: asking does not configure
+        the mappers (``stats()`` may be called before every mapped class is defined)."""
+        return list(self._made.values())
 
     def kinds_reading(self, table: Any) -> tuple[CachedRelationship, ...]:
         """The relationship kinds whose collections a write to a table named as ``table`` may
