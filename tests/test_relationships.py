@@ -17,12 +17,13 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session as PlainSession
 from sqlalchemy.orm import defer, sessionmaker
 
-from sa_cache import CachingSession, IdentityCache
+from sa_cache import CachingSession, IdentityCache, codec
 from sa_cache.errors import CacheError, NotRegistered
-from sa_cache.relationships import uncacheable
+from sa_cache.relationships import CollectionEntry, uncacheable
 
 from .conftest import CacheFactory
 from .counting import RedisCounter, SQLCounter, expect_commands, expect_sql
+from .entries import raw_entry
 from .models_relationships import (
     CACHED,
     Ability,
@@ -146,6 +147,25 @@ def test_a_warm_request_reads_roles_and_abilities_with_no_sql(
     after = cache.stats()["models"]
     assert after["Member.roles"]["hits"] == before["Member.roles"]["hits"] + 1
     assert after["Role.abilities"]["hits"] == before["Role.abilities"]["hits"] + 2
+
+
+@pytest.mark.usefixtures("rel")
+def test_a_collection_is_stored_as_its_targets_primary_keys_never_as_rows(
+    Session: sessionmaker[CachingSession],  # noqa: N803
+    cache: IdentityCache,
+    sql: SQLCounter,
+) -> None:
+    seed(Session)
+    settle(Session, roles_of(1), sql)
+    kind = cache.registry.relationship_kind(Member.roles.property)
+    assert kind is not None
+    key = kind.keys.row_key((1,))
+    assert key == f"{cache.prefix}:{{rel:rel_users.Member.roles:1}}"
+    raw = raw_entry(cache, key)
+    entry = codec.decode(raw or b"")
+    assert type(entry) is CollectionEntry
+    assert entry.targets == [[1], [2]]  # in order; the names of the roles are not in it
+    assert b"admin" not in (raw or b"") and b"staff" not in (raw or b"")
 
 
 @pytest.mark.usefixtures("rel")
