@@ -400,6 +400,28 @@ def test_adding_or_removing_a_many_to_many_member_evicts_both_sides(
 
 
 @pytest.mark.usefixtures("rel")
+def test_a_commit_evicts_every_collection_it_changed_in_one_round_trip(
+    Session: sessionmaker[CachingSession],  # noqa: N803
+    redis_counter: RedisCounter,
+) -> None:
+    seed(Session)
+    with Session() as s:
+        member, role = s.get(Member, 3), s.get(Role, 1)
+        member.roles.append(role)
+        board = Board(id=1, posts=[Post(id=1)])
+        s.add(board)
+        s.flush()
+        changed = set(s._sa_cache.changes.keys)
+        assert {
+            f"{s.cache.prefix}:{{rel:rel_users.Member.roles:3}}",
+            f"{s.cache.prefix}:{{rel:rel_roles.Role.users:1}}",
+            f"{s.cache.prefix}:{{rel:rel_boards.Board.posts:1}}",
+        } <= changed
+        with expect_commands(redis_counter, round_trips=1):  # all of them in one write
+            s.commit()
+
+
+@pytest.mark.usefixtures("rel")
 def test_deleting_a_many_to_many_member_evicts_the_collections_it_was_in(
     Session: sessionmaker[CachingSession],  # noqa: N803
     plain: sessionmaker[PlainSession],
