@@ -41,13 +41,14 @@ changes one fails there first, by name.
     without SQL (consumed as ``.unique().scalars().all()``). :func:`lazy_loaded_relationship`,
     :func:`plain_lazy_load` (``Select._with_options``, ``load_options._populate_existing``),
     :func:`load_autoflushes` (``load_options._autoflush``), :func:`instances_result`
-    (``SimpleResultMetaData._create_unique_filters``) and :func:`target_correlates_to_parent`
-    (``RelationshipProperty._target_correlates_to_parent``).
+    (``SimpleResultMetaData._create_unique_filters``, ``_unique_filters`` in 2.0) and
+    :func:`target_correlates_to_parent` (``RelationshipProperty._target_correlates_to_parent``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from inspect import signature
 from typing import Any, Final, NamedTuple
 
 from sqlalchemy import exc as sa_exc
@@ -419,10 +420,19 @@ def load_autoflushes(state: ORMExecuteState) -> bool:
     return bool(state.load_options._autoflush)
 
 
+#: how ``SimpleResultMetaData`` takes the unique filters ORM results use (by identity: an
+#: instance may be unhashable): ``_create_unique_filters`` from 2.1, ``_unique_filters`` in 2.0
+_UNIQUE_BY_IDENTITY: Final[dict[str, Any]] = (
+    {"_create_unique_filters": lambda _: [id]}
+    if "_create_unique_filters" in signature(SimpleResultMetaData.__init__).parameters
+    else {"_unique_filters": [id]}
+)
+
+
 def instances_result(objects: list[Any]) -> Result[Any]:
     """A result whose rows are ``objects``, as a lazy load consumes the result of its SELECT
     (``.unique().scalars().all()``), uniqued by identity as ORM results are."""
-    metadata = SimpleResultMetaData(["entity"], _create_unique_filters=lambda _: [id])
+    metadata = SimpleResultMetaData(["entity"], **_UNIQUE_BY_IDENTITY)
     return IteratorResult(metadata, iter([(obj,) for obj in objects]))
 
 
