@@ -219,7 +219,8 @@ class CachedRelationship(CachedKind):
                 keys.append(WHOLE_KIND if pk is None else self.key_for_parent(pk))
         if mapper.base_mapper is self.prop.mapper.base_mapper:  # a target
             if self.secondary is None:
-                keys.extend(self._parents_named_by(state))
+                if mapper.isa(self.prop.mapper):  # (a sibling class is in none of them)
+                    keys.extend(self._parents_named_by(state))
             elif self.order_sensitive and state.key is not None:
                 keys.append(WHOLE_KIND)  # in which collections, in which place: not known
         return keys
@@ -252,6 +253,8 @@ class CachedRelationship(CachedKind):
         old: list[Any] = []
         new: list[Any] = []
         for attr in self.fk_attrs:
+            if attr not in state.mapper.attrs:
+                return [WHOLE_KIND]
             history = state.attrs[attr].history
             now = history.added or history.unchanged
             before = history.deleted or history.unchanged

@@ -142,6 +142,8 @@ class Engineer(Worker):
     __tablename__ = "rel_engineers"
     id: Mapped[int] = mapped_column(ForeignKey("rel_workers.id"), primary_key=True)
     language: Mapped[str] = mapped_column(String(20), default="")
+    #: a foreign key only the subclass has
+    guild_id: Mapped[int | None] = mapped_column(ForeignKey("rel_teams.id"))
     __mapper_args__ = {"polymorphic_identity": "engineer"}
 
 
@@ -150,7 +152,13 @@ class Team(RelBase):
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
     workers: Mapped[list[Worker]] = relationship(order_by=Worker.id)
     #: a subclass as the target: its SELECT joins the subclass table
-    engineers: Mapped[list[Engineer]] = relationship(order_by=Engineer.id, viewonly=True)
+    engineers: Mapped[list[Engineer]] = relationship(
+        order_by=Engineer.id, viewonly=True, foreign_keys=[Worker.team_id]
+    )
+    #: the subclass's own foreign key: a base instance has no such attribute
+    guild: Mapped[list[Engineer]] = relationship(
+        order_by=Engineer.id, foreign_keys=[Engineer.guild_id], viewonly=True
+    )
 
 
 CACHED = (Ability, Role, Member, Post, Board, Node, Product, Line, Order, Worker, Team)

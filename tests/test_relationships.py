@@ -309,6 +309,13 @@ def test_a_polymorphic_target_comes_back_as_its_own_class(
         [("Worker", 1, None), ("Engineer", 2, "py")],
         [2],
     )
+    guild = lambda s: [e.id for e in s.get(Team, 2).guild]  # noqa: E731
+    assert agree(plain, Session, guild) == []
+    with Session() as s:  # a base instance changes: it has no guild, it is in no guild
+        s.add(Worker(id=4, team_id=2))
+        s.get(Engineer, 2).guild_id = 2
+        s.commit()
+    assert agree(plain, Session, guild) == [2]
 
 
 # -- invalidation ---------------------------------------------------------------------------------
