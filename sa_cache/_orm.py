@@ -35,17 +35,27 @@ changes one fails there first, by name.
     ``in_greenlet`` and ``await_`` (``await_only`` before 2.1): the bridge by which SQLAlchemy's
     asyncio drivers run beneath the synchronous ``Session`` that ``AsyncSession`` drives, and by
     which the cache's own Redis I/O is awaited on the event loop instead of blocking it.
+12. Lazy collection loads: ``LazyLoader._emit_lazyload`` runs ``session.execute(select(Target))``
+    with ``_lazy_loaded_from`` in its load options and the relationship last on its
+    ``_current_path``; a ``do_orm_execute`` listener that returns a ``Result`` answers it
+    without SQL (consumed as ``.unique().scalars().all()``). :func:`lazy_loaded_relationship`,
+    :func:`plain_lazy_load` (``Select._with_options``, ``load_options._populate_existing``),
+    :func:`load_autoflushes` (``load_options._autoflush``), :func:`instances_result`
+    (``SimpleResultMetaData._create_unique_filters``, ``_unique_filters`` in 2.0) and
+    :func:`target_correlates_to_parent` (``RelationshipProperty._target_correlates_to_parent``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from inspect import signature
 from typing import Any, Final, NamedTuple
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import inspect
-from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.orm import Mapper, Session
+from sqlalchemy.engine import Connection, Engine, Result
+from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
+from sqlalchemy.orm import Mapper, ORMExecuteState, RelationshipProperty, Session
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.base import PassiveFlag
 from sqlalchemy.orm.context import FromStatement
@@ -379,3 +389,53 @@ def await_(awaitable: Any) -> Any:
     """Await ``awaitable`` on the event loop from synchronous code under :func:`under_asyncio`,
     suspending this greenlet (not the loop) until it completes."""
     return _await(awaitable)
+
+
+# -- lazy collection loads ------------------------------------------------------------------------
+
+
+def lazy_loaded_relationship(state: ORMExecuteState) -> RelationshipProperty[Any] | None:
+    """The relationship a lazy load runs for (the last element of its loader path), or None
+    when the statement is no lazy load of a relationship."""
+    if state.lazy_loaded_from is None:
+        return None
+    path = state.loader_strategy_path
+    elements = () if path is None else path.path
+    last = elements[-1] if elements else None
+    return last if isinstance(last, RelationshipProperty) else None
+
+
+def plain_lazy_load(state: ORMExecuteState) -> bool:
+    """Whether a lazy load runs the relationship's own SELECT: no loader options or criteria
+    added to it (``Select._with_options``: the parent's ``load_options``,
+    ``with_loader_criteria``) and no ``populate_existing`` (``load_options._populate_existing``)."""
+    statement: Any = state.statement
+    return not statement._with_options and not state.load_options._populate_existing
+
+
+def load_autoflushes(state: ORMExecuteState) -> bool:
+    """Whether the SELECT would autoflush first (``load_options._autoflush``: False for a lazy
+    load from a pending object or under ``no_autoflush``); the session's own ``autoflush``
+    setting is honoured by :func:`autoflush`."""
+    return bool(state.load_options._autoflush)
+
+
+#: how ``SimpleResultMetaData`` takes the unique filters ORM results use (by identity: an
+#: instance may be unhashable): ``_create_unique_filters`` from 2.1, ``_unique_filters`` in 2.0
+_UNIQUE_BY_IDENTITY: Final[dict[str, Any]] = (
+    {"_create_unique_filters": lambda _: [id]}
+    if "_create_unique_filters" in signature(SimpleResultMetaData.__init__).parameters
+    else {"_unique_filters": [id]}
+)
+
+
+def instances_result(objects: list[Any]) -> Result[Any]:
+    """A result whose rows are ``objects``, as a lazy load consumes the result of its SELECT
+    (``.unique().scalars().all()``), uniqued by identity as ORM results are."""
+    metadata = SimpleResultMetaData(["entity"], **_UNIQUE_BY_IDENTITY)
+    return IteratorResult(metadata, iter([(obj,) for obj in objects]))
+
+
+def target_correlates_to_parent(prop: RelationshipProperty[Any]) -> bool:
+    """Whether a relationship's target (a LATERAL subquery) is selected joined to its parent."""
+    return bool(getattr(prop, "_target_correlates_to_parent", False))

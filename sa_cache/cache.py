@@ -8,7 +8,7 @@ cache; it never holds a session. The protocol it runs is described in docs/proto
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar, cast, overload
 
 from dogpile.cache.region import CacheRegion
@@ -16,10 +16,12 @@ from sqlalchemy import inspect
 from sqlalchemy.orm import InstanceState, Mapper
 
 from .breaker import CircuitBreaker
+from .errors import NotRegistered
 from .guarded import GuardedStore
 from .lookup import listen_for_loads
 from .protocol import eviction_writes
-from .registry import Registry
+from .registry import Registry, mapper_of
+from .relationships import DEFAULT_MAX_COLLECTION
 from .rows import CachedModel
 from .signing import Signer
 from .stats import MODEL_COUNTERS
@@ -61,6 +63,8 @@ class IdentityCache:
         same row (the thundering herd) before reading the database itself, without filling;
         0 turns leases off. A lease lives ``max(2 * lease_wait, 1)`` seconds, so one whose holder
         died (or whose release was lost in an outage) delays that row's lookups at most that long.
+    :param max_collection: the longest relationship collection cached; a longer one is loaded
+        from the database every time (counted as ``oversized``).
     :param exit_flush_timeout: seconds the process spends at interpreter exit writing evictions
         it could not write during an outage (its journal), shared by every cache of the process;
         what is still unwritten then is logged as one ERROR line. 0: no flush, only the line.
@@ -81,6 +85,7 @@ class IdentityCache:
         breaker_cooldown: float = 5.0,
         lease_wait: float = 0.5,
         exit_flush_timeout: float = 5.0,
+        max_collection: int = DEFAULT_MAX_COLLECTION,
     ) -> None:
         if backend is None:
             region = memory_region()
@@ -107,7 +112,7 @@ class IdentityCache:
             signer=None if signing_key is None else Signer(signing_key),
             exit_flush_timeout=exit_flush_timeout,
         )
-        self.registry = Registry(prefix)
+        self.registry = Registry(prefix, max_collection)
         if self.guarded.store.capabilities.failover:
             cast(FailoverStore, self.guarded.store).on_master_change(self._new_generations)
 
@@ -115,7 +120,7 @@ class IdentityCache:
         """A new generation for every registered kind, keys as stored: what a store that lost
         writes in a change of master (Sentinel) writes first, so nothing older is served."""
         mangle = self.region.key_mangler
-        _, generations = eviction_writes((), self.registry.models(), 0)
+        _, generations = eviction_writes((), self.registry.every_kind(), 0)
         return [
             Write(w.key if mangle is None else mangle(w.key), w.value, w.ttl) for w in generations
         ]
@@ -137,25 +142,44 @@ class IdentityCache:
     # -- registration -------------------------------------------------------------------------
 
     @overload
-    def register(self, model: type[T], *, ttl: float | None = None) -> type[T]: ...
+    def register(
+        self,
+        model: type[T],
+        *,
+        ttl: float | None = None,
+        relationships: Iterable[str] | None = None,
+    ) -> type[T]: ...
 
     @overload
     def register(
-        self, model: None = None, *, ttl: float | None = None
+        self,
+        model: None = None,
+        *,
+        ttl: float | None = None,
+        relationships: Iterable[str] | None = None,
     ) -> Callable[[type[T]], type[T]]: ...
 
     def register(
-        self, model: type[T] | None = None, *, ttl: float | None = None
+        self,
+        model: type[T] | None = None,
+        *,
+        ttl: float | None = None,
+        relationships: Iterable[str] | None = None,
     ) -> type[T] | Callable[[type[T]], type[T]]:
         """Opt a mapped class in (usable as a class decorator). Registering any class of an
         inheritance hierarchy caches the whole hierarchy (each concrete class of a concrete
         hierarchy by its own table).
 
+        ``relationships``: which of the hierarchy's relationships have their lazily loaded
+        collections cached, by attribute name; None (the default) caches every one whose target
+        is registered too and whose membership the cache can evict exactly (docs/protocol.md),
+        ``()`` none.
+
         Raises :class:`~sa_cache.errors.CacheError`, saying why, for a class the cache cannot
         answer for exactly: one mapped to a ``select()``, subquery, CTE or join."""
         if model is None:
-            return lambda cls: self.register(cls, ttl=ttl)
-        base = self.registry.add(model, self.ttl if ttl is None else ttl)
+            return lambda cls: self.register(cls, ttl=ttl, relationships=relationships)
+        base = self.registry.add(model, self.ttl if ttl is None else ttl, relationships)
         listen_for_loads(base.class_)
         return model
 
@@ -191,6 +215,35 @@ class IdentityCache:
             key = cached.keys.row_key(state.key[1], state.key[2])
         return self.guarded.evict({key: cached})
 
+    def evict_collection(self, target: Any, attr: str, pk: Any = None) -> bool:
+        """Evict a cached collection now: ``evict_collection(user, "roles")`` or
+        ``evict_collection(User, "roles", 5)``; ``evict_collection(User, "roles")``: every
+        collection of that relationship, in O(1). The return value is as :meth:`evict`'s.
+
+        For membership changes sa_cache cannot see: database-side cascades (``ON DELETE
+        CASCADE`` on a link table) and triggers, ``text()`` SQL, other applications."""
+        state = None if isinstance(target, type) else inspect(target, raiseerr=False)
+        if state is not None and not isinstance(state, InstanceState):
+            raise TypeError(f"{target!r} is neither a mapped instance nor a mapped class")
+        mapper = state.mapper if state is not None else mapper_of(target)
+        prop = mapper.relationships.get(attr)
+        kind = None if prop is None else self.registry.relationship_kind(prop)
+        if kind is None:
+            raise NotRegistered(f"{mapper.class_.__name__}.{attr} is not a cached relationship")
+        if state is not None:
+            if pk is not None:
+                raise TypeError("evict_collection(instance, attr) takes no primary key")
+            if state.key is None:
+                raise ValueError(f"{target!r} is transient or pending: it has no collection")
+            pk = state.key[1]
+        elif pk is None:
+            return self.guarded.evict({}, [kind])
+        ident = tuple(pk) if isinstance(pk, tuple | list) else (pk,)
+        normalised = kind.parent.normalise(ident)
+        if normalised is None:
+            raise ValueError(f"{pk!r} is not a valid primary key of {kind.parent.name}")
+        return self.guarded.evict({kind.key_for_parent(normalised): kind})
+
     def evict_model(self, model: type[Any]) -> bool:
         """Evict every cached row of ``model`` (its whole hierarchy) in O(1); the return value
         is as :meth:`evict`'s."""
@@ -213,6 +266,8 @@ class IdentityCache:
         """Counters of this process: totals and per model; ``journal``: the evictions not yet
         written (row keys, and models to evict whole)."""
         per_model = {m.name: m.stats.as_dict() for m in self.registry.models()}
+        # relationship collections, as "Parent.attr"
+        per_model.update((k.name, k.stats.as_dict()) for k in self.registry.relationship_kinds())
         totals = {name: sum(s[name] for s in per_model.values()) for name in MODEL_COUNTERS}
         totals["errors"] = max(totals["errors"], self.guarded.errors)
         totals["bypassed"] = self.guarded.bypassed

@@ -129,6 +129,16 @@ class KeySpace:
         gen_name = _table_name(table if generation_table is None else generation_table)
         self.generation_key = f"{prefix}:gen:{{{gen_name}}}"
 
+    @classmethod
+    def named(cls, prefix: str, name: str) -> KeySpace:
+        """The key space of a kind keyed by something other than one table (a relationship's
+        collections): ``prefix:{name:pk}``, its generation ``prefix:gen:{name}``."""
+        space = cls.__new__(cls)
+        escaped = name.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
+        space.row_prefix = f"{prefix}:{{{escaped}:"
+        space.generation_key = f"{prefix}:gen:{{{escaped}}}"
+        return space
+
     def row_key(self, pk: Sequence[Any], identity_token: Any = None) -> str:
         """The key of one row, from its already-normalised primary-key values."""
         body = ":".join([key_part(v) for v in pk])

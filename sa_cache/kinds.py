@@ -42,6 +42,9 @@ class Hit(NamedTuple):
 ABSENT: Final = "absent"
 #: An entry that decoded but is not valid for this kind (counted in ``rejected``); a miss.
 REJECTED: Final = "rejected"
+#: Yielded by :meth:`CachedKind.changed_keys` or :meth:`CachedKind.links_changed` when the stale
+#: keys cannot be named: the whole kind is evicted at commit (its generation replaced).
+WHOLE_KIND: Final = "\x00whole kind"
 
 Answer = Hit | str  # a Hit or ABSENT
 
@@ -70,3 +73,9 @@ class CachedKind(ABC):
     ) -> Iterable[str]:
         """The keys of this kind made stale when ``state`` changed; ``identity_keys`` are the
         identities it had before and after the change (two when its primary key changed)."""
+
+    def links_changed(self, state: InstanceState[Any], deleted: bool) -> Iterable[str]:
+        """The keys of this kind made stale by what a flush wrote for ``state`` outside its own
+        row (the link rows of a many-to-many collection it changed; ``deleted``: the flush
+        deleted it). Rows have none; relationship collections do."""
+        return ()

@@ -8,16 +8,18 @@ included).
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 from sqlalchemy import inspect
 from sqlalchemy.exc import NoInspectionAvailable
-from sqlalchemy.orm import Mapper
+from sqlalchemy.orm import Mapper, RelationshipProperty
 from sqlalchemy.schema import Table
 from sqlalchemy.sql.expression import TableClause
 
 from .errors import CacheError, NotRegistered
 from .kinds import CachedKind
+from .relationships import DEFAULT_MAX_COLLECTION, CachedRelationship, uncacheable
 from .rows import CachedModel, identity_mapper
 
 
@@ -29,8 +31,16 @@ class Registry:
     own table (all of one hierarchy share its generation). ``_models`` holds them parents
     first."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, max_collection: int = DEFAULT_MAX_COLLECTION) -> None:
         self.prefix = prefix
+        self.max_collection = max_collection
+        #: registered hierarchies (by base mapper): the relationships chosen (None: all)
+        self._chosen: dict[Mapper[Any], frozenset[str] | None] = {}
+        #: every relationship kind ever made, kept so its counters survive a re-registration
+        self._made: dict[RelationshipProperty[Any], CachedRelationship] = {}
+        #: the cached relationships, found on first use after a registration (None: not yet)
+        self._relationships: dict[RelationshipProperty[Any], CachedRelationship] | None = None
+        self._reading: dict[str, tuple[CachedRelationship, ...]] = {}
         self._models: dict[Mapper[Any], CachedModel] = {}
         #: by table name (casefolded): the registered models mapping a table of that name
         self._by_table: dict[str, tuple[TableMatch, ...]] = {}
@@ -47,17 +57,30 @@ class Registry:
     def models(self) -> list[CachedModel]:
         return list(self._models.values())
 
-    def add(self, model: type[Any], ttl: float) -> Mapper[Any]:
+    def add(
+        self, model: type[Any], ttl: float, relationships: Iterable[str] | None = None
+    ) -> Mapper[Any]:
         """Cache ``model``'s whole hierarchy (again: with this TTL) and return its base mapper;
         raises :class:`~sa_cache.errors.CacheError` for a hierarchy whose rows the cache cannot
-        key, naming the class and why."""
+        key, naming the class and why. ``relationships``: the names of the hierarchy's
+        relationships whose collections are cached (None: every one to a registered class that
+        :func:`~sa_cache.relationships.uncacheable` allows)."""
+        if isinstance(relationships, str):
+            raise TypeError("relationships takes attribute names, not one string")
+        chosen = None if relationships is None else frozenset(relationships)
         base = mapper_of(model).base_mapper
+        if chosen and base.configured:  # else: checked by nothing, the mappers being incomplete
+            known = {prop.key for m in base.self_and_descendants for prop in m.relationships}
+            if chosen - known:
+                names = ", ".join(sorted(chosen - known))
+                raise CacheError(f"{base.class_.__name__} has no relationship named {names}")
         for mapper in base.self_and_descendants:
             reason = unservable(mapper)
             if reason is not None and not _has_concrete_subclasses(mapper):
                 raise CacheError(f"{mapper.class_.__name__} cannot be cached: {reason}")
         with self._lock:
             self._ttls[base] = ttl
+            self._chosen[base] = chosen
             for mapper in base.self_and_descendants:  # parents first
                 if identity_mapper(mapper) is mapper:
                     self._new_model(mapper, ttl)
@@ -75,6 +98,8 @@ class Registry:
         self._by_table.clear()  # filled lazily: subclasses may be mapped after registration
         self._served.clear()
         self._kinds.clear()
+        self._relationships = None
+        self._reading = {}
 
     def _model_of(self, mapper: Mapper[Any]) -> CachedModel | None:
         """The model of ``mapper``'s identity class (made now for a concrete class mapped after
@@ -112,8 +137,82 @@ class Registry:
             pass
         cached = self._model_of(mapper) if mapper.base_mapper in self._ttls else None
         kinds: tuple[CachedKind, ...] = () if cached is None else (cached,)
+        kinds += tuple(
+            kind
+            for kind in self._cached_relationships().values()
+            if _takes_part(mapper, kind)
+        )
         self._kinds[mapper] = kinds
         return kinds
+
+    # -- relationships ----------------------------------------------------------------------------
+
+    def relationship_kind(self, prop: Any) -> CachedRelationship | None:
+        """The cached collections of ``prop``, or None if its lazy loads are not cached."""
+        return self._cached_relationships().get(prop)
+
+    def relationship_kinds(self) -> list[CachedRelationship]:
+        """The relationship kinds made so far, for their counters: asking does not configure
+        the mappers (``stats()`` may be called before every mapped class is defined)."""
+        return list(self._made.values())
+
+    def every_kind(self) -> list[CachedKind]:
+        """Every registered kind: the models' rows and every cached relationship (configuring the
+        mappers if need be), for an eviction of everything (a Sentinel change of master)."""
+        return [*self.models(), *self._cached_relationships().values()]
+
+    def kinds_reading(self, table: Any) -> tuple[CachedRelationship, ...]:
+        """The relationship kinds whose collections a write to a table named as ``table`` may
+        change (by name, case-insensitively: evicting too much is harmless)."""
+        if not isinstance(table, TableClause):
+            return ()
+        name = table.name.casefold()
+        found = self._reading.get(name)
+        if found is None:
+            found = tuple(
+                kind
+                for kind in self._cached_relationships().values()
+                if name in kind.table_names
+            )
+            self._reading[name] = found
+        return found
+
+    def _cached_relationships(self) -> dict[RelationshipProperty[Any], CachedRelationship]:
+        """Every cached relationship: between two registered classes, chosen at registration,
+        and not :func:`~sa_cache.relationships.uncacheable`. Found on first use (the mappers
+        are configured by then), again after each registration."""
+        found = self._relationships
+        if found is not None:
+            return found
+        with self._lock:
+            found = {}
+            for model in list(self._models.values()):
+                for mapper in model.base_mapper.self_and_descendants:
+                    chosen = self._chosen.get(mapper.base_mapper)
+                    for prop in mapper.relationships:
+                        if prop.parent is not mapper:
+                            continue  # inherited: found on the mapper that declares it
+                        if chosen is not None and prop.key not in chosen:
+                            continue
+                        kind = self._relationship(prop)
+                        if kind is not None:
+                            found[prop] = kind
+            self._relationships = found
+        return found
+
+    def _relationship(self, prop: RelationshipProperty[Any]) -> CachedRelationship | None:
+        parent = self.model_for(prop.parent)
+        target = self.model_for(prop.mapper)
+        if parent is None or target is None or uncacheable(prop) is not None:
+            return None
+        kind = self._made.get(prop)
+        if kind is None or kind.parent is not parent or kind.target is not target:
+            ttl = self._ttls[prop.parent.base_mapper]
+            kind = CachedRelationship(
+                prop, parent, target, self.prefix, ttl, self.max_collection
+            )
+            self._made[prop] = kind
+        return kind
 
     def models_for_table(self, table: Any) -> tuple[TableMatch, ...]:
         """Every registered model that maps a table named as ``table`` (a ``Table`` of any
@@ -162,6 +261,19 @@ class TableMatch(NamedTuple):
     model: CachedModel
     mapper: Mapper[Any]
     table: Any  # a Table, or what else a mapper maps (mapper.tables)
+
+
+def _takes_part(mapper: Mapper[Any], kind: CachedRelationship) -> bool:
+    """Whether a change to an instance of ``mapper`` may change ``kind``'s collections: it is
+    the parent, a target, or writes the link table through a relationship of its own."""
+    prop = kind.prop
+    if mapper.isa(prop.parent) or mapper.base_mapper is prop.mapper.base_mapper:
+        return True
+    secondary = kind.secondary
+    return secondary is not None and any(
+        rel.secondary is not None and getattr(rel.secondary, "name", None) == secondary.name
+        for rel in mapper.relationships
+    )
 
 
 def _has_concrete_subclasses(mapper: Mapper[Any]) -> bool:

@@ -18,7 +18,7 @@ from typing import Any, Final, TypeVar
 
 from sqlalchemy import inspect, select, tuple_
 from sqlalchemy.engine import Connection
-from sqlalchemy.orm import Mapper, Query, Session
+from sqlalchemy.orm import Mapper, ORMExecuteState, Query, Session
 
 from . import _orm, connections, isolation, tracking
 from .cache import IdentityCache
@@ -26,6 +26,7 @@ from .keys import coercer_for, normalise
 from .kinds import Answer, Hit
 from .lookup import Lookups
 from .protocol import Freshness
+from .relationships import CachedRelationship
 from .rows import CachedModel
 
 T = TypeVar("T")
@@ -199,6 +200,110 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
                 return _orm.KNOWN_ABSENT
             return instance
         return _orm.KNOWN_ABSENT
+
+    # -- lazy collection loads --------------------------------------------------------------------
+
+    def cache_lazy_load(self, state: ORMExecuteState) -> Any:
+        """A lazy load of a relationship (from ``do_orm_execute``): the collection from the cache
+        (a result the lazy loader consumes as it would the SELECT's), or the SELECT's result
+        after caching the collection, or None: SQLAlchemy runs the SELECT untouched."""
+        lookups = self._sa_cache
+        prop = _orm.lazy_loaded_relationship(state)
+        if lookups is None or prop is None:
+            return None
+        kind = lookups.cache.registry.relationship_kind(prop)
+        if kind is None:
+            return None
+        parent: Any = state.lazy_loaded_from
+        target = prop.mapper
+        if (
+            parent.key is None  # pending: its collection is not in the database
+            or parent.key[2] is not None
+            or parent.load_options  # loader options travel to the load: a list cannot honour them
+            or not _orm.plain_lazy_load(state)
+            or self._rewrites_statements()
+        ):
+            kind.stats.skipped += 1
+            return None
+        if self._cacheable(target, None, state.execution_options) is None:
+            return None  # the session's own rules, counted on the target's model
+        if _orm.load_autoflushes(state):
+            _orm.autoflush(self)  # type: ignore[arg-type]
+        changes = lookups.changes
+        pk = kind.parent.normalise(parent.key[1])
+        if pk is None or kind in changes.bulk_models or kind.target in changes.bulk_models:
+            return None  # this transaction changed it: read its own writes from the database
+        key = kind.key_for_parent(pk)
+        if key in changes.keys:
+            return None
+        waiting = (kind, pk)  # where the miss's observation waits for the load
+        answer = lookups.read(kind, [(key, pk, waiting)], self._fill_rule, target)[0]
+        if answer is None and waiting in lookups.pending:
+            # the key's lease, as a get takes it (in a snapshot, with the clock that may prove
+            # the fill fresh); the get under way, if this load runs inside one, keeps its own
+            outer = lookups.current
+            try:
+                answer = lookups.lease_or_wait(kind, pk, waiting)
+            finally:
+                lookups.current = outer
+        if type(answer) is Hit:
+            found = self._hydrate(kind, answer.value)
+            # a target the row cache lacks: the SELECT, whose load fills it
+            return None if found is None else _orm.instances_result(found)
+        if waiting not in lookups.pending:
+            return None  # nothing to fill (the transaction wrote, an old snapshot...)
+        try:
+            frozen = state.invoke_statement().freeze()
+            loaded = frozen().unique().scalars().all()
+            pks = []
+            for instance in loaded:
+                identity = inspect(instance).key
+                target_pk = None if identity is None else kind.target.normalise(identity[1])
+                if target_pk is None:
+                    return frozen()
+                pks.append(target_pk)
+            lookups.loaded(waiting, pks)
+            return frozen()
+        finally:
+            observation = lookups.pending.pop(waiting, None)
+            if observation is not None:
+                lookups.write_back([], observation)  # releases its lease, if it holds one
+
+    def _hydrate(self, kind: CachedRelationship, pks: list[tuple[Any, ...]]) -> list[Any] | None:
+        """The instances of a cached collection: those in the identity map as they are, the
+        others from the row cache in one read and placed as a load places them; None if any is
+        not there (or not loaded, or of another class), so the SELECT answers instead."""
+        lookups = self._sa_cache
+        assert lookups is not None
+        mapper, model = kind.prop.mapper, kind.target
+        found: list[Any] = []
+        wanted: list[tuple[str, tuple[Any, ...], Any]] = []
+        places: list[int] = []
+        for pk in pks:
+            identity_key = mapper.identity_key_from_primary_key(pk)
+            instance = self.identity_map.get(identity_key)  # type: ignore[attr-defined]
+            if instance is not None:
+                if inspect(instance).expired_attributes or not isinstance(instance, mapper.class_):
+                    return None  # the SELECT would refresh it, or not return it
+                found.append(instance)
+                continue
+            key = model.keys.row_key(pk)
+            if key in lookups.changes.keys:
+                return None
+            places.append(len(found))
+            found.append(None)
+            wanted.append((key, pk, identity_key))
+        if not wanted:
+            return found
+        answers = lookups.read(model, wanted, self._fill_rule, mapper)
+        if any(type(answer) is not Hit for answer in answers):
+            return None
+        for (_, _, identity_key), answer, place in zip(wanted, answers, places, strict=True):
+            instance = self._place(answer, mapper, identity_key)  # type: ignore[arg-type]
+            if instance is _orm.KNOWN_ABSENT:
+                return None
+            found[place] = instance
+        return found
 
     def loaded_nothing(self, mapper: Mapper[Any], primary_key_identity: Any) -> None:
         """A ``get`` went to the database and found no row: remember that (negative caching)."""

@@ -7,7 +7,10 @@ from typing import Final
 #: Per-model counters, in the order ``stats()`` and the CLI show them. ``skipped``: lookups the
 #: cache did not answer because a cached row cannot honour what was asked (loader options, a
 #: listener that may rewrite the statement); they went to the database and filled nothing.
-MODEL_COUNTERS: Final = ("hits", "misses", "fills", "evictions", "errors", "rejected", "skipped")
+#: ``oversized``: collections loaded but not cached, being longer than ``max_collection``.
+MODEL_COUNTERS: Final = (
+    "hits", "misses", "fills", "evictions", "errors", "rejected", "skipped", "oversized"
+)
 #: Counters of the cache as a whole (store calls refused by the open circuit breaker).
 CACHE_COUNTERS: Final = ("bypassed",)
 #: Every counter ``IdentityCache.stats()`` reports at its top level.
@@ -21,7 +24,7 @@ class ModelStats:
 
     def __init__(self) -> None:
         self.hits = self.misses = self.fills = self.evictions = self.errors = self.rejected = 0
-        self.skipped = 0
+        self.skipped = self.oversized = 0
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in MODEL_COUNTERS}

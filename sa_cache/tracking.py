@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import event, inspect
@@ -39,7 +40,7 @@ from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.expression import Alias, Join
 
 from . import _orm, connections
-from .kinds import CachedKind
+from .kinds import WHOLE_KIND, CachedKind
 from .rows import CachedModel
 
 
@@ -92,11 +93,19 @@ def _record(
     class mapped to a cached table, registered or not)."""
     kinds = registry.kinds_for(state.mapper)
     for kind in kinds:
-        for key in kind.changed_keys(state, identities):
-            changes.keys[key] = kind
+        _note(changes, kind, kind.changed_keys(state, identities))
     mapper = state.mapper
     for model, keys in _other_models_written(registry, session, mapper, kinds, identities):
         changes.evict_at_commit(model, keys)
+
+
+def _note(changes: TransactionChanges, kind: CachedKind, keys: Iterable[str]) -> None:
+    """Evict ``keys`` of ``kind`` at commit; the whole kind where one is :data:`WHOLE_KIND`."""
+    for key in keys:
+        if key is WHOLE_KIND:
+            changes.bulk_models.add(kind)
+        else:
+            changes.keys[key] = kind
 
 
 def _other_models_written(
@@ -171,6 +180,9 @@ def _after_flush(session: Session, flush_context: UOWTransaction) -> None:
     for state, (isdelete, listonly) in flush_context.states.items():
         if isdelete and not listonly and state.key is not None:
             _record(changes, registry, session, state, state.key)
+        # link rows of many-to-many collections, which no instance's columns show
+        for kind in registry.kinds_for(state.mapper):
+            _note(changes, kind, kind.links_changed(state, isdelete and not listonly))
 
 
 def _may_write_cached_rows(registry: Any, mapper: Mapper[Any]) -> bool:
@@ -224,7 +236,12 @@ _READ_ONLY_SQL = ("SELECT", "WITH", "SHOW", "EXPLAIN", "VALUES")
 
 
 def on_orm_execute(state: ORMExecuteState) -> Any:
-    """Bulk and Core statements through the session: note what they write."""
+    """Bulk and Core statements through the session: note what they write. (A lazy load of a
+    relationship is handed to the session's ``cache_lazy_load``: the one listener sa_cache
+    installs answers it too, so a listener of the application is always another one.)"""
+    if state.is_select and state.lazy_loaded_from is not None:
+        answer = getattr(state.session, "cache_lazy_load", None)
+        return None if answer is None else answer(state)
     if not (state.is_update or state.is_delete or state.is_insert):
         if isinstance(state.statement, TextClause):
             lookups = _lookups(state.session)
@@ -241,6 +258,8 @@ def on_orm_execute(state: ORMExecuteState) -> Any:
     registry = lookups.cache.registry
     statement: Any = _orm.dml_statement(state.statement)
     target, *others = _tables_written(statement, state.is_update)
+    for table in (target, *others):  # relationship collections reading a table written
+        changes.bulk_models.update(registry.kinds_reading(table))
     translate = state.execution_options.get("schema_translate_map")
     bind = _bind(session, **state.bind_arguments)
     # models of the other tables a multi-table UPDATE sets: their rows are not known
@@ -390,6 +409,8 @@ def bulk_mappings(session: Session, mapper: Mapper[Any], mappings: list[dict[str
     own = registry.kinds_for(mapper)
     for other, _ in _other_models_written(registry, session, mapper, own, ()):
         changes.bulk_models.add(other)
+    for table in mapper.tables:  # relationship collections reading its tables
+        changes.bulk_models.update(registry.kinds_reading(table))
 
 
 def bulk_objects(session: Session, objects: list[Any]) -> None:

@@ -294,3 +294,49 @@ def test_code_that_asyncsession_runs_knows_it_and_can_await_on_the_loop():
 
     assert asyncio.run(main()) == (True, 42)
     assert _orm.under_asyncio() is False
+
+
+def test_a_lazy_collection_load_is_a_do_orm_execute_a_result_can_answer(Sessions):
+    """``LazyLoader._emit_lazyload`` runs ``session.execute`` with ``_lazy_loaded_from`` and the
+    relationship last on the path; the listener's result becomes the collection
+    (``.unique().scalars().all()``); loader options reach the parent's ``load_options`` and the
+    statement's ``_with_options``; ``_autoflush`` says whether the SELECT would autoflush."""
+    seen: list[Any] = []
+    answer: list[Any] = []
+    engine = Sessions.kw["bind"]
+
+    def listener(state: Any) -> Any:
+        if state.is_select and state.lazy_loaded_from is not None:
+            seen.append(
+                (
+                    _orm.lazy_loaded_relationship(state),
+                    state.lazy_loaded_from.load_options,
+                    _orm.plain_lazy_load(state),
+                    _orm.load_autoflushes(state),
+                )
+            )
+            return _orm.instances_result(answer) if answer else None
+        return None
+
+    with Session(engine) as s:
+        event.listen(s, "do_orm_execute", listener)
+        assert [a.id for a in s.get(User, 1).addresses] == [1]
+        relationship, load_options, plain, autoflushes = seen.pop()
+        assert relationship is User.addresses.property
+        assert load_options == () and plain and autoflushes
+        assert not _orm.target_correlates_to_parent(relationship)
+    with Session(engine) as s:
+        event.listen(s, "do_orm_execute", listener)
+        stand_in = Address(id=99)
+        answer.append(stand_in)
+        answer.append(stand_in)  # uniqued by identity, as an ORM result is
+        assert s.get(User, 1).addresses == [stand_in]
+        answer.clear()
+    with Session(engine) as s:
+        event.listen(s, "do_orm_execute", listener)
+        user = s.scalars(
+            sqlalchemy.select(User).options(sqlalchemy.orm.defer(User.name))
+        ).one()
+        assert [a.id for a in user.addresses] == [1]
+        _, load_options, plain, _ = seen.pop()
+        assert load_options and not plain
