@@ -353,3 +353,25 @@ def test_an_unknown_url_scheme_is_refused_without_its_password() -> None:
     with pytest.raises(ValueError, match="unsupported cache URL") as raised:
         IdentityCache("memcached://user:secret@127.0.0.1:11211")
     assert "secret" not in str(raised.value)
+
+
+def test_a_batch_that_meets_flushed_scripts_reports_each_fill_once() -> None:
+    """After ``SCRIPT FLUSH`` (or a Redis restart) the compare-and-set fills of a batch come back
+    NOSCRIPT; only they are sent again once the scripts are loaded. An unconditional ``SET NX``
+    fill of the same batch, already stored, is reported stored, not sent again and refused."""
+    from .redis_server import RedisServer
+
+    server = RedisServer().start()
+    try:
+        store = store_for(region_for_url(server.url, 1.0, 1))
+        tombstone = b"tombstone"
+        store.write_many([Write("k:observed", tombstone, 60)])
+        store.fill_many([Fill("k:warm", None, b"x", 60)])  # the scripts are loaded by now
+        server.client().script_flush()
+        stored = store.fill_many(
+            [Fill("k:absent", None, b"a", 60), Fill("k:observed", tombstone, b"b", 60)]
+        )
+        assert stored == [True, True]
+        assert store.get_many(["k:absent", "k:observed"]) == [b"a", b"b"]
+    finally:
+        server.stop()

@@ -83,22 +83,29 @@ class RedisStore:
         from redis.exceptions import NoScriptError
 
         client = self._client()
+        count = len(fills) + len(release)
+        replies: list[Any] = [None] * count
+        unsent = list(range(count))
         for attempt in (1, 2):
             pipe = client.pipeline(transaction=False)
-            for fill in fills:
-                self._queue_fill(pipe, fill)
-            for key, token in release:
-                pipe.evalsha(self._cad.sha, 1, key, token)
-            replies = pipe.execute(raise_on_error=False)
-            if attempt == 1 and any(isinstance(r, NoScriptError) for r in replies):
-                for script in (_COMPARE_AND_SET, _COMPARE_AND_DELETE):
-                    client.script_load(script)  # Redis restarted, or SCRIPT FLUSH
-                continue
-            for reply in replies:
-                if isinstance(reply, Exception):
-                    raise reply
-            return [bool(reply) for reply in replies[: len(fills)]]
-        raise AssertionError("unreachable")
+            for i in unsent:
+                if i < len(fills):
+                    self._queue_fill(pipe, fills[i])
+                else:
+                    key, token = release[i - len(fills)]
+                    pipe.evalsha(self._cad.sha, 1, key, token)
+            for i, reply in zip(unsent, pipe.execute(raise_on_error=False), strict=True):
+                replies[i] = reply
+            # only the script calls came back NOSCRIPT: the rest ran, and must not run twice
+            unsent = [i for i in unsent if isinstance(replies[i], NoScriptError)]
+            if not unsent or attempt == 2:
+                break
+            for script in (_COMPARE_AND_SET, _COMPARE_AND_DELETE):
+                client.script_load(script)  # Redis restarted, or SCRIPT FLUSH
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return [bool(reply) for reply in replies[: len(fills)]]
 
     def write_many(self, writes: Sequence[Write]) -> None:
         pipe = self._client().pipeline(transaction=False)
