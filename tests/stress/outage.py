@@ -13,7 +13,8 @@ and the read started before the stall ended plus the delivery bound. Every other
 failure.
 
 The delivery bound is the mode's promise, read from the cache's settings: the breaker's cooldown
-(no probe before it) plus one retry interval of the delivery thread (its backoff cap). Process 0
+(no probe before it) plus one retry interval of the delivery thread (its backoff cap) plus one
+attempt that was already waiting on the stalled connection (its socket timeouts). Process 0
 ends by waiting that long after its last stall without reading anything; keys still undelivered
 then are failures (``undelivered``).
 """
@@ -49,10 +50,12 @@ PROXIED = "@proxied"  # the tag of process 0's writes
 
 def delivery_bound(cache: IdentityCache) -> float:
     """Seconds after an outage by which its journaled evictions are written: the breaker's
-    cooldown, then at most one wait of the delivery thread (its backoff cap)."""
+    cooldown, then at most one wait of the delivery thread (its backoff cap), plus one attempt
+    already under way when the stall ended (a socket timeout for each of its tries)."""
     cooldown = cache.breaker.cooldown
     retry = max(cooldown, getattr(guarded, "DELIVERY_BACKOFF_CAP_FLOOR", 0.0))
-    return cooldown + retry
+    attempt = SETTINGS["socket_timeout"] * (1 + SETTINGS["retries"])
+    return cooldown + retry + attempt
 
 
 class OutageScenario(Scenario):
