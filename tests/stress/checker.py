@@ -1124,8 +1124,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     url = args.db_url or SERVERS[args.db]
-    database = make_url(url).get_backend_name()
+    # SQLAlchemy calls MariaDB's backend "mysql"; the scenarios name the databases they check
+    backend = make_url(url).get_backend_name()
+    database = "mariadb" if backend == "mysql" else backend
     names = args.scenario or [s.name for s in SCENARIOS.values() if database in s.databases]
+    if not names:
+        parser.error(f"no scenario applies to {database}: name one with --scenario")
     reports = []
     for name in names:
         report = run(
