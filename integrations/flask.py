@@ -25,9 +25,10 @@ default with ``app.config.setdefault`` (so afterwards ``app.config`` lists them 
 means "not set"):
 
 ``SA_CACHE_URL``
-    ``redis://``, ``rediss://``, ``unix://``, ``redis+cluster://`` or ``redis+sentinel://`` URL. Unset: the in-process backend, which is
-    coherent only within one process; a :class:`IncoherentCacheWarning` is issued when the
-    application runs (or will run) in several worker processes.
+    ``redis://``, ``rediss://``, ``unix://``, ``redis+cluster://`` or ``redis+sentinel://``
+    URL. Unset: the in-process backend, which is coherent only within one process; a
+    :class:`IncoherentCacheWarning` is issued when the application runs (or will run) in
+    several worker processes.
 ``SA_CACHE_PREFIX``
     first part of every key (unset: ``sa_cache``).
 ``SA_CACHE_DEFAULT_TTL``
