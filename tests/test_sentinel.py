@@ -6,7 +6,6 @@ master, a replica, three sentinels on loopback); the shared Redis is never touch
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,7 +16,6 @@ import redis
 from dogpile.cache import make_region
 from dogpile.cache.proxy import ProxyBackend
 from redis.sentinel import SentinelManagedConnection
-from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
 
@@ -28,6 +26,7 @@ from sa_cache.stores import region_for_url
 from sa_cache.stores.redis_sentinel import MasterChanged, RedisSentinelStore, ReplicationTimeout
 
 from . import redis_sentinel
+from .checked_load import CheckedLoad
 from .conftest import RUN_ID, register_all
 from .counting import (
     RedisCounter,
@@ -246,103 +245,34 @@ def _run_checked_load(
     """A writer commits ever-newer versions of rows while readers look them up through the
     cache; ``failover()`` runs meanwhile. No read returns a version older than one committed
     before the read began, no caller sees an exception, and hits resume once ``settled()``."""
-    probe_engine = create_engine(engine.url.render_as_string(hide_password=False))
     cache = _cache(servers, _prefix(), breaker_cooldown=0.5)
-    with sessionmaker(engine)() as s:
-        s.add_all([User(id=i, name="v0") for i in range(1, ROWS + 1)])
-        s.commit()
-    Session = sessionmaker(engine, class_=CachingSession, cache=cache)
-    committed = dict.fromkeys(range(1, ROWS + 1), 0)
-    stop = threading.Event()
-    errors: list[BaseException] = []
-    stale: list[tuple[int, int, int]] = []
-    hits_at: list[float] = []
-    reads = [0]
-
-    def checked_read(session_class: Any, pk: int) -> None:
-        before = committed[pk]
-        with session_class() as s:
-            got = int(s.get(User, pk).name[1:])
-        reads[0] += 1
-        if got < before:
-            stale.append((pk, got, before))
-
-    def guarded(loop: Any) -> threading.Thread:
-        def run() -> None:
-            try:
-                loop()
-            except BaseException as exc:  # reported to the test, never swallowed
-                errors.append(exc)
-                stop.set()
-
-        return threading.Thread(target=run)
-
-    def writer() -> None:
-        version = 0
-        while not stop.is_set():
-            version += 1
-            pk = version % ROWS + 1
-            with Session() as s:
-                s.get(User, pk).name = f"v{version}"
-                s.commit()
-            committed[pk] = version
-
-    def reader(seed: int) -> Any:
-        def loop() -> None:
-            pk = seed
-            while not stop.is_set():
-                pk = pk % ROWS + 1
-                checked_read(Session, pk)
-
-        return loop
-
-    probe_session = sessionmaker(probe_engine, class_=CachingSession, cache=cache)
-
-    def probe() -> None:
-        with counting_sql(probe_engine) as sql:
-            while not stop.is_set():
-                sql.reset()
-                checked_read(probe_session, 1)
-                if sql.count == 0:
-                    hits_at.append(time.monotonic())
-
-    threads = [guarded(writer), guarded(probe)]
-    threads += [guarded(reader(i * ROWS // READERS)) for i in range(READERS)]
-    for thread in threads:
-        thread.start()
     settled_at = None
-    try:
-        stop.wait(LOAD_SECONDS_BEFORE)
-        assert hits_at, "the probe never hit before the failover"
+    with CheckedLoad(engine, cache, ROWS, READERS) as load:
+        load.stop.wait(LOAD_SECONDS_BEFORE)
+        assert load.hits_at, "the probe never hit before the failover"
         began = time.monotonic()
         failover()
         deadline = began + SETTLE_LIMIT_SECONDS
-        while not stop.is_set() and time.monotonic() < deadline:
+        while not load.stop.is_set() and time.monotonic() < deadline:
             if settled_at is None and settled():
                 settled_at = time.monotonic()
-            if settled_at is not None and len([t for t in hits_at if t > settled_at]) >= HITS_AFTER:
+            if settled_at is not None and load.hits_after(settled_at) >= HITS_AFTER:
                 break
             time.sleep(0.05)
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=30)
-        probe_engine.dispose()
-    after = [began] + [t for t in hits_at if t > began]
-    longest = max(b - a for a, b in zip(after, after[1:], strict=False)) if len(after) > 1 else None
+    longest = load.longest_without_a_hit(began)
     stats = cache.stats()
     print(
         f"\n{label}: longest stretch without a hit "
         f"{'(no hit since)' if longest is None else f'{longest:.2f} s'}; "
         f"old master a synced replica after "
         f"{'never' if settled_at is None else f'{settled_at - began:.2f} s'}; "
-        f"{reads[0]} checked reads, {len(stale)} stale, {len(errors)} exceptions, "
+        f"{load.reads} checked reads, {len(load.stale)} stale, {len(load.errors)} exceptions, "
         f"{stats['errors']} store errors, {stats['bypassed']} bypassed"
     )
-    assert errors == []
-    assert stale == []
+    assert load.errors == []
+    assert load.stale == []
     assert settled_at is not None, "the old master never came back as a replica"
-    assert len([t for t in hits_at if t > settled_at]) >= HITS_AFTER, "hits did not resume"
+    assert load.hits_after(settled_at) >= HITS_AFTER, "hits did not resume"
 
 
 def _synced_replica(servers: RedisSentinelServers, port: int) -> Any:
