@@ -22,7 +22,13 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .conftest import MARIADB_SERVER, PG_SERVER, REDIS_URL, require_service
+from .conftest import (
+    MARIADB_SERVER,
+    PG_SERVER,
+    REDIS_URL,
+    require_redis_cluster,
+    require_service,
+)
 from .stress import checker
 from .stress.increments import IncrementScenario
 from .stress.outage import PROXIED, OutageScenario
@@ -61,6 +67,18 @@ def test_no_read_is_stale_or_dirty_and_the_cache_ends_equal_to_the_database(serv
     assert {"update", "delete", "insert", "rollback", "savepoint_rollback"} <= kinds
     assert {"bulk_update", "bulk_delete"} <= kinds
     assert report.cache["hits"] > 0 and report.cache["fills"] > 0
+    assert report.cache["evictions"] > 0
+
+
+def test_through_a_redis_cluster_no_read_is_stale_or_dirty(server):
+    """The mixed workload with the cache on the run's private Redis Cluster (3 masters, 3
+    replicas): keys routed per slot, fills and leases by script on each master."""
+    cluster = require_redis_cluster()
+    report = checker.run(
+        server, cluster.url, operations=3000, seed=21, time_limit=15, scenario="mixed"
+    )
+    _ran_cleanly(report, 300)
+    assert (report.stale, report.dirty, report.mismatches) == (0, 0, 0), report.examples
     assert report.cache["evictions"] > 0
 
 

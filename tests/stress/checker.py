@@ -381,9 +381,13 @@ def populate(engine: Engine, versions: VersionCounter) -> list[WriteRecord]:
 
 
 class VersionCounter:
-    """The global version counter: Redis INCR, shared by every process, never repeats."""
+    """The global version counter: Redis INCR, shared by every process, never repeats. It is
+    the checker's instrument, not the cache: when the cache's URL names a Redis Cluster or
+    Sentinel deployment, the counter lives in the tests' plain Redis (:data:`REDIS_URL`)."""
 
     def __init__(self, redis_url: str, prefix: str) -> None:
+        if not redis_url.startswith(("redis://", "rediss://", "unix://")):
+            redis_url = REDIS_URL
         self.client = redis.Redis.from_url(redis_url, socket_timeout=5)
         self.key = f"{prefix}:checker-clock"
 
