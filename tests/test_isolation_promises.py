@@ -149,18 +149,24 @@ def test_lookups_at_a_promising_level_skip_the_cache_and_fill_nothing(
             assert s.get(User, 1).name == "cached"
 
 
-def test_mariadb_repeatable_read_without_snapshot_isolation_keeps_its_hits(
-    engine: Engine, db: str, cache: IdentityCache, sql: Any
-) -> None:
-    """MariaDB's default REPEATABLE READ promises no first-updater-wins: hits are served."""
-    if db != "mariadb":
-        pytest.skip("MariaDB's default level")
+def _with_user_cached(engine: Engine, cache: IdentityCache) -> sessionmaker[CachingSession]:
+    """A caching session factory on ``engine``, user 1 ("a") committed and cached."""
     Session = sessionmaker(engine, class_=CachingSession, cache=cache)
     with Session() as s:
         s.add(User(id=1, name="a"))
         s.commit()
     with Session() as s:
         s.get(User, 1)
+    return Session
+
+
+def test_mariadb_repeatable_read_without_snapshot_isolation_keeps_its_hits(
+    engine: Engine, db: str, cache: IdentityCache, sql: Any
+) -> None:
+    """MariaDB's default REPEATABLE READ promises no first-updater-wins: hits are served."""
+    if db != "mariadb":
+        pytest.skip("MariaDB's default level")
+    Session = _with_user_cached(engine, cache)
     with expect_sql(sql, 0), Session() as s:
         assert s.get(User, 1).name == "a"
 
@@ -172,12 +178,7 @@ def test_a_transaction_that_asks_for_a_promising_level_on_its_connection_skips_t
     transaction the lookup runs in: its connection's level is what counts, not the engine's."""
     if db != "postgresql":
         pytest.skip("PostgreSQL's levels")
-    Session = sessionmaker(engine, class_=CachingSession, cache=cache)
-    with Session() as s:
-        s.add(User(id=1, name="a"))
-        s.commit()
-    with Session() as s:
-        s.get(User, 1)
+    Session = _with_user_cached(engine, cache)
     with Session() as s:
         s.connection(execution_options={"isolation_level": "REPEATABLE READ"})
         with expect_sql(sql, selects=1):

@@ -179,25 +179,32 @@ def _refuse_a_cluster_node(backend: Any) -> None:
         )
 
 
+def _without_proxies(backend: Any, reader: Any, why: str) -> None:
+    """Refuse a region whose dogpile proxies this store cannot read through, saying ``why``."""
+    if reader is not None:
+        raise UnsupportedBackend(
+            f"{type(backend).__name__}: {why}; configure the region without wrap="
+        )
+
+
 def _redis_cluster_store(backend: Any, reader: Any) -> Store:
     from .redis_cluster import RedisClusterStore
 
-    if reader is not None:
-        raise UnsupportedBackend(
-            f"{type(backend).__name__}: reads through dogpile proxies cannot be routed per "
-            "cluster node; configure the region without wrap="
-        )
+    _without_proxies(
+        backend, reader, "reads through dogpile proxies cannot be routed per cluster node"
+    )
     return RedisClusterStore(backend)
 
 
 def _redis_sentinel_store(backend: Any, reader: Any) -> Store:
     from .redis_sentinel import RedisSentinelStore
 
-    if reader is not None:
-        raise UnsupportedBackend(
-            f"{type(backend).__name__}: dogpile proxies read through the backend's replica "
-            "client, and sa_cache must read the master; configure the region without wrap="
-        )
+    _without_proxies(
+        backend,
+        reader,
+        "dogpile proxies read through the backend's replica client, and sa_cache must read "
+        "the master",
+    )
     return RedisSentinelStore(backend)
 
 
