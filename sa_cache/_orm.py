@@ -53,7 +53,7 @@ from typing import Any, Final, NamedTuple
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import inspect
-from sqlalchemy.engine import Connection, Engine, Result
+from sqlalchemy.engine import Connection, Result
 from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
 from sqlalchemy.orm import Mapper, ORMExecuteState, RelationshipProperty, Session
 from sqlalchemy.orm.attributes import instance_state
@@ -61,6 +61,8 @@ from sqlalchemy.orm.base import PassiveFlag
 from sqlalchemy.orm.context import FromStatement
 from sqlalchemy.util import EMPTY_DICT
 from sqlalchemy.util import concurrency as _concurrency
+
+from .isolation import PER_STATEMENT_SNAPSHOTS
 
 _SQL_ALLOWED: Final = PassiveFlag.SQL_OK | PassiveFlag.RELATED_OBJECT_OK
 
@@ -171,7 +173,6 @@ class IdentityLookupHooks:
             self.lookup_done()
 
 
-_STATEMENT_SNAPSHOTS: Final = frozenset({"READ COMMITTED", "READ UNCOMMITTED", "AUTOCOMMIT"})
 
 
 def next_load_sees_fresh_snapshot(session: Session) -> bool:
@@ -186,7 +187,7 @@ def next_load_sees_fresh_snapshot(session: Session) -> bool:
     """
     for connection in held_connections(session):
         level = connection.get_execution_options().get("isolation_level")
-        if (level or connection.default_isolation_level) in _STATEMENT_SNAPSHOTS:
+        if (level or connection.default_isolation_level) in PER_STATEMENT_SNAPSHOTS:
             continue
         if connection.dialect.name == "sqlite" and not getattr(
             connection.connection.dbapi_connection, "in_transaction", True
@@ -194,20 +195,6 @@ def next_load_sees_fresh_snapshot(session: Session) -> bool:
             continue
         return False
     return True
-
-
-def begins_snapshot(bind: Engine | Connection) -> bool:
-    """Whether a transaction's first statement on ``bind`` may begin a snapshot that its later
-    statements keep reading: REPEATABLE READ, SERIALIZABLE, or a level not known yet (the engine
-    never connected). Not the per-statement levels, and not pysqlite, whose default mode runs
-    SELECTs outside a transaction. Read from the bind's ``isolation_level`` execution option or
-    its dialect's default, so no SQL is sent."""
-    if bind.dialect.name == "sqlite":
-        return False
-    level = bind.get_execution_options().get("isolation_level")
-    # the dialect learns its default at the engine's first connect: until then it has none
-    level = level or getattr(bind.dialect, "default_isolation_level", None)
-    return level is None or str(level).upper().replace("_", " ") not in _STATEMENT_SNAPSHOTS
 
 
 def held_connections(session: Session) -> list[Connection]:

@@ -41,6 +41,8 @@ _PROMISING: Final = {
     "mariadb": frozenset({"SERIALIZABLE"}),
 }
 _SNAPSHOT_ISOLATION_LEVEL: Final = "REPEATABLE READ"
+#: Levels that take a snapshot per statement: a transaction's later reads are as fresh as "now".
+PER_STATEMENT_SNAPSHOTS: Final = frozenset({"READ COMMITTED", "READ UNCOMMITTED", "AUTOCOMMIT"})
 
 _lock = threading.Lock()
 #: innodb_snapshot_isolation per connection pool (engines made by ``execution_options`` share it)
@@ -65,12 +67,31 @@ def promises_what_hits_break(bind: Engine | Connection) -> bool:
                 level = getattr(dialect, "default_isolation_level", None)
     if level is None:
         return True  # unknown: assume the promise
-    level = str(level).upper().replace("_", " ")
+    level = _named(level)
     if level in levels:
         return True
     return level == _SNAPSHOT_ISOLATION_LEVEL and dialect.name in ("mysql", "mariadb") and (
         _innodb_snapshot_isolation(bind.engine)
     )
+
+
+def begins_snapshot(bind: Engine | Connection) -> bool:
+    """Whether a transaction's first statement on ``bind`` may begin a snapshot that its later
+    statements keep reading: REPEATABLE READ, SERIALIZABLE, or a level not known yet (the engine
+    never connected). Not the per-statement levels, and not pysqlite, whose default mode runs
+    SELECTs outside a transaction. Read from the bind's ``isolation_level`` execution option or
+    its dialect's default, so no SQL is sent."""
+    if bind.dialect.name == "sqlite":
+        return False
+    level = bind.get_execution_options().get("isolation_level")
+    # the dialect learns its default at the engine's first connect: until then it has none
+    level = level or getattr(bind.dialect, "default_isolation_level", None)
+    return level is None or _named(level) not in PER_STATEMENT_SNAPSHOTS
+
+
+def _named(level: Any) -> str:
+    """An isolation level as SQLAlchemy names it (``repeatable_read`` is REPEATABLE READ)."""
+    return str(level).upper().replace("_", " ")
 
 
 def _innodb_snapshot_isolation(engine: Engine) -> bool:

@@ -168,7 +168,7 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         if lookups.changes.wrote:
             freshness = Freshness.NEVER
         elif _orm.next_load_sees_fresh_snapshot(self):  # type: ignore[arg-type]
-            begins = _orm.begins_snapshot(bind)
+            begins = isolation.begins_snapshot(bind)
             freshness = Freshness.BEGINS_SNAPSHOT if begins else Freshness.FRESH
         else:
             freshness = Freshness.IN_SNAPSHOT

@@ -19,7 +19,7 @@ ALLOWED: dict[str, set[str]] = {
     "keys": set(),
     "breaker": set(),
     "signing": set(),
-    "_orm": set(),
+    "_orm": {"isolation"},
     "isolation": set(),
     "kinds": {"codec", "keys", "stats"},
     "rows": {"codec", "keys", "kinds", "stats"},

@@ -20,7 +20,7 @@ from sqlalchemy import ForeignKey, Integer, String, create_engine, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
-from sa_cache import CachingSession, IdentityCache, _orm, codec, lookup
+from sa_cache import CachingSession, IdentityCache, codec, isolation, lookup
 from sa_cache.protocol import CLOCK_MARGIN, GENERATION_TTL, proves_no_eviction_since
 from sa_cache.store import Clock, Write
 
@@ -405,15 +405,15 @@ def test_a_redis_that_refuses_config_is_taken_for_one_that_may_drop_keys(tables,
 
 def test_whether_a_load_may_begin_a_snapshot_is_read_from_the_bind_without_sql(engine, sql):
     with expect_sql(sql, 0):
-        assert _orm.begins_snapshot(engine) is True  # MariaDB's default, REPEATABLE READ
-        assert _orm.begins_snapshot(engine.execution_options(isolation_level="SERIALIZABLE"))
+        assert isolation.begins_snapshot(engine) is True  # MariaDB's default, REPEATABLE READ
+        assert isolation.begins_snapshot(engine.execution_options(isolation_level="SERIALIZABLE"))
         for level in ("READ COMMITTED", "READ UNCOMMITTED", "AUTOCOMMIT"):
-            assert not _orm.begins_snapshot(engine.execution_options(isolation_level=level))
+            assert not isolation.begins_snapshot(engine.execution_options(isolation_level=level))
     never_connected = create_engine(engine.url)
     assert getattr(never_connected.dialect, "default_isolation_level", None) is None
-    assert _orm.begins_snapshot(never_connected) is True  # unknown: assume it may
+    assert isolation.begins_snapshot(never_connected) is True  # unknown: assume it may
     never_connected.dispose()
-    assert _orm.begins_snapshot(create_engine("sqlite://")) is False  # pysqlite's default mode
+    assert isolation.begins_snapshot(create_engine("sqlite://")) is False  # pysqlite's default mode
 
 
 def test_a_process_whose_first_database_use_is_a_cache_miss_fills_it(tables, cache, sql):
