@@ -12,6 +12,14 @@ recipe, ``join_transaction_mode``). Two things follow, both tracked here per con
   from the cache nor fills it until the connection's transaction ends
   (:func:`written_by_others`). A session running inside a transaction it did not begin already
   skips the cache (``_orm.runs_in_outside_transaction``).
+- **A session's own commit is held too.** SQLAlchemy evicts in the session's ``after_commit``,
+  after the database commit. In between, a reader that learnt of the commit through the database
+  (it waited for a lock the writer held, or loaded a row the writer committed) must not get the
+  old row from the cache: in plain SQLAlchemy it would read the new one, and a read-modify-write
+  built on the old one loses the write. So a session that wrote registers its live changes on
+  each connection it runs on (:func:`hold_at_commit`), and the connection's root commit holds
+  them first; the eviction in ``after_commit`` then replaces the holds with tombstones. A
+  transaction that wrote nothing cached holds nothing and costs no round trip.
 - **Changes become durable at the connection's root commit**, not at a joined session's commit.
   The joined session still evicts at its own commit (harmless: its rows are not committed yet, so
   a reader can only load and cache the old, committed row, which is still right) and hands its
@@ -26,7 +34,7 @@ recipe, ``join_transaction_mode``). Two things follow, both tracked here per con
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection
@@ -48,16 +56,26 @@ class _Changes:
         self.hold_ttl = hold_ttl
 
 
+class Uncommitted(Protocol):
+    """A session transaction's changes as they grow (``sa_cache.tracking.TransactionChanges``)."""
+
+    keys: dict[str, CachedKind]
+    bulk_models: set[CachedKind]
+
+
 class _ConnectionState:
     """Per database connection: who wrote in its current transaction, what that transaction
-    must evict (per cache), and what its last commit still has to evict."""
+    must evict (per cache), what its last commit still has to evict, and the changes of the
+    sessions running their own transactions on it, held at its commit."""
 
-    __slots__ = ("writers", "uncommitted", "committed")
+    __slots__ = ("writers", "uncommitted", "committed", "owners")
 
     def __init__(self) -> None:
         self.writers: set[int] = set()  # id() of the sessions that wrote
         self.uncommitted: dict[GuardedStore, _Changes] = {}
         self.committed: dict[GuardedStore, _Changes] = {}
+        #: id(changes) -> (store, the changes, how long a hold blocks fills at most)
+        self.owners: dict[int, tuple[GuardedStore, Uncommitted, float]] = {}
 
 
 def _state(connection: Connection) -> _ConnectionState:
@@ -100,6 +118,14 @@ def defer(
     changes.kinds.update(kinds)
 
 
+def hold_at_commit(
+    connection: Connection, guarded: GuardedStore, changes: Uncommitted, hold_ttl: float
+) -> None:
+    """Hold what ``changes`` names, as it is then, just before ``connection``'s root commit; the
+    session's own ``after_commit`` evicts it after."""
+    _state(connection).owners[id(changes)] = (guarded, changes, hold_ttl)
+
+
 def after_commit(connection: Connection) -> None:
     """A session that owns ``connection``'s transaction committed it: evict what the sessions
     joined to it changed."""
@@ -115,6 +141,9 @@ def _before_commit(connection: Connection) -> None:
     state.writers.clear()
     if state.committed:  # an earlier commit's eviction never ran: run it before the hold
         _deliver(state)
+    owners, state.owners = state.owners, {}
+    for guarded, live, hold_ttl in owners.values():
+        guarded.hold(live.keys, live.bulk_models, hold_ttl)
     for guarded, changes in state.uncommitted.items():
         guarded.hold(changes.keys, changes.kinds, changes.hold_ttl)
     state.committed, state.uncommitted = state.uncommitted, {}
@@ -125,6 +154,7 @@ def _rolled_back(connection: Connection) -> None:
     if state is not None:
         state.writers.clear()
         state.uncommitted.clear()
+        state.owners.clear()
 
 
 def _began(connection: Connection) -> None:
@@ -141,6 +171,7 @@ def _checked_in(dbapi_connection: Any, record: Any) -> None:
         _deliver(state)
     state.writers.clear()
     state.uncommitted.clear()
+    state.owners.clear()
 
 
 def _deliver(state: _ConnectionState) -> None:

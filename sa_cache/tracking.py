@@ -6,9 +6,11 @@
 - The keys are kept across savepoints (a savepoint rolled back may still have touched rows an
   earlier flush changed; evicting too much is harmless) and forgotten when the outermost
   transaction ends. A rolled-back transaction evicts nothing.
+- Just before the database commit the keys are held (``sa_cache.connections``): a reader that
+  learns of the commit through the database before the eviction must not get the old row.
 - The eviction runs in ``after_commit`` of the outermost transaction, registered ahead of every
   other listener, so a listener of the application (a job enqueued on commit) never reads the
-  old row from the cache. All of a commit's evictions go to the store in one round trip.
+  old row from the cache. The holds and the evictions each go to the store in one round trip.
 - Bulk statements (``update()``, ``delete()``, ``insert()`` through ``Session.execute``) are seen
   in ``do_orm_execute``. ORM-enabled UPDATE/DELETE on a dialect with RETURNING evict exactly the
   rows they matched; anything else replaces the model's generation, which evicts it in O(1).
@@ -47,13 +49,15 @@ from .rows import CachedModel
 class TransactionChanges:
     """What the current outermost transaction has changed, for eviction at commit."""
 
-    __slots__ = ("keys", "bulk_models", "wrote")
+    __slots__ = ("keys", "bulk_models", "wrote", "connections")
 
     def __init__(self) -> None:
         self.keys: dict[str, CachedKind] = {}
         #: kinds evicted whole (their generation replaced) at commit
         self.bulk_models: set[CachedKind] = set()
         self.wrote = False
+        #: the connections the transaction runs on, whose commits are held (``connections``)
+        self.connections: list[Connection] = []
 
     def evict_at_commit(self, model: CachedKind, keys: dict[str, CachedKind] | None) -> None:
         """Evict ``keys`` when the transaction commits, or the whole model if they are unknown."""
@@ -66,10 +70,12 @@ class TransactionChanges:
         self.keys.clear()
         self.bulk_models.clear()
         self.wrote = False
+        self.connections.clear()
 
 
 def listen(session_class: type[Session]) -> None:
     """Install the listeners on a Session subclass (once, on the first one that mixes us in)."""
+    event.listen(session_class, "after_begin", _after_begin)
     event.listen(session_class, "after_flush", _after_flush)
     event.listen(session_class, "after_commit", _after_commit, insert=True)
     event.listen(session_class, "after_transaction_end", _after_transaction_end)
@@ -160,7 +166,7 @@ def _after_flush(session: Session, flush_context: UOWTransaction) -> None:
     if lookups is None:
         return
     changes = lookups.changes
-    _wrote(session, changes)
+    _wrote(session, lookups)
     registry = lookups.cache.registry
     for obj in session.new:
         state = instance_state(obj)
@@ -192,13 +198,39 @@ def _may_write_cached_rows(registry: Any, mapper: Mapper[Any]) -> bool:
     )
 
 
-def _wrote(session: Session, changes: TransactionChanges) -> None:
-    """The session wrote (or may have): it publishes nothing until its transaction ends, and on
-    a connection it shares, no other session trusts the cache until that connection's does."""
-    changes.wrote = True
+def _wrote(session: Session, lookups: Any) -> None:
+    """The session wrote (or may have): it publishes nothing until its transaction ends, its
+    commit is held on every connection it runs on, and on a connection it shares, no other
+    session trusts the cache until that connection's transaction ends."""
+    changes: TransactionChanges = lookups.changes
+    if not changes.wrote:
+        changes.wrote = True
+        for connection in changes.connections:
+            _hold_commit(lookups, connection)
     bind = session.bind
     if isinstance(bind, Connection):
         connections.wrote(bind, session)
+
+
+def _after_begin(session: Session, transaction: SessionTransaction, connection: Connection) -> None:
+    lookups = _lookups(session)
+    if lookups is None:
+        return
+    changes = lookups.changes
+    if connection in changes.connections:  # a savepoint on it
+        return
+    changes.connections.append(connection)
+    if changes.wrote:
+        _hold_commit(lookups, connection)
+
+
+def _hold_commit(lookups: Any, connection: Connection) -> None:
+    """Hold the transaction's keys just before ``connection`` commits it: from the database
+    commit until the eviction in ``after_commit``, a reader that learnt of the commit through
+    the database (a lock the writer held, a row it wrote) must not get the old row from the
+    cache, nor fill it (``sa_cache.connections``)."""
+    cache = lookups.cache
+    connections.hold_at_commit(connection, cache.guarded, lookups.changes, cache.max_fill_age)
 
 
 def _after_commit(session: Session) -> None:
@@ -247,14 +279,14 @@ def on_orm_execute(state: ORMExecuteState) -> Any:
             lookups = _lookups(state.session)
             sql = state.statement.text.lstrip().upper()
             if lookups is not None and not sql.startswith(_READ_ONLY_SQL):
-                _wrote(state.session, lookups.changes)  # rows unknown: never publish what it wrote
+                _wrote(state.session, lookups)  # rows unknown: never publish what it wrote
         return None
     session = state.session
     lookups = _lookups(session)
     if lookups is None:
         return None
     changes = lookups.changes
-    _wrote(session, changes)  # whatever table it writes: publish nothing until the transaction ends
+    _wrote(session, lookups)  # whatever table it writes: publish nothing until the transaction ends
     registry = lookups.cache.registry
     statement: Any = _orm.dml_statement(state.statement)
     target, *others = _tables_written(statement, state.is_update)
@@ -401,7 +433,7 @@ def bulk_mappings(session: Session, mapper: Mapper[Any], mappings: list[dict[str
     if lookups is None:
         return
     changes = lookups.changes
-    _wrote(session, changes)  # as after a flush: publish nothing until commit
+    _wrote(session, lookups)  # as after a flush: publish nothing until commit
     registry = lookups.cache.registry
     model = registry.model_for(mapper)
     if model is not None:
@@ -422,7 +454,7 @@ def bulk_objects(session: Session, objects: list[Any]) -> None:
     if lookups is None:
         return
     changes = lookups.changes
-    _wrote(session, changes)
+    _wrote(session, lookups)
     registry = lookups.cache.registry
     for obj in objects:
         state = inspect(obj, raiseerr=False)

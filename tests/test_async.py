@@ -62,7 +62,7 @@ def test_an_async_session_hits_fills_and_evicts_as_a_session_does(
                 assert (await s.get(User, 1)).name == "before"
         async with Session() as s:
             (await s.get(User, 1)).name = "after"
-            with expect_commands(redis_counter, {"SET": 1}):
+            with expect_commands(redis_counter, {"SET": 2}):
                 await s.commit()
         async with Session() as s:
             with expect_sql(sql, selects=1):
