@@ -109,8 +109,12 @@ def test_the_readme_flask_lines_run_and_match_the_extension_docstring():
         "    id: Mapped[int] = mapped_column(primary_key=True)\n"
         "    email: Mapped[str] = mapped_column(String(100))\n"
     )
+    # the three lines, then the application's models, then the loader that names one
+    lines = snippet.splitlines(keepends=True)
+    cut = max(i for i, line in enumerate(lines) if "# 3" in line) + 1
+    source = prelude + "".join(lines[:cut]) + model + "".join(lines[cut:])
     namespace: dict[str, Any] = {}
-    exec(compile(prelude + snippet + model, "README.md", "exec", dont_inherit=True), namespace)
+    exec(compile(source, "README.md", "exec", dont_inherit=True), namespace)
     app, db, User = namespace["app"], namespace["db"], namespace["User"]  # noqa: N806
     with app.app_context():
         db.create_all()
@@ -121,6 +125,8 @@ def test_the_readme_flask_lines_run_and_match_the_extension_docstring():
             assert namespace["load_user"]("1").email == "ada@example.com"
     with app.app_context():
         assert namespace["sacache"].cache.stats()["hits"] == 1
+        for cookie in ("abc", "1.5", "9" * 40, ""):  # a malformed cookie: anonymous, not a 500
+            assert namespace["load_user"](cookie) is None
 
 
 def test_every_relative_link_in_the_readme_and_docs_names_a_file():
