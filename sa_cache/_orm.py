@@ -197,6 +197,21 @@ def next_load_sees_fresh_snapshot(session: Session) -> bool:
     return True
 
 
+def released_savepoint_committed(session: Session) -> bool:
+    """Whether releasing the session's savepoint committed its database transaction: true when a
+    pysqlite connection the session holds is out of any transaction just after the release.
+    pysqlite's default mode begins a transaction only before an INSERT, UPDATE or DELETE, so a
+    SAVEPOINT issued before the transaction's first write begins it, and its RELEASE commits:
+    what the session wrote is durable, and the rollback SQLAlchemy may still run undoes none
+    of it."""
+    for connection in held_connections(session):
+        if connection.dialect.name != "sqlite" or connection.closed or connection.invalidated:
+            continue
+        if getattr(connection.connection.dbapi_connection, "in_transaction", True) is False:
+            return True
+    return False
+
+
 def held_connections(session: Session) -> list[Connection]:
     """The connections the session's transaction holds (none before its first statement); its
     ``SessionTransaction._connections`` maps each bind to ``(connection, transaction,

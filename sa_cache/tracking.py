@@ -5,7 +5,9 @@
   Only net changes count: an object in ``session.dirty`` whose columns are unchanged is skipped.
 - The keys are kept across savepoints (a savepoint rolled back may still have touched rows an
   earlier flush changed; evicting too much is harmless) and forgotten when the outermost
-  transaction ends. A rolled-back transaction evicts nothing.
+  transaction ends. A rolled-back transaction evicts nothing. One exception: on pysqlite a
+  savepoint begun before the transaction's first write is the database's transaction (its
+  default mode begins one only at a write), so its release commits: it evicts as a commit does.
 - Just before the database commit the keys are held (``sa_cache.connections``): a reader that
   learns of the commit through the database before the eviction must not get the old row.
 - The eviction runs in ``after_commit`` of the outermost transaction, registered ahead of every
@@ -235,7 +237,9 @@ def _hold_commit(lookups: Any, connection: Connection) -> None:
 
 def _after_commit(session: Session) -> None:
     lookups = _lookups(session)
-    if lookups is None or session.in_nested_transaction():
+    if lookups is None:
+        return
+    if session.in_nested_transaction() and not _orm.released_savepoint_committed(session):
         return  # a savepoint released: nothing is visible to others yet
     changes = lookups.changes
     if changes.keys or changes.bulk_models:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from sqlalchemy import event, select
+from sqlalchemy import delete, event, select
 from sqlalchemy.orm import Session as PlainSession
 from sqlalchemy.orm import sessionmaker
 
@@ -18,6 +18,7 @@ from .counting import expect_commands, expect_sql
 from .entries import entry_kind
 from .extra_models import Account, Login, ensure_tables
 from .models import Address, User
+from .test_fidelity_writes import after, differential, names
 
 
 def evictions(cache: IdentityCache) -> int:
@@ -160,6 +161,8 @@ def test_releasing_a_savepoint_evicts_nothing_before_the_outer_commit(
 ):
     before = evictions(cache)
     with Session() as s:
+        s.get(User, 2).name = "outer"
+        s.flush()  # the database transaction has begun (pysqlite begins one at the first write)
         user = s.get(User, 1)
         with expect_commands(redis_counter, {}), s.begin_nested():
             user.name = "released"
@@ -167,7 +170,7 @@ def test_releasing_a_savepoint_evicts_nothing_before_the_outer_commit(
         with expect_sql(sql, 0), Session() as other:
             assert other.get(User, 1).name == "u1"  # the committed row, from the cache
         s.commit()
-    assert evictions(cache) == before + 1
+    assert evictions(cache) == before + 2
     with Session() as s:
         assert s.get(User, 1).name == "released"
 
@@ -194,6 +197,8 @@ def test_a_released_savepoint_whose_transaction_rolls_back_evicts_nothing(
 ):
     before = evictions(cache)
     with Session() as s:
+        s.get(User, 2).name = "outer"
+        s.flush()  # the database transaction has begun (pysqlite begins one at the first write)
         user = s.get(User, 1)
         with expect_commands(redis_counter, {}):
             with s.begin_nested():
@@ -202,6 +207,39 @@ def test_a_released_savepoint_whose_transaction_rolls_back_evicts_nothing(
     assert evictions(cache) == before
     with expect_sql(sql, 0), Session() as s:
         assert s.get(User, 1).name == "u1"
+
+
+SAVEPOINT_WRITES = {
+    "rename": lambda s: setattr(s.get(User, 1), "name", "renamed"),
+    "merge": lambda s: s.merge(User(id=2, name="merged")),
+    "bulk delete": lambda s: s.execute(delete(User).where(User.id < 3)),
+}
+
+
+@pytest.mark.parametrize("release", [True, False], ids=["released", "rolled-back"])
+@pytest.mark.parametrize("write", list(SAVEPOINT_WRITES))
+def test_a_savepoint_begun_before_the_transactions_first_write_is_read_as_the_database_keeps_it(
+    engine, Session, cache, write, release
+):
+    """pysqlite's default mode begins a database transaction only at a write: a SAVEPOINT before
+    the first one begins it, and its RELEASE commits, so the rollback after it undoes nothing.
+    Whatever each database keeps, the cached session reads it, as plain SQLAlchemy does."""
+
+    def scenario(factory: Any) -> list[Any]:
+        with factory() as s:
+            seen = names(s, (1,))  # from the cache: no statement before the savepoint
+            savepoint = s.begin_nested()
+            SAVEPOINT_WRITES[write](s)
+            s.flush()
+            if release:
+                savepoint.commit()
+            else:
+                savepoint.rollback()
+            s.rollback()
+            seen += names(s)
+        return seen + after(factory)
+
+    differential(engine, Session, cache, scenario)
 
 
 @pytest.mark.usefixtures("users")

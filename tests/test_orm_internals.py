@@ -136,6 +136,26 @@ def test_after_commit_fires_for_a_savepoint_release_inside_a_nested_transaction(
     assert seen == [True, False]
 
 
+def test_on_pysqlite_a_savepoint_before_the_first_write_commits_at_its_release(Sessions):
+    seen = []
+    with Sessions() as s:
+        @event.listens_for(s, "after_commit")
+        def committed(sess: Any) -> None:
+            seen.append((sess.in_nested_transaction(), _orm.released_savepoint_committed(sess)))
+
+        s.get(User, 1)  # a SELECT: pysqlite begins no transaction for it
+        with s.begin_nested():
+            s.get(User, 1).name = "released"
+        s.rollback()
+        assert s.get(User, 1).name == "released"  # the rollback undid nothing
+        s.get(User, 1).name = "a"
+        s.flush()  # now the transaction has begun: a savepoint's release commits nothing
+        with s.begin_nested():
+            pass
+        s.commit()
+    assert seen == [(True, True), (True, False), (False, True)]  # the last: after COMMIT
+
+
 def test_fetch_synchronization_reports_matched_primary_keys_through_returning(Sessions):
     with Sessions() as s:
         engine_dialect = s.get_bind().dialect
