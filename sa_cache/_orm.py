@@ -515,17 +515,18 @@ def _canonical_shapes(
     """The cache keys of the recognised statements by ``columns``: whether each has a LIMIT."""
     attrs = [getattr(entity, mapper.get_property_by_column(c).key) for c in columns]
     criteria = [attr == _Placeholder() for attr in attrs]
-    where = criteria[0] if len(criteria) == 1 else and_(*criteria)
     shapes: dict[Any, bool] = {}
-    for statement, limited in (
-        (select(entity).where(where), False),
-        (select(entity).where(where).limit(1), True),
-        (Query(entity).filter(where)._statement_20(), False),
-        (Query(entity).filter(where).limit(1)._statement_20(), True),
-    ):
-        key = statement._generate_cache_key()
-        if key is not None:
-            shapes[key.key] = limited
+    # several criteria (``filter_by(a=, b=)``, ``where(a, b)``), or one ``and_`` of them
+    for where in (criteria, [and_(*criteria)]) if len(criteria) > 1 else (criteria,):
+        for statement, limited in (
+            (select(entity).where(*where), False),
+            (select(entity).where(*where).limit(1), True),
+            (Query(entity).filter(*where)._statement_20(), False),
+            (Query(entity).filter(*where).limit(1)._statement_20(), True),
+        ):
+            key = statement._generate_cache_key()
+            if key is not None:
+                shapes[key.key] = limited
     return shapes
 
 
