@@ -261,6 +261,7 @@ def warm_lookups(Session: Any, sql: SQLCounter) -> None:  # noqa: N803
 def test_a_committed_change_of_who_holds_a_value_is_seen(
     Session: sessionmaker[CachingSession],  # noqa: N803
     plain: sessionmaker[PlainSession],
+    cache: IdentityCache,
     sql: SQLCounter,
     change: str,
 ) -> None:
@@ -289,7 +290,12 @@ def test_a_committed_change_of_who_holds_a_value_is_seen(
         s.commit()
     expected = outcome(plain, lookups)
     assert expected != [(1, "a@x", "Ann"), (2, "b@x", "Bob"), None]  # the change changed it
+    counters = cache.stats()["models"]["Account.unique(email)"]
     assert outcome(Session, lookups) == expected
+    after = cache.stats()["models"]["Account.unique(email)"]
+    # every value the change named was evicted: read from the database, not the cache
+    evicted = {"update email": 2, "swap emails": 2, "delete": 1, "insert": 1}.get(change, 3)
+    assert after["misses"] - counters["misses"] == evicted
     assert outcome(Session, lookups) == expected
 
 
@@ -365,6 +371,16 @@ def test_a_column_the_database_compares_loosely_is_never_served(
     with expect_sql(sql, selects=2):
         outcome(Session, read)
     assert cache.stats()["models"]["Account.unique(login)"]["skipped"] == before + 2
+
+    def zed(s: Any) -> Any:
+        return [seen(s.query(Account).filter_by(login=v).one_or_none()) for v in ("ZED", "zed ")]
+
+    agree(plain, Session, zed)  # no such login: an absence a key by exact value would keep
+    with Session() as s:
+        s.add(Account(id=7, email="z@x", login="zed", tenant=7, handle="z", name="Zed"))
+        s.commit()
+    found = agree(plain, Session, zed)
+    assert found[{"sqlite": 0, "postgresql": 1, "mariadb": 0}[db]] == (7, "z@x", "Zed")
     assert not collations.compares_exactly(engine, Account.__table__.c.login)
     assert collations.compares_exactly(engine, Account.__table__.c.email)
 
