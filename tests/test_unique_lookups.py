@@ -300,6 +300,23 @@ def test_a_committed_change_of_who_holds_a_value_is_seen(
 
 
 @pytest.mark.usefixtures("uq")
+def test_a_change_whose_old_value_was_never_loaded_is_caught_by_the_row_it_names(
+    Session: sessionmaker[CachingSession],  # noqa: N803
+    plain: sessionmaker[PlainSession],
+    sql: SQLCounter,
+) -> None:
+    warm_lookups(Session, sql)
+    with Session() as s:
+        account = s.get(Account, 1)
+        s.expire(account, ["email"])
+        account.email = "y@x"  # history knows the new value only: a@x is not evicted
+        s.commit()
+    with Session() as s:
+        s.get(Account, 1)  # the row cache holds the row as it is now
+    assert agree(plain, Session, lookups) == [None, (2, "b@x", "Bob"), None]
+
+
+@pytest.mark.usefixtures("uq")
 def test_a_rolled_back_change_evicts_nothing_and_the_writer_reads_its_own_write(
     Session: sessionmaker[CachingSession],  # noqa: N803
     sql: SQLCounter,
