@@ -463,7 +463,9 @@ class ColumnCriteria(NamedTuple):
     keys: tuple[str, ...]
 
 
-def unique_lookup_criteria(state: ORMExecuteState) -> ColumnCriteria | None:
+def unique_lookup_criteria(
+    state: ORMExecuteState, wanted: Callable[[Mapper[Any], frozenset[Any]], bool] | None = None
+) -> ColumnCriteria | None:
     """The columns and values of a statement that is exactly ``select(E).where(E.a == x)``
     (``and_`` of several, ``filter_by``, the legacy ``Query.filter`` and ``filter_by``), with
     at most the ``LIMIT`` ``Query.first()`` adds; None for anything else.
@@ -471,7 +473,8 @@ def unique_lookup_criteria(state: ORMExecuteState) -> ColumnCriteria | None:
     "Exactly" is SQLAlchemy's own statement cache key (``_generate_cache_key``), which covers
     every clause, option, hint and compile option a SELECT carries: it must equal the key of the
     canonical statement built here (bound values aside). Execution and load options are those a
-    plain ``session.execute`` or ``Query`` sets itself (``_sa_orm_load_options`` overrides)."""
+    plain ``session.execute`` or ``Query`` sets itself (``_sa_orm_load_options`` overrides).
+    ``wanted(mapper, columns)``: whether a lookup by these columns is of interest at all."""
     statement: Any = state.statement
     if type(statement) is not Select or state.is_column_load or state.is_relationship_load:
         return None
@@ -495,6 +498,8 @@ def unique_lookup_criteria(state: ORMExecuteState) -> ColumnCriteria | None:
     if found is None:
         return None
     columns, values = found
+    if wanted is not None and not wanted(mapper, frozenset(columns)):
+        return None  # not a lookup anyone caches: the statement's shape need not be known
     shapes = _shapes.get((entity, columns))
     if shapes is None:
         shapes = _canonical_shapes(entity, mapper, columns)

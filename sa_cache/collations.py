@@ -12,8 +12,8 @@ cache, and each lookup of them is counted as ``skipped``.
 
 The decision is the database's, not the model's (a table may have been created with another
 collation than the model declares): it is read once per (engine, table, column) through the
-DBAPI, on a connection of its own (so no snapshot of the caller's transaction begins), and kept
-for the life of the process.
+DBAPI, on a connection of its own (so no snapshot of the caller's transaction begins; a pool of
+one shared connection excepted), and kept for the life of the process.
 
 Exact, per database:
 
@@ -31,10 +31,12 @@ from __future__ import annotations
 import re
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy import types as sqltypes
+from sqlalchemy.pool import SingletonThreadPool, StaticPool
 
 _lock = threading.Lock()
 #: engine -> {(schema, table, column): exact?}
@@ -43,9 +45,16 @@ _known: weakref.WeakKeyDictionary[Any, dict[tuple[Any, str, str], bool]] = (
 )
 
 
-def compares_exactly(engine: Any, column: Any) -> bool:
+def compares_exactly(
+    engine: Any, column: Any, own_connection: Callable[[], Any] | None = None
+) -> bool:
     """Whether ``engine``'s database compares ``column`` (a table column) by exact value; asked
-    once per engine and column, then remembered."""
+    once per engine and column, then remembered.
+
+    Asked on a connection of its own, except where the engine's pool hands every checkout the
+    one DBAPI connection (``StaticPool``, ``SingletonThreadPool``: in-memory SQLite): there
+    returning a connection of its own would roll back the caller's transaction on it, so
+    ``own_connection()`` (the caller's connection, left open) is used."""
     col_type = column.type
     if isinstance(col_type, sqltypes.TypeDecorator):
         return False
@@ -63,8 +72,13 @@ def compares_exactly(engine: Any, column: Any) -> bool:
     if known is not None and where in known:
         return known[where]
     try:
-        with engine.connect() as connection:
-            exact = _ask(connection, *where)
+        if own_connection is not None and isinstance(
+            engine.pool, StaticPool | SingletonThreadPool
+        ):
+            exact = _ask(own_connection(), *where)
+        else:
+            with engine.connect() as connection:
+                exact = _ask(connection, *where)
     except Exception:
         exact = False  # a database that cannot say: not served
     with _lock:

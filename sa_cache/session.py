@@ -279,10 +279,13 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         lookups = self._sa_cache
         if lookups is None or not lookups.cache.registry.has_uniques():
             return None
-        criteria = _orm.unique_lookup_criteria(state)
+        registry = lookups.cache.registry
+        criteria = _orm.unique_lookup_criteria(
+            state, lambda mapper, columns: registry.unique_kind(mapper, columns) is not None
+        )
         if criteria is None:
             return None
-        kind = lookups.cache.registry.unique_kind(criteria.mapper, frozenset(criteria.columns))
+        kind = registry.unique_kind(criteria.mapper, frozenset(criteria.columns))
         if kind is None:
             return None
         by_column = dict(zip(criteria.columns, criteria.values, strict=True))
@@ -315,6 +318,7 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         parent: Any = state.lazy_loaded_from
         if (
             parent.key is None
+            or parent.key[2] is not None  # an identity token: the target's keys carry one too
             or parent.load_options
             or not _orm.plain_lazy_load(state)
         ):
@@ -346,7 +350,13 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         ):
             return None  # a value the database converts: its own answer
         bind = self.get_bind(mapper=mapper)  # type: ignore[attr-defined]
-        if not all(collations.compares_exactly(bind.engine, c) for c in kind.columns):
+
+        def own_connection() -> Any:
+            return self.connection(bind_arguments={"mapper": mapper})  # type: ignore[attr-defined]
+
+        if not all(
+            collations.compares_exactly(bind.engine, c, own_connection) for c in kind.columns
+        ):
             kind.stats.skipped += 1  # equal in the database is not equal in the cache
             return None
         changes = lookups.changes

@@ -13,10 +13,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import and_, delete, insert, select, update
+from sqlalchemy import and_, create_engine, delete, insert, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session as PlainSession
 from sqlalchemy.orm import load_only, sessionmaker
+from sqlalchemy.pool import StaticPool
 
 from sa_cache import CachingSession, IdentityCache, collations
 from sa_cache.errors import CacheError
@@ -490,3 +491,20 @@ def test_a_delete_statement_evicts_the_values_it_removes(
         s.execute(delete(Account).where(Account.id == 2))
         s.commit()
     assert agree(plain, Session, lookups) == [(1, "a@x", "Ann"), None, None]
+
+
+def test_the_collation_probe_never_rolls_back_a_transaction_on_a_shared_connection() -> None:
+    # in-memory SQLite on a StaticPool: every checkout is the one DBAPI connection
+    engine = create_engine("sqlite://", poolclass=StaticPool)
+    ensure_tables(engine)
+    cache = IdentityCache()
+    cache.register(Account, unique=["email"])
+    Session = sessionmaker(engine, class_=CachingSession, cache=cache)  # noqa: N806
+    with Session() as s:
+        s.add(Account(id=1, email="a@x", tenant=1, handle="a", name="Ann"))
+        s.flush()  # written, not committed: a probe on a connection of its own would undo it
+        assert s.query(Account).filter_by(email="a@x").one().id == 1  # the first lookup: probe
+        s.commit()
+    with Session() as s:
+        assert s.get(Account, 1) is not None
+    engine.dispose()
