@@ -443,9 +443,10 @@ def target_correlates_to_parent(prop: RelationshipProperty[Any]) -> bool:
 
 # -- unique-column lookups ------------------------------------------------------------------------
 
-#: execution options a plain ``session.execute(select(...))`` or ``Query`` carries by itself
+#: execution options a plain ``session.execute(select(...))``, ``Query`` or ``AsyncSession``
+#: (``prebuffer_rows``: the result is read before it is returned) carries by itself
 _PLAIN_EXECUTION_OPTIONS: Final = frozenset(
-    {"_result_disable_adapt_to_context", "_sa_orm_load_options"}
+    {"_result_disable_adapt_to_context", "_sa_orm_load_options", "prebuffer_rows"}
 )
 #: load options a plain statement may carry: the legacy Query's uniquing, ``no_autoflush``
 _PLAIN_LOAD_OPTIONS: Final = frozenset({"_legacy_uniquing", "_autoflush"})

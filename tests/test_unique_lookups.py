@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from sqlalchemy import and_, create_engine, delete, insert, select, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session as PlainSession
 from sqlalchemy.orm import load_only, sessionmaker
 from sqlalchemy.pool import StaticPool
@@ -25,6 +26,7 @@ from sa_cache.errors import CacheError
 from .counting import RedisCounter, SQLCounter, expect_commands, expect_sql
 from .models import Employee
 from .models_unique import Account, Invoice, Profile, ensure_tables
+from .test_async import run
 
 Read = Callable[[Any], Any]
 
@@ -508,3 +510,24 @@ def test_the_collation_probe_never_rolls_back_a_transaction_on_a_shared_connecti
     with Session() as s:
         assert s.get(Account, 1) is not None
     engine.dispose()
+
+
+@pytest.mark.usefixtures("uq")
+def test_an_async_session_looks_up_by_a_unique_column_as_a_session_does(
+    db: str, engine: Engine, cache: IdentityCache, redis_counter: RedisCounter
+) -> None:
+    async def scenario(Session: async_sessionmaker[AsyncSession], sql: SQLCounter) -> None:
+        async def lookup() -> Any:
+            async with Session() as s:
+                found = await s.execute(select(Account).where(Account.email == "a@x"))
+                return seen(found.scalar_one_or_none())
+
+        for _ in range(10):  # the value's row, then the row (one per run under REPEATABLE READ)
+            sql.reset()
+            assert await lookup() == (1, "a@x", "Ann")
+            if not sql.statements:
+                break
+        with expect_sql(sql, 0), expect_commands(redis_counter, round_trips=2):
+            assert await lookup() == (1, "a@x", "Ann")
+
+    run(db, engine, cache, scenario)
