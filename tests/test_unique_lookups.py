@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import and_, create_engine, delete, insert, select, update
+from sqlalchemy import and_, create_engine, delete, event, insert, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session as PlainSession
@@ -531,3 +531,46 @@ def test_an_async_session_looks_up_by_a_unique_column_as_a_session_does(
             assert await lookup() == (1, "a@x", "Ann")
 
     run(db, engine, cache, scenario)
+
+
+@pytest.mark.usefixtures("uq")
+@pytest.mark.parametrize("found", ["absent", "a row"])
+def test_a_commit_between_a_misses_select_and_its_fill_wins(
+    Session: sessionmaker[CachingSession],  # noqa: N803
+    plain: sessionmaker[PlainSession],
+    engine: Engine,
+    db: str,
+    found: str,
+) -> None:
+    """The stale-fill race, forced: the reader's SELECT of a value runs, then (hooked right
+    after it) a writer gives the value to another row and commits, then the reader fills what
+    it loaded. The fill must fail against the writer's eviction."""
+    if db == "sqlite":
+        pytest.skip("the reader's open cursor holds SQLite's lock: the writer cannot commit")
+    value = "new@x" if found == "absent" else "b@x"
+    fired: list[bool] = []
+
+    def writer(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if fired or "WHERE uq_accounts.email" not in statement:
+            return
+        fired.append(True)
+        with Session() as w:
+            if found == "absent":  # the reader saw no row: now there is one
+                w.add(Account(id=8, email=value, tenant=8, handle="n", name="New"))
+            else:  # the reader saw Bob: now the value is Ann's
+                w.get(Account, 2).email = "bob@x"
+                w.flush()
+                w.get(Account, 1).email = value
+            w.commit()
+
+    read = by_email(value)
+    event.listen(engine, "after_cursor_execute", writer)
+    try:
+        outcome(Session, read)  # the miss, its SELECT, the writer's commit, the fill
+    finally:
+        event.remove(engine, "after_cursor_execute", writer)
+    assert fired
+    expected = outcome(plain, read)
+    assert expected == ((8, value, "New") if found == "absent" else (1, value, "Ann"))
+    assert outcome(Session, read) == expected
+    assert outcome(Session, read) == expected
