@@ -198,7 +198,8 @@ class _State:
             if self.cache.model_for(mapper) is None:
                 try:
                     ttl = self.sacache._ttls.get(mapper.class_)
-                    self.cache.register(mapper.class_, ttl=ttl)
+                    unique = self.sacache._uniques.get(mapper.class_)
+                    self.cache.register(mapper.class_, ttl=ttl, unique=unique)
                 except Exception as exc:  # one odd model must not break the application
                     log.warning("sa_cache: not caching %s: %s", mapper.class_.__name__, exc)
                     return
@@ -275,6 +276,8 @@ class SACache:
         self.models = models
         self._explicit: list[Mapper[Any]] = []
         self._ttls: dict[type[Any], float] = {}
+        #: ``register(unique=...)``, by class
+        self._uniques: dict[type[Any], Any] = {}
         self._apps: list[weakref.ref[Flask]] = []
         if app is not None:
             self.init_app(app, db, models=models)
@@ -366,22 +369,35 @@ class SACache:
         """The :class:`sa_cache.IdentityCache` of the current application (or of the only one)."""
         return self._state().cache
 
-    def register(self, model: type[T] | None = None, *, ttl: float | None = None) -> Any:
-        """Cache ``model`` in every application of this extension (also a class decorator)."""
+    def register(
+        self, model: type[T] | None = None, *, ttl: float | None = None, unique: Any = None
+    ) -> Any:
+        """Cache ``model`` in every application of this extension (also a class decorator);
+        ``unique``: its unique columns whose lookups are cached, as
+        :meth:`sa_cache.IdentityCache.register` takes them."""
         if model is None:
-            return lambda cls: self.register(cls, ttl=ttl)
+            return lambda cls: self.register(cls, ttl=ttl, unique=unique)
         mapper = inspect(model)
         if not isinstance(mapper, Mapper):
             raise TypeError(f"{model!r} is not a mapped class")
+        if isinstance(unique, str):
+            raise TypeError("unique takes a list of attribute names (or True), not one string")
         if ttl is not None:
             self._ttls[model] = ttl
+        if unique is not None:
+            self._uniques[model] = unique
         self._explicit.append(mapper)
         for ref in self._apps:
             app = ref()
             if app is not None:
                 state = self._state(app)
-                if ttl is not None and state.cache.model_for(mapper) is not None:
-                    state.cache.register(model, ttl=ttl)  # already cached: apply its TTL
+                if (ttl is not None or unique is not None) and state.cache.model_for(
+                    mapper
+                ) is not None:
+                    # already cached: apply its TTL and unique columns
+                    state.cache.register(
+                        model, ttl=self._ttls.get(model), unique=self._uniques.get(model)
+                    )
                 state.add(mapper)
         return model
 

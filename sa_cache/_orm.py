@@ -43,6 +43,11 @@ changes one fails there first, by name.
     :func:`load_autoflushes` (``load_options._autoflush``), :func:`instances_result`
     (``SimpleResultMetaData._create_unique_filters``, ``_unique_filters`` in 2.0) and
     :func:`target_correlates_to_parent` (``RelationshipProperty._target_correlates_to_parent``).
+13. Unique-column lookups: :func:`unique_lookup_criteria` compares a SELECT's statement cache key
+    (``_generate_cache_key``) with canonical ones (``Query._statement_20`` for the legacy form),
+    reads ``Select._limit``, the ``load_options`` overrides (``vars()``), and columns through
+    ``_deannotate``; :func:`entity_result` sets ``Result._attributes`` (``is_single_entity``,
+    ``filtered``), which the legacy ``Query`` reads to return scalars, uniqued.
 """
 
 from __future__ import annotations
@@ -51,15 +56,23 @@ from collections.abc import Callable
 from inspect import signature
 from typing import Any, Final, NamedTuple
 
+from sqlalchemy import and_, inspect, select
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import inspect
 from sqlalchemy.engine import Connection, Result
 from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
-from sqlalchemy.orm import Mapper, ORMExecuteState, RelationshipProperty, Session
+from sqlalchemy.orm import Mapper, ORMExecuteState, Query, RelationshipProperty, Session
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.base import PassiveFlag
 from sqlalchemy.orm.context import FromStatement
-from sqlalchemy.util import EMPTY_DICT
+from sqlalchemy.schema import Column
+from sqlalchemy.sql import Select, operators
+from sqlalchemy.sql.elements import (
+    BinaryExpression,
+    BindParameter,
+    BooleanClauseList,
+    ColumnClause,
+)
+from sqlalchemy.util import EMPTY_DICT, immutabledict
 from sqlalchemy.util import concurrency as _concurrency
 
 from .isolation import PER_STATEMENT_SNAPSHOTS
@@ -441,3 +454,146 @@ def instances_result(objects: list[Any]) -> Result[Any]:
 def target_correlates_to_parent(prop: RelationshipProperty[Any]) -> bool:
     """Whether a relationship's target (a LATERAL subquery) is selected joined to its parent."""
     return bool(getattr(prop, "_target_correlates_to_parent", False))
+
+
+# -- unique-column lookups ------------------------------------------------------------------------
+
+#: execution options a plain ``session.execute(select(...))``, ``Query`` or ``AsyncSession``
+#: (``prebuffer_rows``: the result is read before it is returned) carries by itself
+_PLAIN_EXECUTION_OPTIONS: Final = frozenset(
+    {"_result_disable_adapt_to_context", "_sa_orm_load_options", "prebuffer_rows"}
+)
+#: load options a plain statement may carry: the legacy Query's uniquing, ``no_autoflush``
+_PLAIN_LOAD_OPTIONS: Final = frozenset({"_legacy_uniquing", "_autoflush"})
+#: by (class, columns): the cache keys of the statements recognised as a lookup by them
+_shapes: dict[tuple[Any, tuple[Any, ...]], dict[Any, bool]] = {}
+
+
+class ColumnCriteria(NamedTuple):
+    """A SELECT of one mapped class by equality of columns of its own table with values."""
+
+    mapper: Mapper[Any]
+    columns: tuple[Any, ...]
+    values: tuple[Any, ...]
+    #: the result's keys (``Row._mapping``), as the SELECT's would be
+    keys: tuple[str, ...]
+
+
+def unique_lookup_criteria(
+    state: ORMExecuteState, wanted: Callable[[Mapper[Any], frozenset[Any]], bool] | None = None
+) -> ColumnCriteria | None:
+    """The columns and values of a statement that is exactly ``select(E).where(E.a == x)``
+    (``and_`` of several, ``filter_by``, the legacy ``Query.filter`` and ``filter_by``), with
+    at most the ``LIMIT`` ``Query.first()`` adds; None for anything else.
+
+    "Exactly" is SQLAlchemy's own statement cache key (``_generate_cache_key``), which covers
+    every clause, option, hint and compile option a SELECT carries: it must equal the key of the
+    canonical statement built here (bound values aside). Execution and load options are those a
+    plain ``session.execute`` or ``Query`` sets itself (``_sa_orm_load_options`` overrides).
+    ``wanted(mapper, columns)``: whether a lookup by these columns is of interest at all."""
+    statement: Any = state.statement
+    if type(statement) is not Select or state.is_column_load or state.is_relationship_load:
+        return None
+    if not _PLAIN_EXECUTION_OPTIONS.issuperset(state.execution_options):
+        return None
+    load_options = state.load_options
+    if not isinstance(load_options, type) and not _PLAIN_LOAD_OPTIONS.issuperset(
+        vars(load_options)
+    ):
+        return None
+    descriptions = statement.column_descriptions
+    if len(descriptions) != 1:
+        return None
+    entity = descriptions[0]["entity"]
+    if entity is None or descriptions[0]["expr"] is not entity or not isinstance(entity, type):
+        return None  # a column, an aliased class
+    mapper: Any = inspect(entity, raiseerr=False)
+    if not isinstance(mapper, Mapper):
+        return None
+    found = column_equalities(statement.whereclause, mapper.local_table, state.parameters)
+    if found is None:
+        return None
+    columns, values = found
+    if wanted is not None and not wanted(mapper, frozenset(columns)):
+        return None  # not a lookup anyone caches: the statement's shape need not be known
+    shapes = _shapes.get((entity, columns))
+    if shapes is None:
+        shapes = _canonical_shapes(entity, mapper, columns)
+        _shapes[(entity, columns)] = shapes
+    key = statement._generate_cache_key()
+    limited = None if key is None else shapes.get(key.key)
+    if limited is None:
+        return None
+    if limited and not (isinstance(statement._limit, int) and statement._limit >= 1):
+        return None
+    keys = tuple(str(d["name"]) for d in descriptions)
+    return ColumnCriteria(mapper, columns, values, keys)
+
+
+def _canonical_shapes(
+    entity: Any, mapper: Mapper[Any], columns: tuple[Any, ...]
+) -> dict[Any, bool]:
+    """The cache keys of the recognised statements by ``columns``: whether each has a LIMIT."""
+    attrs = [getattr(entity, mapper.get_property_by_column(c).key) for c in columns]
+    criteria = [attr == _Placeholder() for attr in attrs]
+    shapes: dict[Any, bool] = {}
+    # several criteria (``filter_by(a=, b=)``, ``where(a, b)``), or one ``and_`` of them
+    for where in (criteria, [and_(*criteria)]) if len(criteria) > 1 else (criteria,):
+        for statement, limited in (
+            (select(entity).where(*where), False),
+            (select(entity).where(*where).limit(1), True),
+            (Query(entity).filter(*where)._statement_20(), False),
+            (Query(entity).filter(*where).limit(1)._statement_20(), True),
+        ):
+            key = statement._generate_cache_key()
+            if key is not None:
+                shapes[key.key] = limited
+    return shapes
+
+
+class _Placeholder:
+    """A value for the canonical statements: bound, never sent."""
+
+
+def column_equalities(
+    whereclause: Any, table: Any, parameters: Any
+) -> tuple[tuple[Any, ...], tuple[Any, ...]] | None:
+    """(columns of ``table``, values) of a WHERE that is one ``column = value`` or an ``and_``
+    of them, each column once; a value is the bound parameter's, or ``parameters``' for its key
+    (a lazy load passes the parent's values so). None for any other WHERE."""
+    if whereclause is None:
+        return None
+    if isinstance(whereclause, BooleanClauseList):
+        if whereclause.operator is not operators.and_:
+            return None
+        clauses = list(whereclause.clauses)
+    else:
+        clauses = [whereclause]
+    columns: list[Any] = []
+    values: list[Any] = []
+    given = parameters if isinstance(parameters, dict) else {}
+    for clause in clauses:
+        if not isinstance(clause, BinaryExpression) or clause.operator is not operators.eq:
+            return None
+        left, right = clause.left, clause.right
+        if isinstance(left, BindParameter):
+            left, right = right, left
+        if not isinstance(right, BindParameter) or right.expanding or clause.modifiers:
+            return None
+        column = left._deannotate() if isinstance(left, ColumnClause) else None
+        if not isinstance(column, Column) or column.table is not table or column in columns:
+            return None
+        columns.append(column)
+        values.append(given.get(right.key, right.effective_value))
+    return tuple(columns), tuple(values)
+
+
+def entity_result(objects: list[Any], keys: tuple[str, ...]) -> Result[Any]:
+    """A result of ``objects`` as the SELECT of one entity returns them to ``first()``,
+    ``one()``, ``scalar_one_or_none()``, ``scalars()`` and the legacy ``Query`` (which reads
+    ``_attributes``: one entity, uniqued)."""
+    metadata = SimpleResultMetaData(list(keys), **_UNIQUE_BY_IDENTITY)
+    rows = iter(objects)  # one entity: the rows are the objects themselves
+    result: IteratorResult[Any] = IteratorResult(metadata, rows, _source_supports_scalars=True)
+    result._attributes = immutabledict({"filtered": True, "is_single_entity": True})
+    return result

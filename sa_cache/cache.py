@@ -20,7 +20,7 @@ from .errors import NotRegistered
 from .guarded import GuardedStore
 from .lookup import listen_for_loads
 from .protocol import eviction_writes
-from .registry import Registry, mapper_of
+from .registry import Registry, UniqueSpec, mapper_of
 from .relationships import DEFAULT_MAX_COLLECTION
 from .rows import CachedModel
 from .signing import Signer
@@ -148,6 +148,7 @@ class IdentityCache:
         *,
         ttl: float | None = None,
         relationships: Iterable[str] | None = None,
+        unique: UniqueSpec = None,
     ) -> type[T]: ...
 
     @overload
@@ -157,6 +158,7 @@ class IdentityCache:
         *,
         ttl: float | None = None,
         relationships: Iterable[str] | None = None,
+        unique: UniqueSpec = None,
     ) -> Callable[[type[T]], type[T]]: ...
 
     def register(
@@ -165,6 +167,7 @@ class IdentityCache:
         *,
         ttl: float | None = None,
         relationships: Iterable[str] | None = None,
+        unique: UniqueSpec = None,
     ) -> type[T] | Callable[[type[T]], type[T]]:
         """Opt a mapped class in (usable as a class decorator). Registering any class of an
         inheritance hierarchy caches the whole hierarchy (each concrete class of a concrete
@@ -175,11 +178,19 @@ class IdentityCache:
         is registered too and whose membership the cache can evict exactly (docs/protocol.md),
         ``()`` none.
 
+        ``unique``: the unique columns whose lookups are cached (``select(User).where(User.email
+        == x)``, ``filter_by(email=x)``; docs/configuration.md): attribute names, each a name or
+        a tuple of names for a composite unique, or True for the table's unique constraints and
+        unique indexes. Only for a class without inheritance; a column the database does not
+        compare by exact value (a case-insensitive collation) is never served.
+
         Raises :class:`~sa_cache.errors.CacheError`, saying why, for a class the cache cannot
         answer for exactly: one mapped to a ``select()``, subquery, CTE or join."""
         if model is None:
-            return lambda cls: self.register(cls, ttl=ttl, relationships=relationships)
-        base = self.registry.add(model, self.ttl if ttl is None else ttl, relationships)
+            return lambda cls: self.register(
+                cls, ttl=ttl, relationships=relationships, unique=unique
+            )
+        base = self.registry.add(model, self.ttl if ttl is None else ttl, relationships, unique)
         listen_for_loads(base.class_)
         return model
 
@@ -203,6 +214,8 @@ class IdentityCache:
             if normalised is None:
                 raise ValueError(f"{pk!r} is not a valid primary key of {cached.name}")
             key = cached.keys.row_key(normalised)
+            # the unique values it holds are not known: those lookups are evicted whole
+            return self.guarded.evict({key: cached}, self._unique_kinds_of(cached))
         else:
             state = inspect(target, raiseerr=False)
             if not isinstance(state, InstanceState):  # None, an engine, a mapper, a string...
@@ -213,7 +226,18 @@ class IdentityCache:
                 raise ValueError(f"{target!r} is transient or pending: it has no row to evict")
             cached = self.registry.registered(type(target))
             key = cached.keys.row_key(state.key[1], state.key[2])
-        return self.guarded.evict({key: cached})
+        keys: dict[str, Any] = {key: cached}
+        whole: list[Any] = []
+        for unique in self._unique_kinds_of(cached):
+            values = unique.normalise([state.dict.get(attr) for attr in unique.attrs])
+            if values is None:
+                whole.append(unique)  # not loaded (or NULL): the values it held are not known
+            else:
+                keys[unique.key_for(values)] = unique
+        return self.guarded.evict(keys, whole)
+
+    def _unique_kinds_of(self, cached: CachedModel) -> list[Any]:
+        return [kind for kind in self.registry.unique_kinds() if kind.model is cached]
 
     def evict_collection(self, target: Any, attr: str, pk: Any = None) -> bool:
         """Evict a cached collection now: ``evict_collection(user, "roles")`` or
@@ -247,7 +271,8 @@ class IdentityCache:
     def evict_model(self, model: type[Any]) -> bool:
         """Evict every cached row of ``model`` (its whole hierarchy) in O(1); the return value
         is as :meth:`evict`'s."""
-        return self.guarded.evict({}, [self.registry.registered(model)])
+        cached = self.registry.registered(model)
+        return self.guarded.evict({}, [cached, *self._unique_kinds_of(cached)])
 
     def flush(self) -> int:
         """Delete every key under this cache's prefix; returns how many. Raises if the store
@@ -268,6 +293,7 @@ class IdentityCache:
         per_model = {m.name: m.stats.as_dict() for m in self.registry.models()}
         # relationship collections, as "Parent.attr"
         per_model.update((k.name, k.stats.as_dict()) for k in self.registry.relationship_kinds())
+        per_model.update((k.name, k.stats.as_dict()) for k in self.registry.unique_kinds_made())
         totals = {name: sum(s[name] for s in per_model.values()) for name in MODEL_COUNTERS}
         totals["errors"] = max(totals["errors"], self.guarded.errors)
         totals["bypassed"] = self.guarded.bypassed

@@ -14,13 +14,18 @@ from typing import Any, NamedTuple
 from sqlalchemy import inspect
 from sqlalchemy.exc import NoInspectionAvailable
 from sqlalchemy.orm import Mapper, RelationshipProperty
-from sqlalchemy.schema import Table
+from sqlalchemy.schema import Column, Table
 from sqlalchemy.sql.expression import TableClause
 
 from .errors import CacheError, NotRegistered
 from .kinds import CachedKind
 from .relationships import DEFAULT_MAX_COLLECTION, CachedRelationship, uncacheable
 from .rows import CachedModel, identity_mapper
+from .uniques import CachedUnique
+
+#: ``register(unique=...)``: None (no unique lookups), True (the table's unique constraints and
+#: unique indexes), or attribute names, each a name or a tuple of names (a composite unique).
+UniqueSpec = bool | Iterable[str | tuple[str, ...]] | None
 
 
 class Registry:
@@ -40,7 +45,7 @@ class Registry:
         self._made: dict[RelationshipProperty[Any], CachedRelationship] = {}
         #: the cached relationships, found on first use after a registration (None: not yet)
         self._relationships: dict[RelationshipProperty[Any], CachedRelationship] | None = None
-        self._reading: dict[str, tuple[CachedRelationship, ...]] = {}
+        self._reading: dict[str, tuple[CachedKind, ...]] = {}
         self._models: dict[Mapper[Any], CachedModel] = {}
         #: by table name (casefolded): the registered models mapping a table of that name
         self._by_table: dict[str, tuple[TableMatch, ...]] = {}
@@ -49,6 +54,12 @@ class Registry:
         #: memos of model_for and kinds_for, by the mapper asked about
         self._served: dict[Mapper[Any], CachedModel | None] = {}
         self._kinds: dict[Mapper[Any], tuple[CachedKind, ...]] = {}
+        #: registered hierarchies (by base mapper): their ``unique=`` as given
+        self._unique_specs: dict[Mapper[Any], Any] = {}
+        #: the unique kinds, by base mapper then by column set; found on first use (None: not yet)
+        self._uniques: dict[Mapper[Any], dict[frozenset[Any], CachedUnique]] | None = None
+        #: every unique kind ever made, by (mapper, columns): counters survive a re-registration
+        self._made_uniques: dict[tuple[Mapper[Any], tuple[Any, ...]], CachedUnique] = {}
         self._lock = threading.RLock()
 
     def __len__(self) -> int:
@@ -58,15 +69,24 @@ class Registry:
         return list(self._models.values())
 
     def add(
-        self, model: type[Any], ttl: float, relationships: Iterable[str] | None = None
+        self,
+        model: type[Any],
+        ttl: float,
+        relationships: Iterable[str] | None = None,
+        unique: UniqueSpec = None,
     ) -> Mapper[Any]:
         """Cache ``model``'s whole hierarchy (again: with this TTL) and return its base mapper;
         raises :class:`~sa_cache.errors.CacheError` for a hierarchy whose rows the cache cannot
         key, naming the class and why. ``relationships``: the names of the hierarchy's
         relationships whose collections are cached (None: every one to a registered class that
-        :func:`~sa_cache.relationships.uncacheable` allows)."""
+        :func:`~sa_cache.relationships.uncacheable` allows). ``unique``: see :data:`UniqueSpec`."""
         if isinstance(relationships, str):
             raise TypeError("relationships takes attribute names, not one string")
+        if isinstance(unique, str):
+            raise TypeError("unique takes a list of attribute names (or True), not one string")
+        spec = unique if unique is None or isinstance(unique, bool) else [
+            (names,) if isinstance(names, str) else tuple(names) for names in unique
+        ]
         chosen = None if relationships is None else frozenset(relationships)
         base = mapper_of(model).base_mapper
         if chosen and base.configured:  # else: checked by nothing, the mappers being incomplete
@@ -78,9 +98,15 @@ class Registry:
             reason = unservable(mapper)
             if reason is not None and not _has_concrete_subclasses(mapper):
                 raise CacheError(f"{mapper.class_.__name__} cannot be cached: {reason}")
+        if spec:
+            reason = unique_unservable(base)
+            if reason is not None:
+                raise CacheError(f"{base.class_.__name__}: {reason}")
+            unique_column_sets(base, spec)  # a name that is no column raises now
         with self._lock:
             self._ttls[base] = ttl
             self._chosen[base] = chosen
+            self._unique_specs[base] = spec
             for mapper in base.self_and_descendants:  # parents first
                 if identity_mapper(mapper) is mapper:
                     self._new_model(mapper, ttl)
@@ -100,6 +126,7 @@ class Registry:
         self._kinds.clear()
         self._relationships = None
         self._reading = {}
+        self._uniques = None
 
     def _model_of(self, mapper: Mapper[Any]) -> CachedModel | None:
         """The model of ``mapper``'s identity class (made now for a concrete class mapped after
@@ -142,6 +169,8 @@ class Registry:
             for kind in self._cached_relationships().values()
             if _takes_part(mapper, kind)
         )
+        tables = {t.name.casefold() for t in mapper.tables if isinstance(t, TableClause)}
+        kinds += tuple(kind for kind in self.unique_kinds() if kind.table_names & tables)
         self._kinds[mapper] = kinds
         return kinds
 
@@ -159,21 +188,21 @@ class Registry:
     def every_kind(self) -> list[CachedKind]:
         """Every registered kind: the models' rows and every cached relationship (configuring the
         mappers if need be), for an eviction of everything (a Sentinel change of master)."""
-        return [*self.models(), *self._cached_relationships().values()]
+        return [*self.models(), *self._cached_relationships().values(), *self.unique_kinds()]
 
-    def kinds_reading(self, table: Any) -> tuple[CachedRelationship, ...]:
-        """The relationship kinds whose collections a write to a table named as ``table`` may
-        change (by name, case-insensitively: evicting too much is harmless)."""
+    def kinds_reading(self, table: Any) -> tuple[CachedKind, ...]:
+        """The relationship and unique kinds whose entries a write to a table named as ``table``
+        may change (by name, case-insensitively: evicting too much is harmless)."""
         if not isinstance(table, TableClause):
             return ()
         name = table.name.casefold()
         found = self._reading.get(name)
         if found is None:
-            found = tuple(
-                kind
-                for kind in self._cached_relationships().values()
-                if name in kind.table_names
-            )
+            kinds: list[CachedRelationship | CachedUnique] = [
+                *self._cached_relationships().values(),
+                *self.unique_kinds(),
+            ]
+            found = tuple(kind for kind in kinds if name in kind.table_names)
             self._reading[name] = found
         return found
 
@@ -213,6 +242,48 @@ class Registry:
             )
             self._made[prop] = kind
         return kind
+
+    # -- unique columns ---------------------------------------------------------------------------
+
+    def unique_kind(self, mapper: Mapper[Any], columns: frozenset[Any]) -> CachedUnique | None:
+        """The cached lookups of ``mapper`` by exactly these ``columns``, or None."""
+        by_columns = self._cached_uniques().get(mapper)
+        return None if by_columns is None else by_columns.get(columns)
+
+    def has_uniques(self) -> bool:
+        """Whether any class was registered with ``unique=`` (asked on every SELECT)."""
+        return bool(self._cached_uniques())
+
+    def unique_kinds(self) -> list[CachedUnique]:
+        """Every unique kind (configuring the mappers if need be)."""
+        return [kind for found in self._cached_uniques().values() for kind in found.values()]
+
+    def unique_kinds_made(self) -> list[CachedUnique]:
+        """The unique kinds made so far, for their counters (configures nothing)."""
+        return list(self._made_uniques.values())
+
+    def _cached_uniques(self) -> dict[Mapper[Any], dict[frozenset[Any], CachedUnique]]:
+        found = self._uniques
+        if found is not None:
+            return found
+        with self._lock:
+            found = {}
+            for base, spec in list(self._unique_specs.items()):
+                if not spec:
+                    continue
+                model = self.model_for(base)
+                if model is None or unique_unservable(base) is not None:
+                    continue  # refused at registration; a later subclass may change this
+                kinds = {}
+                for columns in unique_column_sets(base, spec):
+                    made = self._made_uniques.get((base, columns))
+                    if made is None or made.model is not model:
+                        made = CachedUnique(model, base, columns, self.prefix)
+                        self._made_uniques[(base, columns)] = made
+                    kinds[frozenset(columns)] = made
+                found[base] = kinds
+            self._uniques = found
+        return found
 
     def models_for_table(self, table: Any) -> tuple[TableMatch, ...]:
         """Every registered model that maps a table named as ``table`` (a ``Table`` of any
@@ -274,6 +345,62 @@ def _takes_part(mapper: Mapper[Any], kind: CachedRelationship) -> bool:
         rel.secondary is not None and getattr(rel.secondary, "name", None) == secondary.name
         for rel in mapper.relationships
     )
+
+
+def unique_unservable(mapper: Mapper[Any]) -> str | None:
+    """Why lookups of ``mapper`` by a unique column are not cached, or None: only a class
+    mapped alone to one table (no inheritance), whose lookup reads that table's rows only."""
+    if mapper.inherits is not None or mapper.polymorphic_on is not None:
+        return "unique lookups are cached for classes without inheritance only"
+    if any(m is not mapper for m in mapper.self_and_descendants):
+        return "unique lookups are cached for classes without inheritance only"
+    if not isinstance(mapper.local_table, Table):
+        return "it is not mapped to a table"
+    return None
+
+
+def unique_column_sets(mapper: Mapper[Any], spec: Any) -> list[tuple[Any, ...]]:
+    """The column sets ``spec`` names: attribute names (each a name or a tuple), or True for
+    the table's unique constraints and unique indexes of plain columns. Raises
+    :class:`~sa_cache.errors.CacheError` for a name that is no column of the class's table."""
+    table: Any = mapper.local_table
+    if spec is True:
+        found: list[tuple[Any, ...]] = []
+        for column in table.columns:
+            if column.unique:
+                found.append((column,))
+        for constraint in table.constraints:
+            if type(constraint).__name__ == "UniqueConstraint":
+                found.append(tuple(constraint.columns))
+        for index in table.indexes:
+            if index.unique and all(isinstance(e, Column) for e in index.expressions):
+                found.append(tuple(index.columns))
+        sets = [cols for cols in found if cols and all(_mapped(mapper, c) for c in cols)]
+    else:
+        sets = []
+        for names in spec:
+            columns = []
+            for name in names:
+                column = mapper.columns.get(name)
+                if not isinstance(column, Column) or column.table is not table:
+                    raise CacheError(
+                        f"{mapper.class_.__name__}.{name} is not a column of {table.name}"
+                    )
+                columns.append(column)
+            sets.append(tuple(columns))
+    unique: dict[frozenset[Any], tuple[Any, ...]] = {}
+    for cols in sets:
+        if not set(cols) >= set(table.primary_key.columns):  # a primary key is no unique lookup
+            unique.setdefault(frozenset(cols), cols)
+    return list(unique.values())
+
+
+def _mapped(mapper: Mapper[Any], column: Any) -> bool:
+    try:
+        mapper.get_property_by_column(column)
+    except Exception:
+        return False
+    return True
 
 
 def _has_concrete_subclasses(mapper: Mapper[Any]) -> bool:

@@ -18,16 +18,17 @@ from typing import Any, Final, TypeVar
 
 from sqlalchemy import inspect, select, tuple_
 from sqlalchemy.engine import Connection
-from sqlalchemy.orm import Mapper, ORMExecuteState, Query, Session
+from sqlalchemy.orm import Mapper, ORMExecuteState, Query, RelationshipDirection, Session
 
-from . import _orm, connections, isolation, tracking
+from . import _orm, collations, connections, isolation, tracking
 from .cache import IdentityCache
 from .keys import coercer_for, normalise
-from .kinds import Answer, Hit
+from .kinds import ABSENT, Answer, Hit
 from .lookup import Lookups
 from .protocol import Freshness
 from .relationships import CachedRelationship
 from .rows import CachedModel
+from .uniques import CachedUnique
 
 T = TypeVar("T")
 
@@ -213,7 +214,7 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
             return None
         kind = lookups.cache.registry.relationship_kind(prop)
         if kind is None:
-            return None
+            return self._lazy_unique_load(state, prop)
         parent: Any = state.lazy_loaded_from
         target = prop.mapper
         if (
@@ -268,6 +269,170 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
             observation = lookups.pending.pop(waiting, None)
             if observation is not None:
                 lookups.write_back([], observation)  # releases its lease, if it holds one
+
+    # -- lookups by a unique column ---------------------------------------------------------------
+
+    def cache_unique_lookup(self, state: ORMExecuteState) -> Any:
+        """A SELECT of one registered class by its unique columns (from ``do_orm_execute``):
+        its result from the cache, or the SELECT's result after caching which row it found, or
+        None: SQLAlchemy runs the SELECT untouched."""
+        lookups = self._sa_cache
+        if lookups is None or not lookups.cache.registry.has_uniques():
+            return None
+        registry = lookups.cache.registry
+        criteria = _orm.unique_lookup_criteria(
+            state, lambda mapper, columns: registry.unique_kind(mapper, columns) is not None
+        )
+        if criteria is None:
+            return None
+        kind = registry.unique_kind(criteria.mapper, frozenset(criteria.columns))
+        if kind is None:
+            return None
+        by_column = dict(zip(criteria.columns, criteria.values, strict=True))
+        values = tuple(by_column[column] for column in kind.columns)
+        return self._unique_answer(
+            state, kind, values, lambda found: _orm.entity_result(found, criteria.keys)
+        )
+
+    def _lazy_unique_load(self, state: ORMExecuteState, prop: Any) -> Any:
+        """A lazy many-to-one through a foreign key to a unique column of its target (not its
+        primary key): answered as the lookup by that column."""
+        lookups = self._sa_cache
+        assert lookups is not None
+        if prop.direction is not RelationshipDirection.MANYTOONE or prop.secondary is not None:
+            return None
+        target = prop.mapper
+        found = _orm.column_equalities(
+            state.statement.whereclause,  # type: ignore[attr-defined]
+            target.local_table,
+            state.parameters,
+        )
+        if found is None:
+            return None
+        columns, given = found
+        if {remote for _, remote in prop.local_remote_pairs} != set(columns):
+            return None
+        kind = lookups.cache.registry.unique_kind(target, frozenset(columns))
+        if kind is None:
+            return None
+        parent: Any = state.lazy_loaded_from
+        if (
+            parent.key is None
+            or parent.key[2] is not None  # an identity token: the target's keys carry one too
+            or parent.load_options
+            or not _orm.plain_lazy_load(state)
+        ):
+            kind.stats.skipped += 1
+            return None
+        by_column = dict(zip(columns, given, strict=True))
+        values = tuple(by_column[column] for column in kind.columns)
+        return self._unique_answer(state, kind, values, _orm.instances_result)
+
+    def _unique_answer(
+        self,
+        state: ORMExecuteState,
+        kind: CachedUnique,
+        given: tuple[Any, ...],
+        result: Callable[[list[Any]], Any],
+    ) -> Any:
+        lookups = self._sa_cache
+        assert lookups is not None
+        mapper = kind.mapper
+        if self._cacheable(mapper, None, state.execution_options) is None:
+            return None  # the session's own rules, counted on the model
+        if self._rewrites_statements() or self.new or self.dirty or self.deleted:  # type: ignore[attr-defined]
+            # another listener may rewrite the SELECT; pending changes: its autoflush decides
+            kind.stats.skipped += 1
+            return None
+        values = kind.normalise(given)
+        if values is None or any(
+            type(a) is not type(b) for a, b in zip(values, given, strict=True)
+        ):
+            return None  # a value the database converts: its own answer
+        bind = self.get_bind(mapper=mapper)  # type: ignore[attr-defined]
+
+        def own_connection() -> Any:
+            return self.connection(bind_arguments={"mapper": mapper})  # type: ignore[attr-defined]
+
+        if not all(
+            collations.compares_exactly(bind.engine, c, own_connection) for c in kind.columns
+        ):
+            kind.stats.skipped += 1  # equal in the database is not equal in the cache
+            return None
+        changes = lookups.changes
+        if kind in changes.bulk_models or kind.model in changes.bulk_models:
+            return None  # this transaction changed it: read its own writes from the database
+        key = kind.key_for(values)
+        if key in changes.keys:
+            return None
+        waiting = (kind, values)
+        outer = lookups.current
+        try:
+            answer = lookups.read(kind, [(key, values, waiting)], self._fill_rule, mapper)[0]
+            if answer is None and waiting in lookups.pending:
+                answer = lookups.lease_or_wait(kind, values, waiting)
+            if answer is ABSENT:
+                return result([])
+            if type(answer) is Hit:
+                return self._unique_hit(state, kind, answer.value, values, result)
+            if waiting not in lookups.pending:
+                return None  # nothing to fill (the transaction wrote, an old snapshot...)
+            frozen = state.invoke_statement().freeze()
+            loaded = frozen().unique().scalars().all()
+            if len(loaded) > 1:
+                return frozen()
+            if not loaded:
+                lookups.loaded_nothing(waiting)
+                return frozen()
+            identity = inspect(loaded[0]).key
+            pk = None if identity is None else kind.model.normalise(identity[1])
+            if pk is not None:
+                lookups.loaded(waiting, pk)
+            return frozen()
+        finally:
+            lookups.current = outer
+            observation = lookups.pending.pop(waiting, None)
+            if observation is not None:
+                lookups.write_back([], observation)  # releases its lease, if it holds one
+
+    def _unique_hit(
+        self,
+        state: ORMExecuteState,
+        kind: CachedUnique,
+        pk: tuple[Any, ...],
+        values: tuple[Any, ...],
+        result: Callable[[list[Any]], Any],
+    ) -> Any:
+        """The row a cached unique value names: the instance the session holds, or the row
+        cache's, if it holds exactly ``values``; otherwise the SELECT (whose load fills the
+        row cache)."""
+        lookups = self._sa_cache
+        assert lookups is not None
+        mapper, model = kind.mapper, kind.model
+        identity_key = mapper.identity_key_from_primary_key(pk)
+        instance = self.identity_map.get(identity_key)  # type: ignore[attr-defined]
+        if instance is not None:
+            held = inspect(instance)
+            if not held.expired_attributes and kind.holds(held.dict, values):
+                return result([instance])
+            return None  # the SELECT refreshes it, or finds another row
+        key = model.keys.row_key(pk)
+        if key in lookups.changes.keys:
+            return None
+        try:
+            answer = lookups.read(model, [(key, pk, identity_key)], self._fill_rule, mapper)[0]
+            if type(answer) is Hit and kind.holds(answer.value, values):
+                placed = self._place(answer, mapper, identity_key)
+                if placed is not _orm.KNOWN_ABSENT:
+                    return result([placed])
+            if type(answer) is Hit:
+                kind.stats.rejected += 1  # the row no longer holds the value: the SELECT
+            frozen = state.invoke_statement().freeze()  # its load fills the row, if it may
+            return frozen()
+        finally:
+            observation = lookups.pending.pop(identity_key, None)
+            if observation is not None:
+                lookups.write_back([], observation)
 
     def _hydrate(self, kind: CachedRelationship, pks: list[tuple[Any, ...]]) -> list[Any] | None:
         """The instances of a cached collection: those in the identity map as they are, the

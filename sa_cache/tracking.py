@@ -273,10 +273,14 @@ _READ_ONLY_SQL = ("SELECT", "WITH", "SHOW", "EXPLAIN", "VALUES")
 
 def on_orm_execute(state: ORMExecuteState) -> Any:
     """Bulk and Core statements through the session: note what they write. (A lazy load of a
-    relationship is handed to the session's ``cache_lazy_load``: the one listener sa_cache
-    installs answers it too, so a listener of the application is always another one.)"""
-    if state.is_select and state.lazy_loaded_from is not None:
-        answer = getattr(state.session, "cache_lazy_load", None)
+    relationship is handed to the session's ``cache_lazy_load``, any other SELECT to its
+    ``cache_unique_lookup``: the one listener sa_cache installs answers them too, so a listener
+    of the application is always another one.)"""
+    if state.is_select:
+        if state.lazy_loaded_from is not None:
+            answer = getattr(state.session, "cache_lazy_load", None)
+        else:  # a lookup by a unique column, perhaps
+            answer = getattr(state.session, "cache_unique_lookup", None)
         return None if answer is None else answer(state)
     if not (state.is_update or state.is_delete or state.is_insert):
         if isinstance(state.statement, TextClause):

@@ -495,6 +495,34 @@ def test_models_chooses_what_is_cached_and_register_adds_to_it():
         assert sacache.cache.model_for(Cached.__mapper__).ttl == 40
 
 
+def test_register_with_unique_caches_lookups_by_those_columns():
+    class Base(DeclarativeBase):
+        pass
+
+    app = Flask(__name__)
+    app.config["SQLALCHEMY_DATABASE_URI"] = "sqlite://"
+    db = SQLAlchemy(app, model_class=Base, **SACache.sqlalchemy_options())
+
+    class Login(db.Model):
+        id: Mapped[int] = mapped_column(primary_key=True)
+        email: Mapped[str] = mapped_column(String(50), unique=True)
+
+    sacache = SACache(app, db, models=[Login])
+    with app.app_context():
+        db.create_all()
+        db.session.add(Login(id=1, email="a@x"))
+        db.session.commit()
+        sacache.register(Login, unique=["email"])  # already cached: its unique lookups too
+        # the column's collation, asked once; the first lookup caches which row holds the
+        # value, the second the row; then no SQL
+        expected = ["SELECT sql FROM sqlite_master", "SELECT", "SELECT"]
+        with counting_sql(db.engine) as sql, expect_sql(sql, expected):
+            for _ in range(4):
+                db.session.remove()
+                assert Login.query.filter_by(email="a@x").one().id == 1
+        assert sacache.cache.stats()["models"]["Login.unique(email)"]["hits"] == 3
+
+
 # -- which models are cached, and when ----------------------------------------------------------
 
 

@@ -7,13 +7,14 @@ from typing import Any
 
 import pytest
 import sqlalchemy
-from sqlalchemy import create_engine, event, inspect, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import and_, create_engine, event, inspect, select, update
+from sqlalchemy.orm import Session, aliased, defer, sessionmaker
 from sqlalchemy.orm.base import PassiveFlag
 
 from sa_cache import _orm
 
 from .models import Address, Base, User
+from .models_unique import Account, Invoice, UniqueBase
 
 
 class RecordingSession(Session):
@@ -360,3 +361,106 @@ def test_a_lazy_collection_load_is_a_do_orm_execute_a_result_can_answer(Sessions
         assert [a.id for a in user.addresses] == [1]
         _, load_options, plain, _ = seen.pop()
         assert load_options and not plain
+
+
+def _criteria_of(Sessions: Any, run: Any, answer: Any = None) -> list[Any]:  # noqa: N803
+    """What :func:`_orm.unique_lookup_criteria` makes of each SELECT ``run`` sends (answering it
+    with ``answer(state)`` when given)."""
+    found: list[Any] = []
+    with Sessions() as s:
+
+        @event.listens_for(s, "do_orm_execute")
+        def recognise(state: Any) -> Any:
+            if state.is_select:
+                criteria = _orm.unique_lookup_criteria(state)
+                found.append(None if criteria is None else (criteria.columns, criteria.values))
+                if answer is not None and criteria is not None:
+                    return answer(state)
+            return None
+
+        run(s)
+    return found
+
+
+def test_the_plain_forms_of_a_lookup_by_columns_share_one_statement_cache_key(Sessions):
+    name = User.__table__.c.name
+    for run in (
+        lambda s: s.execute(select(User).where(User.name == "a")).scalar_one_or_none(),
+        lambda s: s.execute(select(User).filter_by(name="a")).first(),
+        lambda s: s.scalars(select(User).where(User.name == "a")).first(),
+        lambda s: s.query(User).filter(User.name == "a").first(),  # adds LIMIT 1
+        lambda s: s.query(User).filter_by(name="a").one_or_none(),
+    ):
+        assert _criteria_of(Sessions, run) == [((name,), ("a",))]
+    both = ((name, User.__table__.c.id), ("a", 1))
+    for run in (
+        lambda s: s.execute(select(User).where(User.name == "a", User.id == 1)).first(),
+        lambda s: s.execute(select(User).where(and_(User.name == "a", User.id == 1))).first(),
+        lambda s: s.query(User).filter_by(name="a", id=1).first(),
+    ):
+        assert _criteria_of(Sessions, run) == [both]
+
+
+def test_anything_more_in_the_statement_changes_its_cache_key(Sessions):
+    where = User.name == "a"
+    other = aliased(User)
+    for run in (
+        lambda s: s.execute(select(User).where(where).order_by(User.id)).first(),
+        lambda s: s.execute(select(User).where(where).with_for_update()).first(),
+        lambda s: s.execute(select(User).where(where).options(defer(User.email))).first(),
+        lambda s: s.execute(select(User).where(where).offset(1)).first(),
+        lambda s: s.execute(select(User).where(where).limit(0)).first(),
+        lambda s: s.execute(select(User).where(where).distinct()).first(),
+        lambda s: s.execute(select(User).where(User.name != "a")).first(),
+        lambda s: s.execute(select(User).where(User.name.in_(["a"]))).first(),
+        lambda s: s.execute(select(User.id).where(where)).first(),
+        lambda s: s.execute(select(other).where(other.name == "a")).first(),
+        lambda s: s.execute(
+            select(User).where(where).execution_options(populate_existing=True)
+        ).first(),
+        lambda s: s.query(User).filter(where).populate_existing().first(),
+        lambda s: s.query(User).filter(where).yield_per(5).first(),
+    ):
+        assert _criteria_of(Sessions, run) == [None]
+
+
+def test_a_result_of_objects_answers_every_plain_form_as_the_select_would(Sessions):
+    with Sessions() as s:
+        user = s.get(User, 1)
+
+        @event.listens_for(s, "do_orm_execute")
+        def answer(state: Any) -> Any:
+            return _orm.entity_result([user], ("User",))
+
+        assert s.execute(select(User).where(User.name == "a")).scalar_one_or_none() is user
+        assert s.execute(select(User).where(User.name == "a")).first()._mapping["User"] is user
+        assert s.scalars(select(User).where(User.name == "a")).first() is user
+        assert s.query(User).filter_by(name="a").first() is user  # reads Result._attributes
+        assert s.query(User).filter_by(name="a").one() is user
+        assert s.query(User).filter_by(name="a").all() == [user]
+
+
+def test_a_lazy_many_to_one_by_another_column_passes_the_parents_values_as_parameters():
+    engine = create_engine("sqlite://")
+    UniqueBase.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add(Account(id=1, email="a@x", tenant=1, handle="a", name="A"))
+        s.flush()
+        s.add(Invoice(id=1, account_email="a@x", total=1))
+        s.commit()
+    seen: list[Any] = []
+    with Session(engine) as s:
+        invoice = s.get(Invoice, 1)
+
+        @event.listens_for(s, "do_orm_execute")
+        def record(state: Any) -> None:
+            prop = _orm.lazy_loaded_relationship(state)
+            where = state.statement.whereclause
+            seen.append((prop, where.right.value, _orm.plain_lazy_load(state)))
+            seen.append(_orm.column_equalities(where, Account.__table__, state.parameters))
+
+        assert invoice.account.id == 1
+    assert seen == [
+        (Invoice.account.property, None, True),  # the value is no bound value of the clause
+        ((Account.__table__.c.email,), ("a@x",)),
+    ]
