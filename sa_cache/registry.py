@@ -49,6 +49,8 @@ class Registry:
         #: memos of model_for and kinds_for, by the mapper asked about
         self._served: dict[Mapper[Any], CachedModel | None] = {}
         self._kinds: dict[Mapper[Any], tuple[CachedKind, ...]] = {}
+        #: :func:`sa_cache.eager.plan`'s memo, by mapper (cleared by every registration)
+        self.eager_plans: dict[Mapper[Any], Any] = {}
         self._lock = threading.RLock()
 
     def __len__(self) -> int:
@@ -99,6 +101,7 @@ class Registry:
         self._served.clear()
         self._kinds.clear()
         self._relationships = None
+        self.eager_plans.clear()
         self._reading = {}
 
     def _model_of(self, mapper: Mapper[Any]) -> CachedModel | None:
