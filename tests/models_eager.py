@@ -2,7 +2,8 @@
 tests/models_relationships.py with every relationship loaded with its parent. Users with roles
 with abilities (``selectin`` many-to-many, two levels); boards with ``joined`` posts,
 ``subquery`` notes and ``immediate`` tags (one-to-many); a post's author (a ``joined``
-many-to-one, served by the row cache) whose roles load in turn; and a self-referential tree
+many-to-one, served by the row cache) whose roles load in turn; a role's ``joined`` creator
+(whose cycle rule looks at its own SELECT only); and a self-referential tree
 whose ``selectin`` children stop after ``join_depth`` levels."""
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ class Role(EagerBase):
     __tablename__ = "eager_roles"
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
     name: Mapped[str] = mapped_column(String(50))
+    creator_id: Mapped[int | None] = mapped_column(ForeignKey("eager_users.id"))
+    #: joined in the roles' own SELECT, which starts at the role: loaded though its target's
+    #: class is on the path from a user
+    creator: Mapped[User | None] = relationship(lazy="joined", foreign_keys=[creator_id])
     abilities: Mapped[list[Ability]] = relationship(
         secondary=role_abilities, order_by=Ability.id, lazy="selectin"
     )

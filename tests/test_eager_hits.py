@@ -108,16 +108,18 @@ def get(model: Any, pk: int, **kw: Any) -> Read:
 
 
 def seed(Session: Any) -> None:  # noqa: N803
-    """Users 1 (roles 1, 2), 2 (role 2), 3 (none); role 1 has abilities 1, 2, role 2 ability 3;
+    """Users 1 (roles 1, 2), 2 (role 2), 3 (none); role 1 (created by user 3) has abilities 1,
+    2, role 2 ability 3;
     board 1 with posts 1 (by user 1), 2 (no author), notes 1, 2 and tag 1; board 2 empty; a
     tree of nodes 1 > 2 > 3 > 4."""
     with Session() as s:
         a1, a2 = Ability(id=1, name="read"), Ability(id=2, name="write")
         a3 = Ability(id=3, name="a")
-        r1 = Role(id=1, name="admin", abilities=[a1, a2])
+        r1 = Role(id=1, name="admin", abilities=[a1, a2], creator_id=3)
         r2 = Role(id=2, name="staff", abilities=[a3])
-        s.add_all([User(id=1, name="u1", roles=[r2, r1]), User(id=2, name="u2", roles=[r2])])
         s.add(User(id=3, name="u3"))
+        s.flush()
+        s.add_all([User(id=1, name="u1", roles=[r2, r1]), User(id=2, name="u2", roles=[r2])])
         s.add(Board(id=1, name="b1", notes=[Note(id=1), Note(id=2)], tags=[Tag(id=1)]))
         s.add(Board(id=2, name="b2"))
         s.flush()
