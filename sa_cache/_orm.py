@@ -22,8 +22,9 @@ changes one fails there first, by name.
    from, whose ``load_options`` travel to the load) and ``Session._get_impl`` the ``options`` of a
    ``get``: a cached row cannot honour loader options, so such lookups skip the cache.
 6. :func:`autoflush` is ``Session._autoflush``, the flush a lookup's SELECT runs first.
-7. :func:`complete_like_a_load` loads what a load fills in beyond the columns
-   (``Session.refresh`` with attribute names, then the eager relationships).
+7. :func:`complete_like_a_load` loads what a load fills in beyond the columns with
+   ``Session.refresh`` with attribute names (SQL expressions, and the ``joined`` relationships
+   the cache did not answer).
 8. DML statements: :func:`rewrites_other_rows`, :func:`update_set_columns`,
    :func:`has_own_returning` and :func:`dml_statement` read ``Insert._post_values_clause`` /
    ``_prefixes``, ``Update._values``, ``_returning`` and ``FromStatement.element``.
@@ -43,6 +44,14 @@ changes one fails there first, by name.
     :func:`load_autoflushes` (``load_options._autoflush``), :func:`instances_result`
     (``SimpleResultMetaData._create_unique_filters``, ``_unique_filters`` in 2.0) and
     :func:`target_correlates_to_parent` (``RelationshipProperty._target_correlates_to_parent``).
+13. Eager relationships of a hit (:mod:`sa_cache.eager`): load paths are ``PathRegistry``
+    objects (:func:`root_path` is ``Mapper._path_registry``, :func:`child_path` indexes it by
+    relationship and target, :func:`path_mappers` reads ``PathRegistry.path``), recorded on
+    ``InstanceState.load_path`` (:func:`set_load_path`); :func:`load_along` is what
+    ``ImmediateLoader`` does (``LazyLoader._load_for_state`` with ``alternate_effective_path``);
+    :func:`lazy_load_children_path` reads a lazy load's ``loader_strategy_path``;
+    :func:`primary_key_attrs_of_target` reads ``LazyLoader.use_get``; :func:`set_loaded` is
+    ``set_committed_value``.
 """
 
 from __future__ import annotations
