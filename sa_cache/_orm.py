@@ -22,8 +22,9 @@ changes one fails there first, by name.
    from, whose ``load_options`` travel to the load) and ``Session._get_impl`` the ``options`` of a
    ``get``: a cached row cannot honour loader options, so such lookups skip the cache.
 6. :func:`autoflush` is ``Session._autoflush``, the flush a lookup's SELECT runs first.
-7. :func:`complete_like_a_load` loads what a load fills in beyond the columns
-   (``Session.refresh`` with attribute names, then the eager relationships).
+7. :func:`complete_like_a_load` loads what a load fills in beyond the columns with
+   ``Session.refresh`` with attribute names (SQL expressions, and the ``joined`` relationships
+   the cache did not answer).
 8. DML statements: :func:`rewrites_other_rows`, :func:`update_set_columns`,
    :func:`has_own_returning` and :func:`dml_statement` read ``Insert._post_values_clause`` /
    ``_prefixes``, ``Update._values``, ``_returning`` and ``FromStatement.element``.
@@ -48,6 +49,14 @@ changes one fails there first, by name.
     reads ``Select._limit``, the ``load_options`` overrides (``vars()``), and columns through
     ``_deannotate``; :func:`entity_result` sets ``Result._attributes`` (``is_single_entity``,
     ``filtered``), which the legacy ``Query`` reads to return scalars, uniqued.
+14. Eager relationships of a hit (:mod:`sa_cache.eager`): load paths are ``PathRegistry``
+    objects (:func:`root_path` is ``Mapper._path_registry``, :func:`child_path` indexes it by
+    relationship and target, :func:`path_mappers` reads ``PathRegistry.path``), recorded on
+    ``InstanceState.load_path`` (:func:`set_load_path`); :func:`load_along` is what
+    ``ImmediateLoader`` does (``LazyLoader._load_for_state`` with ``alternate_effective_path``);
+    :func:`lazy_load_children_path` reads a lazy load's ``loader_strategy_path``;
+    :func:`primary_key_attrs_of_target` reads ``LazyLoader.use_get``; :func:`set_loaded` is
+    ``set_committed_value``.
 """
 
 from __future__ import annotations
@@ -60,9 +69,17 @@ from sqlalchemy import and_, inspect, select
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Result
 from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
-from sqlalchemy.orm import Mapper, ORMExecuteState, Query, RelationshipProperty, Session
-from sqlalchemy.orm.attributes import instance_state
-from sqlalchemy.orm.base import PassiveFlag
+from sqlalchemy.orm import (
+    InstanceState,
+    Mapper,
+    ORMExecuteState,
+    Query,
+    RelationshipDirection,
+    RelationshipProperty,
+    Session,
+)
+from sqlalchemy.orm.attributes import instance_state, set_committed_value
+from sqlalchemy.orm.base import ATTR_WAS_SET, LoaderCallableStatus, PassiveFlag
 from sqlalchemy.orm.context import FromStatement
 from sqlalchemy.schema import Column
 from sqlalchemy.sql import Select, operators
@@ -96,6 +113,8 @@ class IdentityLookupHooks:
     _sa_cache_lookup_pk: Any = None
     #: whether the ``get`` under way carries loader options
     _sa_cache_get_options: bool = False
+    #: the state a lazy many-to-one load under way started from (None for a ``get``)
+    _sa_cache_lazy_from: Any = None
 
     def cache_lookup(
         self,
@@ -144,14 +163,18 @@ class IdentityLookupHooks:
             options, autoflush = self._sa_cache_get_options, True
         else:
             options, autoflush = bool(parent.load_options), parent.key is not None
-        answer = self.cache_lookup(
-            mapper,
-            primary_key_identity,
-            identity_token,
-            kw.get("execution_options") or EMPTY_DICT,
-            options,
-            autoflush and not passive & PassiveFlag.NO_AUTOFLUSH,
-        )
+        outer, self._sa_cache_lazy_from = self._sa_cache_lazy_from, parent
+        try:
+            answer = self.cache_lookup(
+                mapper,
+                primary_key_identity,
+                identity_token,
+                kw.get("execution_options") or EMPTY_DICT,
+                options,
+                autoflush and not passive & PassiveFlag.NO_AUTOFLUSH,
+            )
+        finally:
+            self._sa_cache_lazy_from = outer
         if answer is KNOWN_ABSENT:
             self._sa_cache_last_absent = primary_key_identity
             return None
@@ -184,8 +207,6 @@ class IdentityLookupHooks:
         finally:
             self._sa_cache_get_options = outer_options
             self.lookup_done()
-
-
 
 
 def next_load_sees_fresh_snapshot(session: Session) -> bool:
@@ -274,13 +295,15 @@ def session_populates_existing(session: Any) -> bool:
 
 
 class EagerPlan(NamedTuple):
-    """What a load of one mapper fills in beyond its cached columns, and how a hit does the same.
+    """What a load of one mapper fills in beyond its cached columns that a hit asks
+    ``Session.refresh`` for (the eager relationships are :mod:`sa_cache.eager`'s).
 
     :param refresh: attributes one ``Session.refresh`` loads in one SELECT: SQL expressions
-        (``column_property``, ``query_expression``) and ``lazy="joined"`` relationships, which a
-        load fills from its own SELECT.
-    :param trigger: ``selectin`` / ``subquery`` / ``immediate`` relationships, each one more
-        SELECT on a load too (a many-to-one by primary key may come from the cache instead).
+        (``column_property``, ``query_expression``) and ``lazy="joined"`` relationships with
+        ``innerjoin=True`` (see :func:`refreshed_with_row`).
+    :param trigger: every other ``joined`` / ``selectin`` / ``subquery`` / ``immediate``
+        relationship: a hit completes them (:func:`sa_cache.eager.complete`), so a hit with
+        any of them is no plain placement (``get_many`` sends those to the database).
 
     A hit that carries these out costs at most the SQL of a miss, and leaves the instance as a
     load leaves it (no attribute left to load after the session closes).
@@ -292,9 +315,16 @@ class EagerPlan(NamedTuple):
 
 #: The plan of a mapper whose load fills in nothing beyond its columns.
 NO_EAGER_LOADS: Final = EagerPlan((), ())
-_EAGER_LOADERS: Final = frozenset({"selectin", "subquery", "immediate"})
+_EAGER_LOADERS: Final = frozenset({"joined", "selectin", "subquery", "immediate"})
 #: by mapper, for the life of the process as mappers are (a plain dict: asked on every hit)
 _plans: dict[Mapper[Any], EagerPlan] = {}
+
+
+def refreshed_with_row(prop: RelationshipProperty[Any]) -> bool:
+    """Whether a hit loads ``prop`` with ``Session.refresh`` of its row: a ``joined``
+    relationship with ``innerjoin=True``, whose INNER JOIN makes a ``get`` find no row at all
+    when the collection is empty or the reference NULL; the refresh finds nothing then too."""
+    return prop.lazy == "joined" and bool(prop.innerjoin)
 
 
 def eager_plan(mapper: Mapper[Any], expressions: frozenset[str]) -> EagerPlan:
@@ -305,8 +335,12 @@ def eager_plan(mapper: Mapper[Any], expressions: frozenset[str]) -> EagerPlan:
         # only instrumented attributes: a polymorphic_on expression (``_sa_polymorphic_on``) is
         # no attribute of the instance, and a load does not fill it
         expressions = frozenset(key for key in expressions if key in mapper.class_manager)
-        joined = [r.key for r in mapper.relationships if r.lazy == "joined"]
-        trigger = [r.key for r in mapper.relationships if r.lazy in _EAGER_LOADERS]
+        joined = [r.key for r in mapper.relationships if refreshed_with_row(r)]
+        trigger = [
+            r.key
+            for r in mapper.relationships
+            if r.lazy in _EAGER_LOADERS and not refreshed_with_row(r)
+        ]
         refresh = tuple(sorted(expressions)) + tuple(joined)
         if refresh:  # a refresh must load at least one table column: the key is one
             refresh = (mapper.get_property_by_column(mapper.primary_key[0]).key, *refresh)
@@ -318,8 +352,8 @@ def eager_plan(mapper: Mapper[Any], expressions: frozenset[str]) -> EagerPlan:
 
 
 def complete_like_a_load(session: Session, instance: Any, plan: EagerPlan) -> bool:
-    """Load what ``plan`` names on a freshly placed hit; False if the row is gone meanwhile (a
-    refresh found nothing: SQLAlchemy's SELECT would have found nothing too)."""
+    """Load what ``plan.refresh`` names on a freshly placed hit; False if the row is gone
+    meanwhile (a refresh found nothing: SQLAlchemy's SELECT would have found nothing too)."""
     if plan.refresh:
         try:
             session.refresh(instance, attribute_names=plan.refresh)
@@ -328,9 +362,93 @@ def complete_like_a_load(session: Session, instance: Any, plan: EagerPlan) -> bo
                 raise
             session.expunge(instance)
             return False
-    for key in plan.trigger:
-        getattr(instance, key)
     return True
+
+
+# -- eager relationships of a hit (sa_cache.eager) -------------------------------------------------
+
+
+def primary_key_attrs_of_target(prop: RelationshipProperty[Any]) -> tuple[str, ...] | None:
+    """For a many-to-one whose lazy load is a primary-key lookup of its target
+    (``LazyLoader.use_get``), the parent's attributes holding that key, in the target's
+    primary-key order; None otherwise."""
+    lazy = prop._get_strategy((("lazy", "select"),))
+    if not getattr(lazy, "use_get", False):
+        return None
+    by_remote = {remote: local for local, remote in prop.local_remote_pairs}
+    attrs = []
+    for column in prop.mapper.primary_key:
+        local = by_remote.get(column)
+        if local is None:
+            return None
+        try:
+            attrs.append(prop.parent.get_property_by_column(local).key)
+        except Exception:  # not mapped on the parent
+            return None
+    return tuple(attrs)
+
+
+def root_path(mapper: Mapper[Any]) -> Any:
+    """The load path of a row loaded by a ``get`` of ``mapper`` (``Mapper._path_registry``)."""
+    return mapper._path_registry
+
+
+def child_path(path: Any, prop: RelationshipProperty[Any]) -> Any:
+    """The load path of the rows an eager load of ``prop`` brings in from a row at ``path``."""
+    return path[prop][prop.mapper]
+
+
+def path_mappers(path: Any) -> list[Mapper[Any]]:
+    """The mappers along a load path (its even elements, ``PathRegistry.path``)."""
+    return [entity.mapper for entity in path.path[::2]]
+
+
+def lazy_load_path(parent: InstanceState[Any], mapper: Mapper[Any]) -> Any:
+    """The load path of the row a lazy many-to-one load from ``parent`` brings in
+    (``LazyLoader._emit_lazyload``: the parent's mapper path, the relationship, the target),
+    or None when more than one relationship of the parent could be the one loading."""
+    found = [
+        prop
+        for prop in parent.mapper.relationships
+        if prop.direction is RelationshipDirection.MANYTOONE and mapper.isa(prop.mapper)
+    ]
+    if len(found) != 1:
+        return None
+    return parent.mapper._path_registry[found[0]][found[0].mapper]
+
+
+def load_along(state: InstanceState[Any], prop: RelationshipProperty[Any], path: Any) -> None:
+    """Load ``prop`` of ``state`` with SQLAlchemy's lazy loader as an eager load of a row at
+    ``path`` does (``ImmediateLoader._load_for_path``: ``LazyLoader._load_for_state`` with
+    ``alternate_effective_path``), so what it brings in gets the load paths, and stops at the
+    cycles, of that load rather than of a lazy load started from ``state`` alone."""
+    lazy: Any = prop._get_strategy((("lazy", "select"),))
+    value = lazy._load_for_state(
+        state,
+        PassiveFlag.PASSIVE_OFF | PassiveFlag.NO_RAISE,
+        alternate_effective_path=path,
+    )
+    if value not in (ATTR_WAS_SET, LoaderCallableStatus.PASSIVE_NO_RESULT):
+        state.get_impl(prop.key).set_committed_value(state, state.dict, value)  # type: ignore[no-untyped-call]
+
+
+def lazy_load_children_path(state: ORMExecuteState) -> Any:
+    """The load path of the rows a lazy load brings in: its statement's current path (the
+    relationship's, from the parent's mapper or from the eager load it stands in for) and the
+    relationship's target."""
+    path: Any = state.loader_strategy_path
+    return path[path.path[-1].mapper]
+
+
+def set_load_path(state: InstanceState[Any], path: Any) -> None:
+    """Record the load path a load records (``InstanceState.load_path``): a later lazy load with
+    options resolves them along it."""
+    state.load_path = path
+
+
+def set_loaded(state: InstanceState[Any], key: str, value: Any) -> None:
+    """Set a relationship as loaded, as a load's populator does (``set_committed_value``)."""
+    set_committed_value(state.obj(), key, value)
 
 
 def place_in_session(
@@ -387,7 +505,6 @@ def dml_statement(statement: Any) -> Any:
 def has_own_returning(statement: Any) -> bool:
     """Whether the caller gave the statement its own ``returning()`` (``_returning``)."""
     return bool(statement._returning)
-
 
 
 #: ``await_`` from SQLAlchemy 2.1, ``await_only`` in 2.0 (kept as an alias in 2.1).

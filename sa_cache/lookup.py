@@ -138,6 +138,52 @@ class Lookups:
             answers.append(None)
         return answers
 
+    def read_kinds(
+        self,
+        kinds: Sequence[CachedKind],
+        wanted: Sequence[tuple[str, tuple[Any, ...], Any]],
+        fill_rule: FillRule,
+        context: Any = None,
+    ) -> list[Answer | None]:
+        """As :meth:`read`, for keys of several kinds (``kinds[i]`` is the kind of
+        ``wanted[i]``), still in one round trip: a hit completing its eager relationships reads
+        every collection of a level, then every row they name, this way. A miss is remembered
+        as :meth:`read` remembers it, for the load that follows (SQLAlchemy's lazy loader or a
+        refresh) to fill."""
+        now = time.monotonic()
+        distinct = list(dict.fromkeys(kinds))
+        read = self.cache.guarded.read(distinct, [key for key, _, _ in wanted])
+        if read is None:
+            return [None] * len(wanted)
+        generations = dict(zip(distinct, read[0], strict=True))
+        rules: dict[CachedKind, tuple[Freshness, bool]] = {}
+        answers: list[Answer | None] = []
+        for kind, (key, pk, identity_key), raw, payload in zip(
+            kinds, wanted, read[1], read[2], strict=True
+        ):
+            generation = generations[kind]
+            answer = classify(kind, generation, payload, pk)
+            answers.append(answer)
+            if answer is not None:
+                kind.stats.hits += 1
+                continue
+            kind.stats.misses += 1
+            rule = rules.get(kind)
+            if rule is None:
+                may_fill, negative_ok = fill_rule(kind, context)
+                if self.snapshot_bound is None:
+                    if may_fill is Freshness.IN_SNAPSHOT:
+                        may_fill = Freshness.NEVER  # no bound on its start to prove against
+                elif may_fill is Freshness.BEGINS_SNAPSHOT:
+                    may_fill = Freshness.FRESH  # the bound is known already
+                rule = rules[kind] = (may_fill, negative_ok)
+            may_fill, negative_ok = rule
+            if may_fill is not Freshness.NEVER and may_fill_over(payload, generation):
+                self.pending[identity_key] = Observation(
+                    kind, key, raw, generation, now, negative_ok, freshness=may_fill
+                )
+        return answers
+
     def lease_or_wait(
         self, kind: CachedKind, pk: tuple[Any, ...], identity_key: Any
     ) -> Answer | None:

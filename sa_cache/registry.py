@@ -60,6 +60,8 @@ class Registry:
         self._uniques: dict[Mapper[Any], dict[frozenset[Any], CachedUnique]] | None = None
         #: every unique kind ever made, by (mapper, columns): counters survive a re-registration
         self._made_uniques: dict[tuple[Mapper[Any], tuple[Any, ...]], CachedUnique] = {}
+        #: :func:`sa_cache.eager.plan`'s memo, by mapper (cleared by every registration)
+        self.eager_plans: dict[Mapper[Any], Any] = {}
         self._lock = threading.RLock()
 
     def __len__(self) -> int:
@@ -125,6 +127,7 @@ class Registry:
         self._served.clear()
         self._kinds.clear()
         self._relationships = None
+        self.eager_plans.clear()
         self._reading = {}
         self._uniques = None
 

@@ -46,6 +46,8 @@ COLLECTION: Final = 8
 DEFAULT_MAX_COLLECTION: Final = 1000
 
 _MISSING: Final = object()
+#: The strategies whose collections are cached: loaded lazily, or with their parent.
+_LOADED: Final = frozenset({"select", True, "joined", "selectin", "subquery", "immediate"})
 
 
 @codec.entry_kind(COLLECTION)
@@ -63,8 +65,9 @@ def uncacheable(prop: RelationshipProperty[Any]) -> str | None:
     """Why lazy loads of ``prop`` cannot be answered from the cache exactly, or None.
 
     - ``dynamic`` and ``write_only`` relationships are queries, never loaded as a collection;
-      ``noload`` and ``raise`` never load; ``joined``, ``selectin``, ``subquery`` and
-      ``immediate`` are loaded with their parent (cached in a later part of issue 13).
+      ``noload`` and ``raise`` never load. ``joined``, ``selectin``, ``subquery`` and
+      ``immediate`` ones are: a load loads them with their parent, and a hit from the cache
+      (:mod:`sa_cache.eager`), whose collection lists are the ones their lazy loads fill.
     - A many-to-one: its lazy load by primary key already goes through the row cache.
     - A join condition that is not plain equality of the parent's primary key with columns of the
       target (one-to-many) or of a ``secondary`` table that names the target's primary key
@@ -75,8 +78,8 @@ def uncacheable(prop: RelationshipProperty[Any]) -> str | None:
     lazy = prop.lazy
     if lazy in ("dynamic", "write_only"):
         return f"a {lazy} relationship is a query, never a loaded collection"
-    if lazy not in ("select", True):
-        return f"lazy={lazy!r}: only lazy='select' relationships are cached"
+    if lazy not in _LOADED:
+        return f"lazy={lazy!r}: never loaded as a collection"
     if prop.direction is RelationshipDirection.MANYTOONE:
         return "a many-to-one loads its target by primary key through the row cache already"
     if _orm.target_correlates_to_parent(prop):

@@ -19,8 +19,9 @@ from typing import Any, Final, TypeVar
 from sqlalchemy import inspect, select, tuple_
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapper, ORMExecuteState, Query, RelationshipDirection, Session
+from sqlalchemy.orm.attributes import instance_state
 
-from . import _orm, collations, connections, isolation, tracking
+from . import _orm, collations, connections, eager, isolation, tracking
 from .cache import IdentityCache
 from .keys import coercer_for, normalise
 from .kinds import ABSENT, Answer, Hit
@@ -178,29 +179,102 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
     def _place(
         self, answer: Answer, mapper: Mapper[Any], identity_key: Any, complete: bool = True
     ) -> Any:
-        """The session's answer for a cache hit: the instance, or :data:`_orm.KNOWN_ABSENT`."""
-        if type(answer) is Hit:
-            shape = answer.shape
-            if not shape.mapper.isa(mapper):
-                return _orm.KNOWN_ABSENT  # a row of another class: SQLAlchemy answers None
-            instance = _orm.place_in_session(
-                self,  # type: ignore[arg-type]
-                shape.mapper,
-                identity_key,
-                answer.value,
-                shape.expire_on_hit,
-            )
-            if not complete:  # the caller made sure the load fills in nothing more
-                return instance
-            plan = _orm.eager_plan(shape.mapper, shape.expire_on_hit)
-            if plan is not _orm.NO_EAGER_LOADS and not _orm.complete_like_a_load(
+        """The session's answer for a cache hit: the instance, or :data:`_orm.KNOWN_ABSENT`.
+        ``complete``: load what a load of it would have loaded with it (its load path: a
+        ``get``'s, or a lazy many-to-one load's)."""
+        if not complete:
+            return self._place_row(answer, mapper, identity_key)
+        path = _orm.root_path(mapper)
+        parent = self._sa_cache_lazy_from
+        if parent is not None and type(answer) is Hit:
+            path = _orm.lazy_load_path(parent, mapper)
+            if (
+                path is None
+                and _orm.eager_plan(answer.shape.mapper, answer.shape.expire_on_hit).trigger
+            ):
+                return None  # its eager loads depend on a path not known: SQLAlchemy loads it
+        lookups = self._sa_cache
+        assert lookups is not None
+        if type(answer) is not Hit or not eager.plan(lookups.cache.registry, answer.shape.mapper):
+            return self._place_row(answer, mapper, identity_key, path)
+        instance = self._place_row(answer, mapper, identity_key, path, refresh=False)
+        if instance is _orm.KNOWN_ABSENT:
+            return instance
+        if not eager.complete(
+            lookups, [(instance, path)], self._place_row, self._eager_fill_rule, self._refresh_hit
+        ):
+            return _orm.KNOWN_ABSENT
+        return instance
+
+    def _place_row(
+        self,
+        answer: Answer,
+        mapper: Mapper[Any],
+        identity_key: Any,
+        path: Any = None,
+        refresh: bool = True,
+    ) -> Any:
+        """A hit placed with its SQL expressions refreshed, its eager relationships not loaded
+        yet (:meth:`_complete_eager`), with ``path`` (default: a ``get``'s) as its load path."""
+        if type(answer) is not Hit:
+            return _orm.KNOWN_ABSENT
+        shape = answer.shape
+        if not shape.mapper.isa(mapper):
+            return _orm.KNOWN_ABSENT  # a row of another class: SQLAlchemy answers None
+        instance = _orm.place_in_session(
+            self,  # type: ignore[arg-type]
+            shape.mapper,
+            identity_key,
+            answer.value,
+            shape.expire_on_hit,
+        )
+        _orm.set_load_path(instance_state(instance), path or _orm.root_path(mapper))
+        plan = _orm.eager_plan(shape.mapper, shape.expire_on_hit)
+        if (
+            refresh
+            and plan.refresh
+            and not _orm.complete_like_a_load(
                 self,  # type: ignore[arg-type]
                 instance,
                 plan,
-            ):
-                return _orm.KNOWN_ABSENT
-            return instance
-        return _orm.KNOWN_ABSENT
+            )
+        ):
+            return _orm.KNOWN_ABSENT
+        return instance
+
+    def _complete_eager(self, placed: list[tuple[Any, Any]]) -> None:
+        """Load the eager relationships of instances just placed from the cache (with their
+        load paths), from the cache where it holds them: see :mod:`sa_cache.eager`."""
+        lookups = self._sa_cache
+        assert lookups is not None
+        registry = lookups.cache.registry
+        if any(eager.plan(registry, instance_state(i).mapper) for i, _ in placed):
+            eager.complete(lookups, placed, self._place_row, self._eager_fill_rule)
+
+    def _refresh_hit(self, instance: Any, relationships: list[str]) -> bool:
+        """Load what a ``get``'s SELECT loads with the row and the cache did not answer: its SQL
+        expressions and ``relationships`` (``joined`` ones), in one refresh; False if the row
+        is gone meanwhile."""
+        lookups = self._sa_cache
+        assert lookups is not None
+        mapper = instance_state(instance).mapper
+        model = lookups.cache.registry.model_for(mapper)
+        expressions = frozenset() if model is None else model.shape(mapper).expire_on_hit
+        names = list(_orm.eager_plan(mapper, expressions).refresh)
+        if relationships:
+            names = (names or [mapper.get_property_by_column(mapper.primary_key[0]).key]) + [
+                key for key in relationships if key not in names
+            ]
+        if not names:
+            return True
+        plan = _orm.EagerPlan(tuple(names), ())
+        return _orm.complete_like_a_load(self, instance, plan)  # type: ignore[arg-type]
+
+    def _eager_fill_rule(self, kind: Any, context: Any) -> tuple[Freshness, bool]:
+        """:meth:`_fill_rule` for the collections and rows an eager completion reads (never an
+        absence: a member or a target is read because a row names it)."""
+        mapper = kind.prop.mapper if isinstance(kind, CachedRelationship) else kind.base_mapper
+        return self._fill_rule(kind, mapper)[0], False
 
     # -- lazy collection loads --------------------------------------------------------------------
 
@@ -248,7 +322,7 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
             finally:
                 lookups.current = outer
         if type(answer) is Hit:
-            found = self._hydrate(kind, answer.value)
+            found = self._hydrate(kind, answer.value, _orm.lazy_load_children_path(state))
             # a target the row cache lacks: the SELECT, whose load fills it
             return None if found is None else _orm.instances_result(found)
         if waiting not in lookups.pending:
@@ -434,7 +508,9 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
             if observation is not None:
                 lookups.write_back([], observation)
 
-    def _hydrate(self, kind: CachedRelationship, pks: list[tuple[Any, ...]]) -> list[Any] | None:
+    def _hydrate(
+        self, kind: CachedRelationship, pks: list[tuple[Any, ...]], path: Any
+    ) -> list[Any] | None:
         """The instances of a cached collection: those in the identity map as they are, the
         others from the row cache in one read and placed as a load places them; None if any is
         not there (or not loaded, or of another class), so the SELECT answers instead."""
@@ -463,11 +539,14 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         answers = lookups.read(model, wanted, self._fill_rule, mapper)
         if any(type(answer) is not Hit for answer in answers):
             return None
+        placed = []
         for (_, _, identity_key), answer, place in zip(wanted, answers, places, strict=True):
-            instance = self._place(answer, mapper, identity_key)  # type: ignore[arg-type]
+            instance = self._place_row(answer, mapper, identity_key, path)  # type: ignore[arg-type]
             if instance is _orm.KNOWN_ABSENT:
                 return None
             found[place] = instance
+            placed.append((instance, path))
+        self._complete_eager(placed)
         return found
 
     def loaded_nothing(self, mapper: Mapper[Any], primary_key_identity: Any) -> None:

@@ -194,8 +194,10 @@ def test_an_upsert_and_a_prefixed_insert_are_told_apart_from_a_plain_insert():
     plain = insert(User).values(id=1, name="a")
     assert not _orm.rewrites_other_rows(plain)
     assert _orm.rewrites_other_rows(insert(User).prefix_with("OR REPLACE").values(id=1))
-    upsert = pg_insert(User).values(id=1, name="a").on_conflict_do_update(
-        index_elements=[User.id], set_={"name": "b"}
+    upsert = (
+        pg_insert(User)
+        .values(id=1, name="a")
+        .on_conflict_do_update(index_elements=[User.id], set_={"name": "b"})
     )
     assert _orm.rewrites_other_rows(upsert)
 
@@ -355,9 +357,7 @@ def test_a_lazy_collection_load_is_a_do_orm_execute_a_result_can_answer(Sessions
         answer.clear()
     with Session(engine) as s:
         event.listen(s, "do_orm_execute", listener)
-        user = s.scalars(
-            sqlalchemy.select(User).options(sqlalchemy.orm.defer(User.name))
-        ).one()
+        user = s.scalars(sqlalchemy.select(User).options(sqlalchemy.orm.defer(User.name))).one()
         assert [a.id for a in user.addresses] == [1]
         _, load_options, plain, _ = seen.pop()
         assert load_options and not plain
@@ -464,3 +464,100 @@ def test_a_lazy_many_to_one_by_another_column_passes_the_parents_values_as_param
         (Invoice.account.property, None, True),  # the value is no bound value of the clause
         ((Account.__table__.c.email,), ("a@x",)),
     ]
+# -- eager relationships of a hit (sa_cache/eager.py) ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def EagerSessions() -> Any:  # noqa: N802
+    from .models_eager import Ability, EagerBase, Post, Role
+    from .models_eager import User as EagerUser
+
+    engine = create_engine("sqlite://")
+    EagerBase.metadata.create_all(engine)
+    with Session(engine) as s:
+        role = Role(id=1, name="r", abilities=[Ability(id=1, name="a")])
+        s.add(EagerUser(id=1, name="u", roles=[role]))
+        s.flush()
+        s.add(Post(id=1, author_id=1))
+        s.commit()
+    return sessionmaker(engine)
+
+
+def test_a_load_records_the_path_the_eager_path_helpers_build(EagerSessions):
+    from .models_eager import Ability, Role
+    from .models_eager import User as EagerUser
+
+    with EagerSessions() as s:
+        user = s.get(EagerUser, 1)
+        role = inspect(user).dict["roles"][0]
+        ability = inspect(role).dict["abilities"][0]
+        root = _orm.root_path(inspect(EagerUser))
+        assert inspect(user).load_path == root
+        roles = _orm.child_path(root, EagerUser.roles.property)
+        assert inspect(role).load_path == roles
+        assert inspect(ability).load_path == _orm.child_path(roles, Role.abilities.property)
+        assert _orm.path_mappers(inspect(ability).load_path) == [
+            inspect(EagerUser),
+            inspect(Role),
+            inspect(Ability),
+        ]
+        # the cycle rule: Role.users (selectin) is not loaded from a user
+        assert "users" not in inspect(role).dict
+
+
+def test_a_lazy_load_runs_on_the_path_of_its_statement_and_many_to_ones_by_get(EagerSessions):
+    from .models_eager import Post, Role
+    from .models_eager import User as EagerUser
+
+    assert _orm.primary_key_attrs_of_target(Post.author.property) == ("author_id",)
+    assert _orm.primary_key_attrs_of_target(EagerUser.roles.property) is None
+    with EagerSessions() as s:
+        post = s.get(Post, 1)
+        s.expire(post, ["author"])
+        paths = []
+
+        @event.listens_for(s, "do_orm_execute")
+        def record(state: Any) -> None:
+            if state.lazy_loaded_from is not None:
+                paths.append(_orm.lazy_load_children_path(state))
+
+        role = s.get(Role, 1)
+        s.expire(role, ["abilities"])
+        along = _orm.child_path(_orm.root_path(inspect(EagerUser)), EagerUser.roles.property)
+        _orm.load_along(inspect(role), Role.abilities.property, along)
+        assert [a.id for a in inspect(role).dict["abilities"]] == [1]
+        assert paths == [_orm.child_path(along, Role.abilities.property)]
+        ability = inspect(role).dict["abilities"][0]
+        assert inspect(ability).load_path == paths[0]  # a new load: not refreshed here
+        assert _orm.lazy_load_path(inspect(post), inspect(EagerUser)) == _orm.child_path(
+            _orm.root_path(inspect(Post)), Post.author.property
+        )
+
+
+def test_set_loaded_and_set_load_path_leave_a_state_as_a_load_leaves_it(EagerSessions):
+    from .models_eager import Role
+    from .models_eager import User as EagerUser
+
+    with EagerSessions() as s:
+        user = s.get(EagerUser, 1)
+        role = s.get(Role, 1)
+        state = inspect(user)
+        del state.dict["roles"]
+        _orm.set_loaded(state, "roles", [role])
+        assert "roles" not in state.unloaded and not state.modified
+        assert not s.dirty
+        path = _orm.child_path(_orm.root_path(inspect(EagerUser)), EagerUser.roles.property)
+        _orm.set_load_path(inspect(role), path)
+        assert inspect(role).load_path.path == (
+            inspect(EagerUser),
+            EagerUser.roles.property,
+            inspect(Role),
+        )
+
+
+def test_only_an_inner_joined_relationship_is_refreshed_with_its_row():
+    from .models_eager import Board, Post
+
+    assert not _orm.refreshed_with_row(Board.posts.property)  # joined, outer
+    assert not _orm.refreshed_with_row(Post.author.property)
+    assert _orm.eager_plan(inspect(Board), frozenset()).trigger == ("posts", "notes", "tags")

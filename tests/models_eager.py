@@ -1,0 +1,111 @@
+"""Mapped classes for tests/test_eager_hits.py, on their own metadata: the same shapes as
+tests/models_relationships.py with every relationship loaded with its parent. Users with roles
+with abilities (``selectin`` many-to-many, two levels); boards with ``joined`` posts,
+``subquery`` notes and ``immediate`` tags (one-to-many); a post's author (a ``joined``
+many-to-one, served by the row cache) whose roles load in turn; a role's ``joined`` creator
+(whose cycle rule looks at its own SELECT only); and a self-referential tree
+whose ``selectin`` children stop after ``join_depth`` levels."""
+
+from __future__ import annotations
+
+from sqlalchemy import Column, ForeignKey, String, Table
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+class EagerBase(DeclarativeBase):
+    pass
+
+
+user_roles = Table(
+    "eager_user_roles",
+    EagerBase.metadata,
+    Column("user_id", ForeignKey("eager_users.id"), primary_key=True),
+    Column("role_id", ForeignKey("eager_roles.id"), primary_key=True),
+)
+
+role_abilities = Table(
+    "eager_role_abilities",
+    EagerBase.metadata,
+    Column("role_id", ForeignKey("eager_roles.id"), primary_key=True),
+    Column("ability_id", ForeignKey("eager_abilities.id"), primary_key=True),
+)
+
+
+class Ability(EagerBase):
+    __tablename__ = "eager_abilities"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(50))
+
+
+class Role(EagerBase):
+    __tablename__ = "eager_roles"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(50))
+    creator_id: Mapped[int | None] = mapped_column(ForeignKey("eager_users.id"))
+    #: joined in the roles' own SELECT, which starts at the role: loaded though its target's
+    #: class is on the path from a user
+    creator: Mapped[User | None] = relationship(lazy="joined", foreign_keys=[creator_id])
+    abilities: Mapped[list[Ability]] = relationship(
+        secondary=role_abilities, order_by=Ability.id, lazy="selectin"
+    )
+    #: back to the users: a load from a user stops here (its target is on the path)
+    users: Mapped[list[User]] = relationship(
+        secondary=user_roles, order_by="User.id", lazy="selectin", viewonly=True
+    )
+
+
+class User(EagerBase):
+    __tablename__ = "eager_users"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(50))
+    roles: Mapped[list[Role]] = relationship(
+        secondary=user_roles, order_by=Role.id, lazy="selectin"
+    )
+
+
+class Post(EagerBase):
+    __tablename__ = "eager_posts"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    board_id: Mapped[int | None] = mapped_column(ForeignKey("eager_boards.id"))
+    author_id: Mapped[int | None] = mapped_column(ForeignKey("eager_users.id"))
+    author: Mapped[User | None] = relationship(lazy="joined")
+
+
+class Note(EagerBase):
+    __tablename__ = "eager_notes"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    board_id: Mapped[int | None] = mapped_column(ForeignKey("eager_boards.id"))
+
+
+class Tag(EagerBase):
+    __tablename__ = "eager_tags"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    board_id: Mapped[int | None] = mapped_column(ForeignKey("eager_boards.id"))
+
+
+class Board(EagerBase):
+    __tablename__ = "eager_boards"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(50), default="")
+    posts: Mapped[list[Post]] = relationship(order_by=Post.id, lazy="joined")
+    notes: Mapped[list[Note]] = relationship(order_by=Note.id, lazy="subquery")
+    tags: Mapped[list[Tag]] = relationship(order_by=Tag.id, lazy="immediate")
+
+
+class Node(EagerBase):
+    __tablename__ = "eager_nodes"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("eager_nodes.id"))
+    children: Mapped[list[Node]] = relationship(order_by="Node.id", lazy="selectin", join_depth=2)
+
+
+CACHED = (Ability, Role, User, Post, Note, Tag, Board, Node)
+
+
+def ensure_tables(engine: Engine) -> None:
+    EagerBase.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(Node.__table__.update().values(parent_id=None))  # MariaDB checks each row
+        for table in reversed(EagerBase.metadata.sorted_tables):
+            conn.execute(table.delete())
