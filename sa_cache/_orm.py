@@ -597,7 +597,7 @@ class ColumnCriteria(NamedTuple):
 
 
 def unique_lookup_criteria(
-    state: ORMExecuteState, wanted: Callable[[Mapper[Any], frozenset[Any]], bool] | None = None
+    state: ORMExecuteState, wanted: Callable[[frozenset[Any]], Mapper[Any] | None] | None = None
 ) -> ColumnCriteria | None:
     """The columns and values of a statement that is exactly ``select(E).where(E.a == x)``
     (``and_`` of several, ``filter_by``, the legacy ``Query.filter`` and ``filter_by``), with
@@ -607,9 +607,18 @@ def unique_lookup_criteria(
     every clause, option, hint and compile option a SELECT carries: it must equal the key of the
     canonical statement built here (bound values aside). Execution and load options are those a
     plain ``session.execute`` or ``Query`` sets itself (``_sa_orm_load_options`` overrides).
-    ``wanted(mapper, columns)``: whether a lookup by these columns is of interest at all."""
+    ``wanted(columns)``: the mapper whose lookups by these columns are of interest, or None (then
+    nothing more of the statement is looked at: the cheap checks come first, as every SELECT is
+    asked)."""
     statement: Any = state.statement
     if type(statement) is not Select or state.is_column_load or state.is_relationship_load:
+        return None
+    found = column_equalities(statement.whereclause, None, state.parameters)
+    if found is None:
+        return None
+    columns, values = found
+    wanted_mapper = None if wanted is None else wanted(frozenset(columns))
+    if wanted is not None and wanted_mapper is None:
         return None
     if not _PLAIN_EXECUTION_OPTIONS.issuperset(state.execution_options):
         return None
@@ -625,14 +634,10 @@ def unique_lookup_criteria(
     if entity is None or descriptions[0]["expr"] is not entity or not isinstance(entity, type):
         return None  # a column, an aliased class
     mapper: Any = inspect(entity, raiseerr=False)
-    if not isinstance(mapper, Mapper):
+    if not isinstance(mapper, Mapper) or columns[0].table is not mapper.local_table:
         return None
-    found = column_equalities(statement.whereclause, mapper.local_table, state.parameters)
-    if found is None:
+    if wanted_mapper is not None and mapper is not wanted_mapper:
         return None
-    columns, values = found
-    if wanted is not None and not wanted(mapper, frozenset(columns)):
-        return None  # not a lookup anyone caches: the statement's shape need not be known
     shapes = _shapes.get((entity, columns))
     if shapes is None:
         shapes = _canonical_shapes(entity, mapper, columns)
@@ -677,7 +682,8 @@ def column_equalities(
 ) -> tuple[tuple[Any, ...], tuple[Any, ...]] | None:
     """(columns of ``table``, values) of a WHERE that is one ``column = value`` or an ``and_``
     of them, each column once; a value is the bound parameter's, or ``parameters``' for its key
-    (a lazy load passes the parent's values so). None for any other WHERE."""
+    (a lazy load passes the parent's values so). None for any other WHERE. ``table`` None: the
+    columns of any one table."""
     if whereclause is None:
         return None
     if isinstance(whereclause, BooleanClauseList):
@@ -698,7 +704,11 @@ def column_equalities(
         if not isinstance(right, BindParameter) or right.expanding or clause.modifiers:
             return None
         column = left._deannotate() if isinstance(left, ColumnClause) else None
-        if not isinstance(column, Column) or column.table is not table or column in columns:
+        if table is None and isinstance(column, Column):
+            table = column.table
+        if not isinstance(column, Column) or column.table is not table:
+            return None
+        if any(seen is column for seen in columns):  # (``in`` would build SQL expressions)
             return None
         columns.append(column)
         values.append(given.get(right.key, right.effective_value))

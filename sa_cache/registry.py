@@ -257,6 +257,14 @@ class Registry:
         """Whether any class was registered with ``unique=`` (asked on every SELECT)."""
         return bool(self._cached_uniques())
 
+    def unique_mapper(self, columns: frozenset[Any]) -> Mapper[Any] | None:
+        """The class whose lookups by exactly ``columns`` are cached, or None (asked on every
+        SELECT by columns: a scan of the few unique kinds)."""
+        for kind in self.unique_kinds():
+            if kind.column_set == columns:
+                return kind.mapper
+        return None
+
     def unique_kinds(self) -> list[CachedUnique]:
         """Every unique kind (configuring the mappers if need be)."""
         return [kind for found in self._cached_uniques().values() for kind in found.values()]

@@ -354,9 +354,7 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         if lookups is None or not lookups.cache.registry.has_uniques():
             return None
         registry = lookups.cache.registry
-        criteria = _orm.unique_lookup_criteria(
-            state, lambda mapper, columns: registry.unique_kind(mapper, columns) is not None
-        )
+        criteria = _orm.unique_lookup_criteria(state, registry.unique_mapper)
         if criteria is None:
             return None
         kind = registry.unique_kind(criteria.mapper, frozenset(criteria.columns))

@@ -62,6 +62,7 @@ class CachedUnique(CachedKind):
         self.model = model
         self.mapper = mapper
         self.columns = tuple(columns)
+        self.column_set = frozenset(self.columns)
         self.attrs = tuple(mapper.get_property_by_column(c).key for c in self.columns)
         table: Any = mapper.local_table
         names = "+".join(c.name for c in self.columns)
