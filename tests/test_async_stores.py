@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
 from sa_cache import CachingSession, IdentityCache
 
+from . import redis_sentinel
 from .conftest import RUN_ID, register_all, require_redis_cluster
 from .counting import counting_sql, expect_sql
 from .models import User
@@ -72,10 +73,18 @@ def _hung_lookup(engine: Engine, cache: IdentityCache, hang: Any, resume: Any) -
     return asyncio.run(main())
 
 
-def test_an_async_session_on_a_cluster_hits_fills_and_evicts(engine: Engine) -> None:
-    servers = require_redis_cluster()
-    servers.wait_ok()
-    cache = register_all(IdentityCache(servers.url, prefix=f"{RUN_ID}_acl_{uuid.uuid4().hex[:6]}"))
+def _url(backend: str) -> str:
+    if backend == "cluster":
+        servers = require_redis_cluster()
+        servers.wait_ok()
+        return servers.url
+    return redis_sentinel.shared().url
+
+
+@pytest.mark.parametrize("backend", ["cluster", "sentinel"])
+def test_an_async_session_hits_fills_and_evicts(engine: Engine, backend: str) -> None:
+    prefix = f"{RUN_ID}_aio_{uuid.uuid4().hex[:6]}"
+    cache = register_all(IdentityCache(_url(backend), prefix=prefix))
 
     async def main() -> None:
         async_engine = create_async_engine(_async_url(engine))
@@ -131,6 +140,29 @@ def test_a_hung_cluster_master_suspends_the_lookup_not_the_event_loop(engine: En
         servers.wait_ok()
     assert name == "a"
     # the read alone waits 0.3 s for its timeout: a blocked loop would not tick at all
+    assert ticks >= 20
+    assert cache.stats()["errors"] >= 1
+    cache.flush()
+
+
+def test_a_hung_sentinel_master_suspends_the_lookup_not_the_event_loop(engine: Engine) -> None:
+    """Paused for well under the sentinels' down-after time: no failover, only a timeout."""
+    servers = redis_sentinel.shared()
+    cache = register_all(
+        IdentityCache(
+            servers.url,
+            prefix=f"{RUN_ID}_ahung_{uuid.uuid4().hex[:6]}",
+            socket_timeout=0.3,
+            breaker_threshold=100,
+        )
+    )
+    master = servers.server_on(servers.master_port())
+    try:
+        name, ticks = _hung_lookup(engine, cache, master.pause, master.resume)
+    finally:
+        if master.paused:
+            master.resume()
+    assert name == "a"
     assert ticks >= 20
     assert cache.stats()["errors"] >= 1
     cache.flush()
