@@ -156,17 +156,18 @@ class RedisClusterStore:
         return twin
 
     def _send_together(self, sends: Sequence[Callable[[], list[Any]]]) -> list[Any]:
-        """Run each node's send at the same time; per send its replies or its exception."""
-        if len(sends) == 1:
-            try:
-                return [sends[0]()]
-            except Exception as exc:
-                return [exc]
-        if _orm.under_asyncio():
+        """Run each node's send at the same time; per send its replies or its exception. On
+        threads, the first runs in the calling thread and the others in the pool, so a read of
+        a row and its generation on two nodes holds one pool thread."""
+        if len(sends) > 1 and _orm.under_asyncio():
             return _orm.run_together(sends)
-        pool = self._threads()
-        futures = [pool.submit(send) for send in sends]
-        return [future.exception() or future.result() for future in futures]
+        pool = self._threads() if len(sends) > 1 else None
+        futures = [pool.submit(send) for send in sends[1:]] if pool is not None else []
+        try:
+            first: Any = sends[0]()
+        except Exception as exc:
+            first = exc
+        return [first, *(future.exception() or future.result() for future in futures)]
 
     def _threads(self) -> ThreadPoolExecutor:
         with self._lock:
