@@ -197,8 +197,13 @@ class RedisSentinelStore(RedisStore):
     def _async_master(self) -> Any:
         """A ``redis.asyncio`` master client of the same sentinels, service and settings, whose
         every new connection first learns the master's identity (:meth:`_on_connect_async`)."""
+        from redis.asyncio import BlockingConnectionPool
         from redis.asyncio.connection import Connection
-        from redis.asyncio.sentinel import Sentinel
+        from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+
+        class BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+            """A task that finds every connection in use awaits one (for up to the socket
+            timeout), as under :func:`~sa_cache.stores.redis.async_twin`, instead of failing."""
 
         pool = self.client.connection_pool
         manager = pool.sentinel_manager
@@ -222,7 +227,14 @@ class RedisSentinelStore(RedisStore):
             sentinels,
             min_other_sentinels=manager.min_other_sentinels,
             sentinel_kwargs=sentinel_options,
-        ).master_for(pool.service_name, redis_connect_func=self._on_connect_async, **options)
+        ).master_for(
+            pool.service_name,
+            connection_pool_class=BlockingSentinelPool,
+            redis_connect_func=self._on_connect_async,
+            max_connections=pool.max_connections,
+            timeout=options.get("socket_timeout") or 1.0,
+            **options,
+        )
 
     # -- the store -----------------------------------------------------------------------------
 
