@@ -51,6 +51,7 @@ def servers_up(servers: dict[str, RedisServer]) -> Iterator[dict[str, RedisServe
             server.start()
         elif server.paused:
             server.resume()
+        server.client().config_set("maxmemory", "0")
 
 
 class HeldDelivery:
@@ -170,6 +171,35 @@ def test_evictions_of_a_failed_domain_are_journaled_and_the_others_written(
             assert _name(Session, 1) == "one!"
         with expect_sql(sql, 0):
             assert _name(Session, 1) == "one!"
+
+
+def test_a_journaled_key_is_never_answered_from_the_entry_its_domain_still_holds(
+    engine, servers_up, held
+):
+    """b refuses writes (out of memory) but answers reads, so its breaker keeps closing: the
+    eviction of user 1 stays journaled while b still holds the entry from before the commit.
+    Every read of user 1 goes to the database until the journal is written."""
+    cache = _cache(servers_up, breaker_cooldown=60, breaker_threshold=3)
+    cache.guarded.delivery_wait = held
+    Session = _setup(engine, cache)  # noqa: N806
+    with Session() as s:
+        assert s.get(User, 1).name == "one"  # a hit: b holds it
+    servers_up["b"].client().config_set("maxmemory", "1")  # every write refused, reads served
+    with Session() as s:
+        s.get(User, 1).name = "uno"
+        s.commit()
+    assert cache.guarded.journal()[0]
+    with counting_sql(engine) as sql:
+        for _ in range(4):
+            with expect_sql(sql, 1):
+                assert _name(Session, 1) == "uno"
+        assert not cache.guarded.breaker_for("b").is_open  # reads kept succeeding
+        servers_up["b"].client().config_set("maxmemory", "0")
+        with expect_sql(sql, 1):
+            assert _name(Session, 1) == "uno"  # the read delivered the journal first
+        assert cache.guarded.journal() == ({}, set())
+        with expect_sql(sql, 0):
+            assert _name(Session, 1) == "uno"
 
 
 def test_while_a_keys_eviction_is_journaled_its_lease_is_refused_and_its_fill_dropped(
