@@ -109,6 +109,7 @@ class GuardedStore:
         self._forgery_logged_at = -FORGERY_LOG_INTERVAL
         #: one breaker per failure domain of a store declaring ``capabilities.domains``
         self.domain_breakers: dict[Hashable, CircuitBreaker] = {}
+        self._failed_domains: set[Hashable] = set()  # logged as unavailable, not yet as back
 
     # -- the one guard around every store call ----------------------------------------------------
 
@@ -140,13 +141,14 @@ class GuardedStore:
         who: Collection[CachedKind],
         breakers: Iterable[CircuitBreaker] | None = None,
     ) -> None:
-        """Count a store error; log the first of an outage only."""
+        """Count a store error; log the first of an outage only (for a store of failure
+        domains, :meth:`_domains_failed` logs per domain)."""
         self.errors += 1
         for breaker in (self.breaker,) if breakers is None else breakers:
             breaker.failed(exc)
         for kind in set(who):
             kind.stats.errors += 1
-        if self._healthy:
+        if self._healthy and breakers is None:
             self._healthy = False
             log.warning(
                 "sa_cache: cache backend unavailable, serving from the database (%s)",
@@ -210,31 +212,48 @@ class GuardedStore:
             replies = operation(sent)
         except DomainFailure as failure:
             failed = {domains[sent[at]] for at in failure.failed} | set(failure.errors)
-            first = next(iter(failure.errors.values()))
-            self._failed(
-                first,
-                who,
-                [self.breaker_for(d) for d in failed if d in involved or d in failure.errors],
-            )
-            for domain in involved - failed:
-                self.breaker_for(domain).succeeded()
+            self._domains_failed(failure.errors, failed, who)
+            self._domains_succeeded(involved - failed)
             for at, index in enumerate(sent):
                 if at not in failure.failed and not whole:
                     results[index] = failure.results[at]
             return results
         except Exception as exc:
-            self._failed(exc, who, [self.breaker_for(domain) for domain in involved])
+            self._domains_failed(dict.fromkeys(involved, exc), involved, who)
             return results
-        for domain in involved:
-            self.breaker_for(domain).succeeded()
-        if not self._healthy and all(not b.is_open for b in list(self.domain_breakers.values())):
-            self._healthy = True
-            log.warning("sa_cache: cache backend available again")
+        self._domains_succeeded(involved)
         if whole:
             return [replies[0]]
         for at, index in enumerate(sent):
             results[index] = replies[at]
         return results
+
+    def _domains_failed(
+        self,
+        errors: dict[Hashable, BaseException],
+        failed: Collection[Hashable],
+        who: Collection[CachedKind],
+    ) -> None:
+        """Count the error once, fail each domain's breaker, and log each domain's first
+        failure of an outage (by its name: a node's address, never credentials)."""
+        first = next(iter(errors.values()))
+        self._failed(first, who, [self.breaker_for(domain) for domain in failed])
+        for domain in failed:
+            if domain not in self._failed_domains:
+                self._failed_domains.add(domain)
+                log.warning(
+                    "sa_cache: cache backend %s unavailable, serving its keys from the database"
+                    " (%s)",
+                    domain,
+                    describe_error(errors.get(domain, first)),
+                )
+
+    def _domains_succeeded(self, domains: Collection[Hashable]) -> None:
+        for domain in domains:
+            self.breaker_for(domain).succeeded()
+            if domain in self._failed_domains:
+                self._failed_domains.discard(domain)
+                log.warning("sa_cache: cache backend %s available again", domain)
 
     def _journaled(self, key: str, kind: CachedKind) -> bool:
         return key in self._journal or kind in self._journal_kinds

@@ -8,6 +8,7 @@ tests/test_cluster_outage.py."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import uuid
 from collections.abc import Iterator
@@ -95,8 +96,10 @@ def _setup(engine: Engine, cache: IdentityCache) -> Any:
 
 
 def test_a_failed_domain_opens_its_own_breaker_and_the_other_domain_keeps_hitting(
-    engine, servers_up
+    engine, servers_up, caplog
 ):
+    """And it is logged once, by its name."""
+    caplog.set_level(logging.WARNING, logger="sa_cache")
     cache = _cache(servers_up, breaker_cooldown=60)
     Session = _setup(engine, cache)  # noqa: N806
     store = cache.store
@@ -117,6 +120,8 @@ def test_a_failed_domain_opens_its_own_breaker_and_the_other_domain_keeps_hittin
     assert not cache.breaker.is_open
     stats = cache.stats()
     assert stats["hits"] >= 5 and stats["errors"] == 1 and stats["bypassed"] >= 5
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and lines[0].startswith("sa_cache: cache backend b unavailable")
 
 
 def test_a_failed_generation_domain_sends_every_lookup_of_its_kind_to_the_database(
@@ -135,7 +140,7 @@ def test_a_failed_generation_domain_sends_every_lookup_of_its_kind_to_the_databa
 
 
 def test_evictions_of_a_failed_domain_are_journaled_and_the_others_written(
-    engine, servers_up, held
+    engine, servers_up, held, caplog
 ):
     """A commit changing users 1 and 2 while b is down: user 2's tombstone reaches a at once
     (user 2 is then filled and hit again), user 1's is journaled; user 1 is read from the
@@ -164,7 +169,9 @@ def test_evictions_of_a_failed_domain_are_journaled_and_the_others_written(
             with expect_sql(sql, 1):
                 assert _name(Session, 1) == "one!"
         assert store.calls["b"] == calls_to_b  # no read, lease or fill went to b
-        assert cache.deliver_evictions(5)
+        with caplog.at_level(logging.WARNING, logger="sa_cache"):
+            assert cache.deliver_evictions(5)
+        assert caplog.records[-1].getMessage() == "sa_cache: cache backend b available again"
         assert cache.guarded.journal() == ({}, set())
         assert not cache.guarded.breaker_for("b").is_open
         with expect_sql(sql, 1):
