@@ -1,5 +1,10 @@
 """How long the cache blocks the event loop under ``AsyncSession``:
-``python -m benchmarks.asyncio_loop [--tasks 200] [--lookups 20] [--redis URL]``.
+``python -m benchmarks.asyncio_loop [--tasks 200] [--lookups 20] [--redis URL]
+[--store redis|cluster|sentinel]``.
+
+``--store cluster`` and ``--store sentinel`` start a private Redis Cluster (3 masters, 3
+replicas) or Sentinel setup (master, replica, 3 sentinels) on loopback, as the tests do
+(tests/redis_cluster.py, tests/redis_sentinel.py), unless ``--redis`` names one.
 
 200 concurrent tasks each run lookups (``AsyncSession.get``, one session per lookup) against
 Redis on an aiosqlite database: cache hits, and with ``--miss-every N`` every Nth lookup an
@@ -10,7 +15,7 @@ side by side in one run:
 - **awaited**: the store as it runs under ``AsyncSession`` (a ``redis.asyncio`` client awaited
   through SQLAlchemy's greenlet bridge);
 - **blocking**: the same store forced onto its synchronous client (what every release before
-  the asyncio bridge did).
+  the asyncio bridge did; for the Cluster, its nodes' synchronous connections).
 
 For each: the longest step in milliseconds and how many steps exceeded 1 ms, each also less the
 garbage collector's pauses inside the step (a collection pauses the loop whatever code runs),
@@ -35,6 +40,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from sa_cache import CachingSession, IdentityCache
+from sa_cache.stores.redis_cluster import RedisClusterStore
 
 timer: _StepTimer
 SLOW_STEP = 0.001  # seconds: the bound of the issue
@@ -132,7 +138,10 @@ def measure(
     cache.register(Item)
     store: Any = cache.store
     if variant == "blocking":
-        store._client = lambda: store.client  # the synchronous client, inside the loop
+        if isinstance(store, RedisClusterStore):  # the nodes' synchronous connections
+            store._connection = store.client.get_redis_connection
+        else:
+            store._client = lambda: store.client  # the synchronous client, inside the loop
     global timer
     timer = _StepTimer()
     with tempfile.TemporaryDirectory() as folder:
@@ -159,15 +168,33 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=200)
     parser.add_argument("--lookups", type=int, default=20)
     parser.add_argument("--miss-every", type=int, default=0)
-    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--redis", default=None, help="a cache URL (default: 6379, or private)")
+    parser.add_argument("--store", choices=("redis", "cluster", "sentinel"), default="redis")
     args = parser.parse_args()
-    print(f"{args.tasks} tasks x {args.lookups} lookups, Redis at {args.redis}")
+    servers: Any = None
+    if args.redis is None and args.store == "cluster":
+        from tests.redis_cluster import RedisClusterServers
+
+        servers = RedisClusterServers().start()
+    elif args.redis is None and args.store == "sentinel":
+        from tests.redis_sentinel import RedisSentinelServers
+
+        servers = RedisSentinelServers().start()
+    try:
+        _report(args, args.redis or (servers.url if servers else "redis://127.0.0.1:6379/0"))
+    finally:
+        if servers is not None:
+            servers.stop()
+
+
+def _report(args: argparse.Namespace, url: str) -> None:
+    print(f"{args.tasks} tasks x {args.lookups} lookups, cache at {url}")
     print(
         f"{'variant':9} {'longest step ms':>15} {'(less gc)':>10} {'p99 ms':>7} "
         f"{'steps > 1 ms':>12} {'(less gc)':>10} {'of steps':>9} {'lookups/s':>10}"
     )
     for variant in ("awaited", "blocking"):
-        f = measure(variant, args.redis, args.tasks, args.lookups, args.miss_every)
+        f = measure(variant, url, args.tasks, args.lookups, args.miss_every)
         print(
             f"{variant:9} {f['longest_step_ms']:15.2f} {f['longest_without_gc_ms']:10.2f} "
             f"{f['p99_step_ms']:7.3f} {f['steps_over_1ms']:12.0f} "

@@ -35,7 +35,9 @@ changes one fails there first, by name.
 11. :func:`under_asyncio` and :func:`await_` are ``sqlalchemy.util.concurrency``'s
     ``in_greenlet`` and ``await_`` (``await_only`` before 2.1): the bridge by which SQLAlchemy's
     asyncio drivers run beneath the synchronous ``Session`` that ``AsyncSession`` drives, and by
-    which the cache's own Redis I/O is awaited on the event loop instead of blocking it.
+    which the cache's own Redis I/O is awaited on the event loop instead of blocking it;
+    :func:`run_together` runs several such synchronous calls at once, each in its own
+    ``greenlet_spawn`` (a Cluster batch's node pipelines).
 12. Lazy collection loads: ``LazyLoader._emit_lazyload`` runs ``session.execute(select(Target))``
     with ``_lazy_loaded_from`` in its load options and the relationship last on its
     ``_current_path``; a ``do_orm_execute`` listener that returns a ``Result`` answers it
@@ -61,9 +63,10 @@ changes one fails there first, by name.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Callable, Sequence
 from inspect import signature
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, TypeVar, cast
 
 from sqlalchemy import and_, inspect, select
 from sqlalchemy import exc as sa_exc
@@ -93,6 +96,8 @@ from sqlalchemy.util import EMPTY_DICT, immutabledict
 from sqlalchemy.util import concurrency as _concurrency
 
 from .isolation import PER_STATEMENT_SNAPSHOTS
+
+R = TypeVar("R")
 
 _SQL_ALLOWED: Final = PassiveFlag.SQL_OK | PassiveFlag.RELATED_OBJECT_OK
 
@@ -521,6 +526,19 @@ def await_(awaitable: Any) -> Any:
     """Await ``awaitable`` on the event loop from synchronous code under :func:`under_asyncio`,
     suspending this greenlet (not the loop) until it completes."""
     return _await(awaitable)
+
+
+def run_together(functions: Sequence[Callable[[], R]]) -> list[R | BaseException]:
+    """Run synchronous ``functions`` that await through :func:`await_`, concurrently on the
+    event loop, from synchronous code under :func:`under_asyncio`: each in a greenlet of its own
+    (``greenlet_spawn``, as ``AsyncSession`` runs a session), gathered. Per function, its result
+    or the exception it raised."""
+
+    async def gather() -> list[R | BaseException]:
+        spawned = [_concurrency.greenlet_spawn(function) for function in functions]
+        return list(await asyncio.gather(*spawned, return_exceptions=True))
+
+    return cast("list[R | BaseException]", await_(gather()))
 
 
 # -- lazy collection loads ------------------------------------------------------------------------

@@ -56,6 +56,13 @@ class CircuitBreaker:
             self._probing = True
             return True
 
+    def cancel_probe(self) -> None:
+        """The call :meth:`allow` let through was not sent after all (another breaker it needed
+        refused): a probe it granted is given back, or the breaker would wait for it forever."""
+        if self._probing:
+            with self._lock:
+                self._probing = False
+
     def succeeded(self) -> None:
         if self._failures or self._open_until:
             with self._lock:

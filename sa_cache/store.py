@@ -14,14 +14,16 @@ multi-key operation is one round trip. Implementations must be thread-safe.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import NamedTuple, Protocol
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
+from typing import Any, NamedTuple, Protocol
 
 from .errors import UnsupportedBackend
 
 __all__ = [
     "Capabilities",
     "Clock",
+    "DomainFailure",
+    "DomainStore",
     "FailoverStore",
     "Fill",
     "Release",
@@ -71,6 +73,11 @@ class Capabilities(NamedTuple):
     :param failover: the store can lose acknowledged writes when its master changes (Redis
         Sentinel), so it is a :class:`FailoverStore`: the cache gives it the writes that replace
         every registered kind's generation, which it sends to a new master before serving from it.
+    :param domains: the store partitions keys into failure domains that fail independently
+        (the primaries of a Redis Cluster), so it is a :class:`DomainStore`: the guarded store
+        keeps one breaker per domain, and an operation that fails on some domains raises
+        :class:`DomainFailure` with the other domains' results, so one failed node costs only
+        the keys it serves.
     """
 
     shared: bool
@@ -78,6 +85,7 @@ class Capabilities(NamedTuple):
     clock: bool = False
     keeps_ttl: bool = False
     failover: bool = False
+    domains: bool = False
 
 
 class Clock(NamedTuple):
@@ -138,3 +146,34 @@ class FailoverStore(Store, Protocol):
     def on_master_change(self, generations: Callable[[], Sequence[Write]]) -> None:
         """Set what makes every entry written before a change of master unreachable: a call
         returning, for every registered kind, a write of a new generation (keys as stored)."""
+
+
+class DomainStore(Store, Protocol):
+    """A store declaring ``capabilities.domains``."""
+
+    def domain_of(self, key: str) -> Hashable:
+        """The failure domain serving ``key`` now, without I/O (it may change: a failover moves
+        a key to another domain). Keys that share a hash tag share a domain."""
+
+
+class DomainFailure(Exception):
+    """An operation of a :class:`DomainStore` failed on some of its domains and ran on the
+    others: ``errors`` by failed domain, ``failed`` the indexes of the operation's commands
+    (the keys of ``get_many``, the writes of ``write_many``, the fills then releases of
+    ``fill_many``) that did not run or whose outcome is unknown, and ``results`` the replies
+    of the others (None at a failed index). Raised only when some commands ran: when every
+    domain involved failed, the store raises the error itself."""
+
+    def __init__(
+        self,
+        errors: Mapping[Any, BaseException],
+        failed: Collection[int],
+        results: Sequence[Any],
+    ) -> None:
+        super().__init__(
+            "cache store domains failed: "
+            + ", ".join(f"{domain} ({type(exc).__name__})" for domain, exc in errors.items())
+        )
+        self.errors = dict(errors)
+        self.failed = frozenset(failed)
+        self.results = list(results)

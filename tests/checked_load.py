@@ -27,11 +27,18 @@ class CheckedLoad:
     Users 1..``rows`` are added as version 0 first (the table is empty); ``probe_pk`` is the row
     the probe reads. Afterwards: ``reads`` (checked reads), ``stale`` ((pk, seen, committed
     before the read)), ``errors`` (exceptions of any thread) and ``hits_at`` (monotonic times
-    of the probe's hits).
+    of the probe's hits). ``more_probes``: rows probed by one more thread each (for a row's own
+    hit ratio: ``probed[pk]``, the (monotonic time, hit) of each of its probe's reads).
     """
 
     def __init__(
-        self, engine: Engine, cache: IdentityCache, rows: int, readers: int = 3, probe_pk: int = 1
+        self,
+        engine: Engine,
+        cache: IdentityCache,
+        rows: int,
+        readers: int = 3,
+        probe_pk: int = 1,
+        more_probes: tuple[int, ...] = (),
     ) -> None:
         self.rows = rows
         self.committed = dict.fromkeys(range(1, rows + 1), 0)
@@ -41,11 +48,20 @@ class CheckedLoad:
         self.hits_at: list[float] = []
         self.reads = 0
         self._engine = engine
+        self._cache = cache
         self._probe_engine = create_engine(engine.url.render_as_string(hide_password=False))
         self._Session = sessionmaker(engine, class_=CachingSession, cache=cache)
         self._ProbeSession = sessionmaker(self._probe_engine, class_=CachingSession, cache=cache)
         self._probe_pk = probe_pk
+        self.probed: dict[int, list[tuple[float, bool]]] = {pk: [] for pk in more_probes}
+        self._probe_engines = [
+            create_engine(engine.url.render_as_string(hide_password=False)) for _ in more_probes
+        ]
         self._threads = [self._guarded(self._write), self._guarded(self._probe)]
+        self._threads += [
+            self._guarded(lambda pk=pk, e=e: self._probe_row(pk, e))
+            for pk, e in zip(more_probes, self._probe_engines, strict=True)
+        ]
         self._threads += [
             self._guarded(lambda seed=i * rows // readers: self._read_from(seed))
             for i in range(readers)
@@ -66,6 +82,13 @@ class CheckedLoad:
         for thread in self._threads:
             thread.join(timeout=30)
         self._probe_engine.dispose()
+        for engine in self._probe_engines:
+            engine.dispose()
+
+    def hit_ratio(self, pk: int, since: float, until: float) -> tuple[float, int]:
+        """(hits / reads, reads) of ``pk``'s probe between two moments."""
+        reads = [hit for at, hit in self.probed[pk] if since < at <= until]
+        return (sum(reads) / len(reads) if reads else 0.0), len(reads)
 
     def hits_after(self, moment: float) -> int:
         return len([t for t in self.hits_at if t > moment])
@@ -112,6 +135,14 @@ class CheckedLoad:
         while not self.stop.is_set():
             pk = pk % self.rows + 1
             self._checked_read(self._Session, pk)
+
+    def _probe_row(self, pk: int, engine: Engine) -> None:
+        Session = sessionmaker(engine, class_=CachingSession, cache=self._cache)  # noqa: N806
+        with counting_sql(engine) as sql:
+            while not self.stop.is_set():
+                sql.reset()
+                self._checked_read(Session, pk)
+                self.probed[pk].append((time.monotonic(), sql.count == 0))
 
     def _probe(self) -> None:
         with counting_sql(self._probe_engine) as sql:

@@ -62,3 +62,17 @@ def test_the_event_loop_benchmark_runs_both_variants() -> None:
     for variant in ("awaited", "blocking"):
         figures = measure(variant, "redis://127.0.0.1:6379/0", tasks=5, lookups=3, miss_every=2)
         assert figures["steps"] > 0 and figures["lookups_per_s"] > 0
+
+
+@pytest.mark.parametrize("store", ["cluster", "sentinel"])
+def test_the_event_loop_benchmark_runs_on_a_cluster_and_a_sentinel(store: str) -> None:
+    """The same at a tiny scale on the run's Cluster and Sentinel (``--store``)."""
+    from benchmarks.asyncio_loop import measure
+
+    from . import redis_sentinel
+    from .conftest import require_redis_cluster
+
+    url = require_redis_cluster().url if store == "cluster" else redis_sentinel.shared().url
+    for variant in ("awaited", "blocking"):
+        figures = measure(variant, url, tasks=5, lookups=3, miss_every=2)
+        assert figures["steps"] > 0 and figures["lookups_per_s"] > 0

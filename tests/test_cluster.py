@@ -9,6 +9,7 @@ flush."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import uuid
@@ -151,6 +152,53 @@ def test_a_get_many_across_slots_costs_one_round_trip_per_node(cluster):
             store.acquire(keys[0] + ":lease", b"t", 5, [keys[0], keys[0]])
     finally:
         store.delete_prefix(prefix)
+
+
+def _keys_on_every_master(store: RedisClusterStore, prefix: str) -> list[str]:
+    keys = [f"{prefix}{{users:{i}}}" for i in range(60)]
+    assert len({store.domain_of(k) for k in keys}) == 3
+    return keys
+
+
+def test_the_node_pipelines_of_a_batch_are_sent_together(cluster):
+    """Each node's send waits at a barrier for the other two: sent one after another, the
+    first would wait alone until the barrier breaks."""
+    store = _counted_store(cluster, RedisCounter())
+    keys = _keys_on_every_master(store, f"{RUN_ID}_tg_{uuid.uuid4().hex[:8]}:")
+    barrier = threading.Barrier(3, timeout=5)
+    send = store._send
+
+    def meeting(*args: Any) -> Any:
+        barrier.wait()
+        return send(*args)
+
+    store._send = meeting  # type: ignore[method-assign]
+    assert store.get_many(keys) == [None] * len(keys)
+    assert not barrier.broken
+
+
+def test_under_asyncio_the_node_pipelines_of_a_batch_are_awaited_together(cluster):
+    """The same meeting on the event loop (``asyncio.Barrier``), through ``AsyncSession``'s
+    greenlet bridge: awaited one after another, the first would wait alone until it times out."""
+    from sqlalchemy.util import greenlet_spawn
+
+    from sa_cache import _orm
+
+    store = _counted_store(cluster, RedisCounter())
+    keys = _keys_on_every_master(store, f"{RUN_ID}_tga_{uuid.uuid4().hex[:8]}:")
+    send = store._send
+
+    async def main() -> list[bytes | None]:
+        barrier = asyncio.Barrier(3)
+
+        def meeting(*args: Any) -> Any:
+            _orm.await_(asyncio.wait_for(barrier.wait(), 5))
+            return send(*args)
+
+        store._send = meeting  # type: ignore[method-assign]
+        return await greenlet_spawn(store.get_many, keys)
+
+    assert asyncio.run(main()) == [None] * len(keys)
 
 
 def test_a_batch_of_writes_costs_one_round_trip_per_node_and_waits_for_a_replica(cluster):

@@ -319,6 +319,35 @@ def test_code_that_asyncsession_runs_knows_it_and_can_await_on_the_loop():
     assert _orm.under_asyncio() is False
 
 
+def test_synchronous_calls_under_asyncsession_run_together_each_in_its_own_greenlet():
+    """``greenlet_spawn`` nests: code under it spawns more greenlets, gathered on the loop, so
+    their awaits overlap (two 0.2 s waits take about 0.2 s) and an exception comes back as the
+    call's outcome, not raised."""
+    import asyncio
+    import time
+
+    from sqlalchemy.util import greenlet_spawn
+
+    def wait() -> str:
+        _orm.await_(asyncio.sleep(0.2))
+        return "waited"
+
+    def fail() -> str:
+        raise KeyError("x")
+
+    def inside() -> tuple[list[object], float]:
+        began = time.monotonic()
+        outcomes = _orm.run_together([wait, wait, fail])
+        return outcomes, time.monotonic() - began
+
+    async def main() -> tuple[list[object], float]:
+        return await greenlet_spawn(inside)
+
+    (first, second, third), took = asyncio.run(main())
+    assert (first, second, type(third)) == ("waited", "waited", KeyError)
+    assert took < 0.35
+
+
 def test_a_lazy_collection_load_is_a_do_orm_execute_a_result_can_answer(Sessions):
     """``LazyLoader._emit_lazyload`` runs ``session.execute`` with ``_lazy_loaded_from`` and the
     relationship last on the path; the listener's result becomes the collection

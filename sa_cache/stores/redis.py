@@ -214,12 +214,14 @@ _ASYNC_CONNECTIONS = {
 }
 
 
-def async_twin(client: Any) -> Any:
+def async_twin(client: Any, connect: Any = None) -> Any:
     """A ``redis.asyncio.Redis`` with ``client``'s connection settings. Its connection class is
     the one the synchronous class names as ``async_connection_class`` (a custom class brings its
     own), else redis-py's asyncio class of the same name; settings the asyncio class does not
     take are left out, a ``Retry`` is rebuilt with the same backoff and count, and the pool
-    allows as many connections as the synchronous one."""
+    allows as many connections as the synchronous one. A ``redis_connect_func`` of the
+    synchronous client (a Cluster node's, the Sentinel store's) cannot run on an asyncio
+    connection: ``connect`` (a coroutine function) replaces it, or none runs."""
     import redis.asyncio
     from redis.asyncio import connection as async_connection
     from redis.asyncio.retry import Retry
@@ -240,7 +242,13 @@ def async_twin(client: Any) -> Any:
         init = vars(base).get("__init__")
         if init is not None:
             accepted.update(inspect.signature(init).parameters)
-    options = {k: v for k, v in pool.connection_kwargs.items() if k in accepted and k != "retry"}
+    options = {
+        k: v
+        for k, v in pool.connection_kwargs.items()
+        if k in accepted and k not in ("retry", "redis_connect_func")
+    }
+    if connect is not None:
+        options["redis_connect_func"] = connect
     retry = pool.connection_kwargs.get("retry")
     if retry is not None and "retry" in accepted:
         options["retry"] = Retry(retry._backoff, getattr(retry, "_retries", 0))

@@ -6,7 +6,17 @@ So this store routes each key itself, using the slot map of the backend's
 ``redis.cluster.RedisCluster`` client: the commands of a batch are grouped by the primary that
 serves their key's slot, and each group goes as one pipeline on that node's own ``redis.Redis``
 connection (which carries EVALSHA like any pipeline). A batch costs one round trip per node
-involved.
+involved, and the nodes' pipelines run together (a small thread pool, :attr:`node_threads`;
+under asyncio, tasks on the loop), so a batch over three nodes takes about one round trip's time.
+
+- **Failure domains** (``Capabilities.domains``): each primary is one (:meth:`domain_of` is its
+  name). A batch that fails on some nodes raises :class:`~sa_cache.store.DomainFailure` with the
+  other nodes' replies, so the guarded store opens the breaker of the failed nodes only and a
+  dead master costs only the keys of its slots.
+- **asyncio**: under ``AsyncSession`` (:func:`sa_cache._orm.under_asyncio`) each node's pipeline
+  goes through a ``redis.asyncio`` twin of that node's connection, the nodes' pipelines are
+  awaited together (:func:`sa_cache._orm.run_together`), and a slot-map refresh runs in a
+  worker thread: the event loop is never held by the cache's I/O.
 
 - **Scripts** are loaded on a node when it first answers NOSCRIPT (a new primary after a
   failover, a restart, SCRIPT FLUSH) and the refused commands are sent again once.
@@ -26,13 +36,19 @@ involved.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Final
 
-from ..store import Capabilities, Fill, Release, Write
+from .. import _orm
+from ..store import Capabilities, DomainFailure, Fill, Release, Write
+from .redis import _Awaiting, async_twin
 from .scripts import lua_script
 
 if TYPE_CHECKING:
@@ -49,6 +65,10 @@ REPLICA_WAIT_MS: Final = 500
 #: Redis lists a replica in CLUSTER SLOTS only once it has replicated something, so a replica of
 #: a fresh cluster (or one added later) appears only on a refresh.
 REPLICA_RECHECK_S: Final = 5.0
+#: Threads sending the pipelines of a batch's nodes together (a batch on one node sends inline).
+NODE_THREADS: Final = 4
+#: The domain of a key whose slot the slot map does not cover (mid-failover).
+UNCOVERED: Final = "uncovered"
 
 #: One command of a batch: the key that routes it, and how to queue it on a pipeline.
 _Command = tuple[str, Callable[[Any], Any]]
@@ -74,7 +94,9 @@ class RedisClusterStore:
     """A :class:`~sa_cache.store.Store` over a dogpile ``dogpile.cache.redis_cluster`` backend
     (see the module docstring)."""
 
-    capabilities = Capabilities(shared=True, scans=True)
+    capabilities = Capabilities(shared=True, scans=True, domains=True)
+    #: Threads of the pool that sends the nodes' pipelines of one batch together.
+    node_threads = NODE_THREADS
 
     def __init__(self, backend: Any) -> None:
         self.client = backend.writer_client
@@ -85,6 +107,18 @@ class RedisClusterStore:
         self._stale = False  # the slot map needs a refresh before the next batch
         self._recheck_at = 0.0  # monotonic time of the next refresh looking for replicas
         self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0  # the process the pool's threads run in (a forked child has none)
+        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Any]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def domain_of(self, key: str) -> str:
+        """The name of the primary serving ``key``'s slot in the slot map as it is (no I/O)."""
+        try:
+            return str(self._node(key)[0].name)
+        except Exception:  # a slot no node serves (the map is refreshed before the next batch)
+            return UNCOVERED
 
     # -- routing -----------------------------------------------------------------------------
 
@@ -93,7 +127,10 @@ class RedisClusterStore:
             stale, self._stale = self._stale, False
         if stale:
             try:
-                self.client.nodes_manager.initialize()
+                if _orm.under_asyncio():  # it connects and reads node by node: not on the loop
+                    _orm.await_(asyncio.to_thread(self.client.nodes_manager.initialize))
+                else:
+                    self.client.nodes_manager.initialize()
             except Exception:
                 self._stale = True  # still to do: no node answered
                 raise
@@ -107,7 +144,37 @@ class RedisClusterStore:
         return node, len(manager.slots_cache.get(slot, ())) > 1
 
     def _connection(self, node: Any) -> Any:
-        return self.client.get_redis_connection(node)
+        """``node``'s client: its ``redis.Redis``, or under asyncio this loop's ``redis.asyncio``
+        twin of it behind the same synchronous interface."""
+        connection = self.client.get_redis_connection(node)
+        if not _orm.under_asyncio():
+            return connection
+        twins = self._by_loop.setdefault(asyncio.get_running_loop(), {})
+        twin = twins.get(node.name)
+        if twin is None:
+            twin = twins[node.name] = _Awaiting(async_twin(connection))
+        return twin
+
+    def _send_together(self, sends: Sequence[Callable[[], list[Any]]]) -> list[Any]:
+        """Run each node's send at the same time; per send its replies or its exception. On
+        threads, the first runs in the calling thread and the others in the pool, so a read of
+        a row and its generation on two nodes holds one pool thread."""
+        if len(sends) > 1 and _orm.under_asyncio():
+            return _orm.run_together(sends)
+        pool = self._threads() if len(sends) > 1 else None
+        futures = [pool.submit(send) for send in sends[1:]] if pool is not None else []
+        try:
+            first: Any = sends[0]()
+        except Exception as exc:
+            first = exc
+        return [first, *(future.exception() or future.result() for future in futures)]
+
+    def _threads(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None or self._pool_pid != os.getpid():
+                self._pool = ThreadPoolExecutor(self.node_threads, "sa_cache-node")
+                self._pool_pid = os.getpid()
+            return self._pool
 
     def _run(self, commands: Sequence[_Command], *, wait: bool = False) -> list[Any]:
         """Send ``commands`` grouped by the primary serving each key, one pipeline per node, and
@@ -122,18 +189,35 @@ class RedisClusterStore:
             TimeoutError,
         )
 
+        # a replica that did not acknowledge may have failed (it leaves CLUSTER SLOTS), or been
+        # promoted: either way the slot map is asked again
+        node_errors = (
+            ConnectionError,
+            TimeoutError,
+            RedisClusterException,
+            ClusterDownError,
+            ReplicationTimeout,
+        )
         try:
             return self._route(commands, wait)
-        except (ConnectionError, TimeoutError, RedisClusterException, ClusterDownError):
+        except DomainFailure as failure:
+            if any(isinstance(exc, node_errors) for exc in failure.errors.values()):
+                self._stale = True
+            raise
+        except node_errors:
             self._stale = True  # the node may be gone: ask the cluster before next time
             raise
 
     def _route(self, commands: Sequence[_Command], wait: bool) -> list[Any]:
+        """:meth:`_run`; nodes that fail leave their commands failed (``errors`` by node name),
+        raised as a :class:`~sa_cache.store.DomainFailure` when other nodes' commands ran."""
         from redis.exceptions import AskError, MovedError
 
         self._refresh()
         replies: list[Any] = [None] * len(commands)
         todo: dict[int, Any] = {i: None for i in range(len(commands))}  # index -> ASK target
+        sent_to: dict[int, str] = {}  # index -> the node it was last sent to
+        errors: dict[str, BaseException] = {}
         for attempt in (1, 2):
             groups: dict[tuple[str, bool], tuple[Any, bool, list[int]]] = {}
             for index, ask in todo.items():
@@ -145,9 +229,19 @@ class RedisClusterStore:
             redirected: dict[int, Any] = {}
             if wait and not all(replicated for _, replicated, _ in groups.values()):
                 self._look_for_replicas()
-            for (_, asking), (node, replicated, indexes) in groups.items():
-                batch = [commands[i] for i in indexes]
-                results = self._send(node, batch, asking, wait and replicated)
+            sends = [
+                _bound_send(self._send, node, [commands[i] for i in indexes], asking, wait and rep)
+                for (_, asking), (node, rep, indexes) in groups.items()
+            ]
+            outcomes = self._send_together(sends)
+            for (node, _, indexes), results in zip(groups.values(), outcomes, strict=True):
+                for index in indexes:
+                    sent_to[index] = node.name
+                if isinstance(results, BaseException):
+                    errors[node.name] = results
+                    for index in indexes:
+                        replies[index] = results
+                    continue
                 for index, result in zip(indexes, results, strict=True):
                     if isinstance(result, MovedError):
                         self._stale = True
@@ -163,10 +257,16 @@ class RedisClusterStore:
                 break
             self._refresh()
             todo = redirected
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
-        return replies
+        failed = [i for i, reply in enumerate(replies) if isinstance(reply, BaseException)]
+        if not failed:
+            return replies
+        if len(failed) == len(replies):
+            raise replies[failed[0]]
+        for index in failed:
+            errors.setdefault(sent_to[index], replies[index])
+        raise DomainFailure(
+            errors, failed, [None if i in failed else r for i, r in enumerate(replies)]
+        )
 
     def _look_for_replicas(self) -> None:
         now = time.monotonic()
@@ -227,7 +327,14 @@ class RedisClusterStore:
 
     def fill_many(self, fills: Sequence[Fill], release: Sequence[Release] = ()) -> list[bool]:
         commands = [self._fill(fill) for fill in fills] + [self._release(r) for r in release]
-        replies = self._run(commands)
+        try:
+            replies = self._run(commands)
+        except DomainFailure as failure:
+            n = len(fills)
+            filled = [bool(reply) for reply in failure.results[:n]]
+            raise DomainFailure(
+                failure.errors, failure.failed, filled + [None] * len(release)
+            ) from None
         return [bool(reply) for reply in replies[: len(fills)]]
 
     def write_many(self, writes: Sequence[Write]) -> None:
@@ -284,3 +391,13 @@ class RedisClusterStore:
         for key in keys:
             pipe.unlink(key)
         return sum(int(n) for n in pipe.execute())
+
+
+def _bound_send(
+    send: Callable[[Any, Sequence[_Command], bool, bool], list[Any]],
+    node: Any,
+    commands: Sequence[_Command],
+    asking: bool,
+    wait: bool,
+) -> Callable[[], list[Any]]:
+    return lambda: send(node, commands, asking, wait)

@@ -24,24 +24,32 @@ TTL. So this store:
   a connection error or a READONLY reply, the sentinels are asked for the master's address, and
   connections to an old one are dropped.
 
-Under asyncio the store calls synchronously, as the Cluster store does (the sentinel-managed
-connections have no ``redis.asyncio`` twin here). Server settings that narrow the window are in
-docs/reliability.md.
+Under asyncio (:func:`sa_cache._orm.under_asyncio`) the same commands go to a
+``redis.asyncio.sentinel`` master client (one per event loop, with the same sentinels, service
+and settings, and the same identity check on every new connection), awaited through the greenlet
+bridge: a lookup's round trip, a sentinel query and a recovery suspend the task, not the loop.
+A recovery already under way in another task makes the call fail (the lookup reads the
+database) rather than wait on a lock the loop's own thread holds. Server settings that narrow
+the window are in docs/reliability.md.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
+import inspect
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from .. import _orm
 from ..store import Clock, Fill, Release, Write
-from .redis import RedisStore, _ms
+from .redis import RedisStore, _Awaiting, _ms
 
 #: Seconds of writes kept to be written again on a new master (a graceful failover leaves the
 #: old master taking writes for about 10 s before it is demoted).
@@ -91,6 +99,9 @@ class RedisSentinelStore(RedisStore):
         #: a WAIT gives up well before the socket would (a timed-out reply is an error, not 0)
         self.wait_ms = REPLICA_WAIT_MS if not timeout else min(REPLICA_WAIT_MS, _ms(timeout / 2))
         pool.reset()  # connections made before the hook (the construction's checks) are dropped
+        self._masters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Awaiting] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def on_master_change(self, generations: Callable[[], Sequence[Write]]) -> None:
         """Set the writes that replace every registered kind's generation (keys as stored)."""
@@ -102,7 +113,15 @@ class RedisSentinelStore(RedisStore):
         """Runs on every new connection, before its first command: who is the master?"""
         connection.on_connect()
         connection.send_command("INFO", "replication")
-        info = _parse_info(connection.read_response())
+        self._learn(_parse_info(connection.read_response()))
+
+    async def _on_connect_async(self, connection: Any) -> None:
+        """:meth:`_on_connect` for a ``redis.asyncio`` connection."""
+        await connection.on_connect()
+        await connection.send_command("INFO", "replication")
+        self._learn(_parse_info(await connection.read_response()))
+
+    def _learn(self, info: dict[str, str]) -> None:
         if info.get("role") != "master":
             raise RedisConnectionError("the server the sentinels named is not a master (demoted)")
         replid = info.get("master_replid")
@@ -117,11 +136,19 @@ class RedisSentinelStore(RedisStore):
         """Ask the sentinels who the master is; idle connections to another are dropped (and
         connections in use are not returned to the pool)."""
         with contextlib.suppress(Exception):  # the caller raises its own error
-            self.client.connection_pool.get_master_address()
+            if _orm.under_asyncio():
+                _orm.await_(self._client()._target.connection_pool.get_master_address())
+            else:
+                self.client.connection_pool.get_master_address()
 
     def _recover(self) -> None:
         """After a change of master: write the recent writes again, then new generations."""
-        with self._recovery:
+        if _orm.under_asyncio():  # the lock's holder may be a task suspended on this thread
+            if not self._recovery.acquire(blocking=False):
+                raise MasterChanged("the Redis master changed: recovery under way")
+        else:
+            self._recovery.acquire()
+        try:
             while self._pending:
                 with self._lock:
                     epoch = self._epoch
@@ -129,7 +156,7 @@ class RedisSentinelStore(RedisStore):
                     recent = [write for at, write in self._recent if at >= horizon]
                 writes = [*recent, *self._generations()]
                 if writes:
-                    pipe = self.client.pipeline(transaction=False)
+                    pipe = self._client().pipeline(transaction=False)
                     for write in writes:
                         pipe.set(
                             write.key, write.value, px=None if write.ttl is None else _ms(write.ttl)
@@ -138,6 +165,8 @@ class RedisSentinelStore(RedisStore):
                 with self._lock:
                     if self._epoch == epoch:
                         self._pending = False
+        finally:
+            self._recovery.release()
 
     def _call(self, operation: Callable[[], Any]) -> Any:
         """Run ``operation`` on the master, after recovering from a change of master; its reply
@@ -155,7 +184,57 @@ class RedisSentinelStore(RedisStore):
         return result
 
     def _client(self) -> Any:
-        return self.client
+        """The master client for this call: the synchronous one, or under asyncio this event
+        loop's ``redis.asyncio.sentinel`` master client behind the same synchronous interface."""
+        if not _orm.under_asyncio():
+            return self.client
+        loop = asyncio.get_running_loop()
+        master = self._masters.get(loop)
+        if master is None:
+            master = self._masters[loop] = _Awaiting(self._async_master())
+        return master
+
+    def _async_master(self) -> Any:
+        """A ``redis.asyncio`` master client of the same sentinels, service and settings, whose
+        every new connection first learns the master's identity (:meth:`_on_connect_async`)."""
+        from redis.asyncio import BlockingConnectionPool
+        from redis.asyncio.connection import Connection
+        from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+
+        class BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+            """A task that finds every connection in use awaits one (for up to the socket
+            timeout), as under :func:`~sa_cache.stores.redis.async_twin`, instead of failing."""
+
+        pool = self.client.connection_pool
+        manager = pool.sentinel_manager
+        accepted: set[str] = set()
+        for base in Connection.__mro__:
+            init = vars(base).get("__init__")
+            if init is not None:
+                accepted.update(inspect.signature(init).parameters)
+        skipped = {"retry", "redis_connect_func", "host", "port", "connection_pool"}
+        options = {
+            k: v
+            for k, v in pool.connection_kwargs.items()
+            if k in accepted and k not in skipped
+        }
+        addresses = [sentinel.connection_pool.connection_kwargs for sentinel in manager.sentinels]
+        sentinels = [(address["host"], address["port"]) for address in addresses]
+        sentinel_options = {
+            k: v for k, v in manager.sentinel_kwargs.items() if k in accepted and k not in skipped
+        }
+        return Sentinel(  # type: ignore[no-untyped-call]
+            sentinels,
+            min_other_sentinels=manager.min_other_sentinels,
+            sentinel_kwargs=sentinel_options,
+        ).master_for(
+            pool.service_name,
+            connection_pool_class=BlockingSentinelPool,
+            redis_connect_func=self._on_connect_async,
+            max_connections=pool.max_connections,
+            timeout=options.get("socket_timeout") or 1.0,
+            **options,
+        )
 
     # -- the store -----------------------------------------------------------------------------
 
@@ -174,11 +253,12 @@ class RedisSentinelStore(RedisStore):
         self._call(lambda: self._write_and_wait(writes))
 
     def _write_and_wait(self, writes: Sequence[Write]) -> None:
+        client = self._client()
         if not self._replicas and time.monotonic() >= self._recheck_at:
             self._recheck_at = time.monotonic() + REPLICA_RECHECK_S
-            self._replicas = int(self.client.info("replication").get("connected_slaves", 0))
+            self._replicas = int(client.info("replication").get("connected_slaves", 0))
         wait = self._replicas > 0
-        pipe = self.client.pipeline(transaction=False)
+        pipe = client.pipeline(transaction=False)
         for write in writes:
             pipe.set(write.key, write.value, px=None if write.ttl is None else _ms(write.ttl))
         if wait:
