@@ -36,6 +36,7 @@ from typing import Any, Final, TypeVar
 from . import codec
 from .breaker import CircuitBreaker
 from .errors import describe_error
+from .forecast import MissForecast
 from .kinds import CachedKind
 from .protocol import GENERATION_TTL, eviction_writes, hold_writes
 from .signing import Signer
@@ -100,6 +101,8 @@ class GuardedStore:
         self._delivery: threading.Thread | None = None  # the running "sa_cache-journal" thread
         self._process_hooks = False  # the at-fork and at-exit hooks are registered
         self._forgery_logged_at = -FORGERY_LOG_INTERVAL
+        #: which reads will most likely miss (told of every eviction written here)
+        self.forecast = MissForecast()
 
     # -- the one guard around every store call ----------------------------------------------------
 
@@ -199,6 +202,12 @@ class GuardedStore:
             generations.append(value)
         stored = values[len(kinds) :]
         return generations, stored, stored if self._signer is None else self._open(keys, stored)
+
+    def expects_miss(self, kind: CachedKind, key: str) -> bool:
+        """Whether a read of ``key`` should take its lease along (see
+        :mod:`sa_cache.forecast`): never while the journal waits, which only :meth:`read`
+        replays before reading."""
+        return self._journal_empty() and self.forecast.expects_miss(kind, key)
 
     def acquire(
         self,
@@ -303,6 +312,7 @@ class GuardedStore:
             return False
         for kind in who:
             kind.stats.evictions += 1
+        self.forecast.evicted(keys)
         return True
 
     def journal(self) -> tuple[dict[str, CachedKind], set[CachedKind]]:
