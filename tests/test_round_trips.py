@@ -6,6 +6,8 @@ back at once."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from sqlalchemy.orm import Session as PlainSession
 from sqlalchemy.orm import sessionmaker
@@ -126,3 +128,27 @@ def test_a_read_that_takes_its_lease_along_waits_for_the_caller_already_holding_
         assert s.get(User, 1).name == "alice"  # waited, timed out: loaded without filling
     assert cache.stats()["models"]["User"]["fills"] == fills
     assert cache.store.get_many([lease])[0] == b"another caller"  # left alone
+
+
+def test_while_evictions_wait_in_the_journal_a_forecast_read_replays_them_first(
+    engine, Session: sessionmaker[CachingSession], cache: IdentityCache, sql
+) -> None:
+    with Session() as s:
+        s.add(User(id=1, name="alice"))
+        s.commit()
+    with Session() as s:
+        s.get(User, 1)  # fills
+    with PlainSession(engine) as s:  # a change whose eviction could not be written: journaled
+        s.get(User, 1).name = "renamed"
+        s.commit()
+    held = threading.Event()
+    cache.guarded.delivery_wait = lambda seconds: held.wait(10)  # no delivery meanwhile
+    key = row_key(cache, User, 1)
+    try:
+        cache.guarded._journal_evictions({key: cache.model_for(User.__mapper__)}, set())
+        cache.guarded.forecast.evicted([key])  # a miss forecast for the key
+        with expect_sql(sql, selects=1), Session() as s:
+            assert s.get(User, 1).name == "renamed"  # not the entry the journal evicts
+        assert cache.guarded.journal() == ({}, set())
+    finally:
+        held.set()
