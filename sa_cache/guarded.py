@@ -40,6 +40,7 @@ from typing import Any, Final, TypeVar, cast
 from . import codec
 from .breaker import CircuitBreaker
 from .errors import describe_error
+from .forecast import MissForecast
 from .kinds import CachedKind
 from .protocol import GENERATION_TTL, eviction_writes, hold_writes
 from .signing import Signer
@@ -110,6 +111,8 @@ class GuardedStore:
         #: one breaker per failure domain of a store declaring ``capabilities.domains``
         self.domain_breakers: dict[Hashable, CircuitBreaker] = {}
         self._failed_domains: set[Hashable] = set()  # logged as unavailable, not yet as back
+        #: which reads will most likely miss (told of every eviction written here)
+        self.forecast = MissForecast()
 
     # -- the one guard around every store call ----------------------------------------------------
 
@@ -372,6 +375,12 @@ class GuardedStore:
     def _new_generation(self, gen_key: str, _: object = None) -> list[bytes]:
         return [self.store.init_generation(gen_key, codec.new_generation(), GENERATION_TTL)]
 
+    def expects_miss(self, kind: CachedKind, key: str) -> bool:
+        """Whether a read of ``key`` should take its lease along (see
+        :mod:`sa_cache.forecast`): never while the journal waits, which only :meth:`read`
+        replays before reading."""
+        return self._journal_empty() and self.forecast.expects_miss(kind, key)
+
     def acquire(
         self,
         kind: CachedKind,
@@ -550,6 +559,7 @@ class GuardedStore:
                 unwritten_kinds.add(kind)
             else:
                 kind.stats.evictions += 1
+        self.forecast.evicted(keys)
         return unwritten_keys, unwritten_kinds
 
     def journal(self) -> tuple[dict[str, CachedKind], set[CachedKind]]:

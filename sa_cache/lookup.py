@@ -184,6 +184,91 @@ class Lookups:
                 )
         return answers
 
+    def read_one(
+        self,
+        kind: CachedKind,
+        key: str,
+        pk: tuple[Any, ...],
+        identity_key: Any,
+        fill_rule: FillRule,
+        context: Any = None,
+    ) -> Answer | None:
+        """A single-key lookup: :meth:`read`, then on a miss :meth:`lease_or_wait` (three round
+        trips for a miss with its fill). Where a miss is forecast (:mod:`sa_cache.forecast`),
+        the lease is taken in the read's own round trip instead (two), and a hit read that way
+        releases it (two)."""
+        guarded = self.cache.guarded
+        if self.cache.lease_wait > 0 and guarded.expects_miss(kind, key):
+            answered, answer = self._read_leased(kind, key, pk, identity_key, fill_rule, context)
+            if answered:
+                guarded.forecast.observed(kind, answer is None)
+                return answer
+        answer = self.read(kind, [(key, pk, identity_key)], fill_rule, context)[0]
+        guarded.forecast.observed(kind, answer is None)
+        if answer is None:
+            answer = self.lease_or_wait(kind, pk, identity_key)
+        return answer
+
+    def _read_leased(
+        self,
+        kind: CachedKind,
+        key: str,
+        pk: tuple[Any, ...],
+        identity_key: Any,
+        fill_rule: FillRule,
+        context: Any,
+    ) -> tuple[bool, Answer | None]:
+        """:meth:`read_one` with the lease taken in the read's round trip: (whether it answered,
+        the answer or None for a miss). Not answered, for :meth:`read_one` to read the usual
+        way: where nothing may be filled (no lease is wanted), and where the kind's generation
+        does not exist yet (only a plain read creates it). The store's clock comes in the same
+        round trip where the transaction's snapshot needs it, as :meth:`lease_or_wait` reads it."""
+        now = time.monotonic()
+        freshness, negative_ok = fill_rule(kind, context)
+        if self.snapshot_bound is None:
+            if freshness is Freshness.IN_SNAPSHOT:
+                freshness = Freshness.NEVER
+        elif freshness is Freshness.BEGINS_SNAPSHOT:
+            freshness = Freshness.FRESH
+        if freshness is Freshness.NEVER:
+            return False, None
+        guarded = self.cache.guarded
+        lease = guarded.acquire(
+            kind,
+            key,
+            lease_key(key),
+            self.cache.lease_ttl,
+            timed=freshness is not Freshness.FRESH,
+            ttls=freshness is Freshness.IN_SNAPSHOT,
+        )
+        if lease is None:
+            return True, None  # the store failed: load, as after a failed read
+        owned, generation, stored, payload, clock = lease
+        answer = None if generation is None else classify(kind, generation, payload, pk)
+        if answer is not None or generation is None:
+            if owned is not None:  # a hit after all: nobody needs the lease
+                guarded.fill([], [Release(lease_key(key), owned)])
+            if answer is None:
+                return False, None
+            kind.stats.hits += 1
+            return True, answer
+        kind.stats.misses += 1
+        self.current = identity_key
+        if not may_fill_over(payload, generation):  # a commit elsewhere holds it: load
+            if owned is not None:
+                guarded.fill([], [Release(lease_key(key), owned)])
+            return True, None
+        observation = Observation(
+            kind, key, stored, generation, now, negative_ok, freshness=freshness
+        )
+        if owned is None:
+            self.pending[identity_key] = observation
+            return True, self._wait_for_fill(kind, pk, identity_key)
+        if freshness is not Freshness.FRESH:
+            observation = self._judge(observation, clock, generation, payload)
+        self.pending[identity_key] = observation._replace(lease=owned)
+        return True, None
+
     def lease_or_wait(
         self, kind: CachedKind, pk: tuple[Any, ...], identity_key: Any
     ) -> Answer | None:

@@ -142,9 +142,7 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         if key in lookups.changes.keys:
             return None  # this transaction wrote the row: read our own write from the database
         identity_key = mapper.identity_key_from_primary_key(pk, identity_token)
-        answer = lookups.read(model, [(key, pk, identity_key)], self._fill_rule, mapper)[0]
-        if answer is None:
-            answer = lookups.lease_or_wait(model, pk, identity_key)
+        answer = lookups.read_one(model, key, pk, identity_key, self._fill_rule, mapper)
         return None if answer is None else self._place(answer, mapper, identity_key)
 
     def _rewrites_statements(self) -> bool:
@@ -312,15 +310,13 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         if key in changes.keys:
             return None
         waiting = (kind, pk)  # where the miss's observation waits for the load
-        answer = lookups.read(kind, [(key, pk, waiting)], self._fill_rule, target)[0]
-        if answer is None and waiting in lookups.pending:
-            # the key's lease, as a get takes it (in a snapshot, with the clock that may prove
-            # the fill fresh); the get under way, if this load runs inside one, keeps its own
-            outer = lookups.current
-            try:
-                answer = lookups.lease_or_wait(kind, pk, waiting)
-            finally:
-                lookups.current = outer
+        # the key's lease, as a get takes it (in a snapshot, with the clock that may prove the
+        # fill fresh); the get under way, if this load runs inside one, keeps its own
+        outer = lookups.current
+        try:
+            answer = lookups.read_one(kind, key, pk, waiting, self._fill_rule, target)
+        finally:
+            lookups.current = outer
         if type(answer) is Hit:
             found = self._hydrate(kind, answer.value, _orm.lazy_load_children_path(state))
             # a target the row cache lacks: the SELECT, whose load fills it

@@ -13,9 +13,11 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import redis
 from sqlalchemy.orm import sessionmaker
 
-from sa_cache import CachingSession
+from sa_cache import CachingSession, IdentityCache
+from sa_cache.store import Fill, Write
 
 from .conftest import require_service
 from .counting import expect_sql
@@ -166,3 +168,19 @@ def test_an_overflowing_journal_evicts_whole_models_when_redis_is_back(
     assert cache.store.get_many([model.keys.generation_key])[0] != generation
     assert cache.guarded.journal() == ({}, set())
     held.set()
+
+
+def test_a_store_call_that_timed_out_leaves_no_reply_behind_for_the_next_command(server):
+    """The store reads raw replies on a pooled connection of its own choosing: a connection
+    whose read timed out is dropped, or its next command would read the late reply (another
+    key's value)."""
+    store = IdentityCache(server.url, prefix="late_reply", socket_timeout=0.2).store
+    store.write_many([Write("late_reply:a", b"A", 10), Write("late_reply:b", b"B", 10)])
+    server.pause()  # SIGSTOP: the reply to the next read comes only after the resume
+    try:
+        with pytest.raises(redis.TimeoutError):
+            store.get_many(["late_reply:a"])
+    finally:
+        server.resume()
+    assert store.get_many(["late_reply:b"]) == [b"B"]
+    assert store.fill_many([Fill("late_reply:c", None, b"C", 10)]) == [True]
