@@ -71,6 +71,9 @@ class Capabilities(NamedTuple):
     :param failover: the store can lose acknowledged writes when its master changes (Redis
         Sentinel), so it is a :class:`FailoverStore`: the cache gives it the writes that replace
         every registered kind's generation, which it sends to a new master before serving from it.
+    :param near: reads may be answered from this process's memory, kept coherent by Redis
+        tracking messages (:mod:`sa_cache.near`): another process's commit may be seen a little
+        later than in Redis (docs/near-cache.md), this process's own never.
     """
 
     shared: bool
@@ -78,6 +81,7 @@ class Capabilities(NamedTuple):
     clock: bool = False
     keeps_ttl: bool = False
     failover: bool = False
+    near: bool = False
 
 
 class Clock(NamedTuple):
