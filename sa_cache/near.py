@@ -146,21 +146,21 @@ class NearStore:
                 if key in self._in_flight:
                     self._marked.add(key)
 
-    def _trusted(self) -> bool:
-        return self.invalidations.confirmed() >= time.monotonic() - self.settings.max_age
+    def _trusted(self, now: float) -> bool:
+        return self.invalidations.confirmed() >= now - self.settings.max_age
 
     # -- reads ---------------------------------------------------------------------------------
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         self.invalidations.drain()
-        if not self._trusted():
+        now = time.monotonic()
+        if not self._trusted(now):
             with self._lock:
                 had = bool(self._entries)
             if had:
                 self.flush()
             self.stats.misses += len(keys)
             return self._fetch(keys)
-        now = time.monotonic()
         answers: list[bytes | None] = [None] * len(keys)
         missing: list[int] = []
         with self._lock:
@@ -183,7 +183,7 @@ class NearStore:
         try:
             values = self._fetch(wanted)
             self.invalidations.drain()
-            kept = self._trusted()
+            kept = self._trusted(time.monotonic())
         finally:
             self._land(wanted, values if kept else None, flushes)
         for i, value in zip(missing, values, strict=True):

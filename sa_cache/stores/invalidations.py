@@ -244,6 +244,9 @@ class Invalidations:
         self._closed = False
         self._pid = os.getpid()
         self._thread: threading.Thread | None = None
+        self._confirmed = -1.0  # see confirmed(); read without the lock
+        self._poller: select.poll | None = None  # the links' sockets, for drain()
+        self._tls = False
         #: what went wrong last (for the health check and tests), None while connected
         self.last_error: str | None = "not connected yet"
         self.connects = 0
@@ -253,16 +256,24 @@ class Invalidations:
     def confirmed(self) -> float:
         """The monotonic time before which every write's invalidation has arrived, on every
         master: the oldest send time of a ping answered (-1 if not connected)."""
-        with self._lock:
-            if not self._links:
-                return -1.0
-            return min(link.confirmed for link in self._links)
+        return self._confirmed
+
+    def _update_confirmed(self) -> None:
+        """Called with the lock held whenever a PONG arrives or the links change."""
+        self._confirmed = min((link.confirmed for link in self._links), default=-1.0)
 
     def drain(self) -> None:
-        """Apply the messages that have already arrived (readers call this before answering)."""
+        """Apply the messages that have already arrived (readers call this before answering):
+        one ``poll`` system call when nothing has (a TLS link is always read: its decrypted
+        bytes may wait where ``poll`` cannot see them)."""
         if self._pid != os.getpid():
             self._after_fork()
-        self._ensure_thread()
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            self._ensure_thread()
+        poller = self._poller
+        if poller is None or (not self._tls and not poller.poll(0)):
+            return
         with self._lock:
             self._read_links()
 
@@ -293,6 +304,8 @@ class Invalidations:
         for link in self._links:
             link.close()
         self._links = []
+        self._poller = None
+        self._update_confirmed()
         self._thread = None
         self._on_flush()
 
@@ -302,6 +315,8 @@ class Invalidations:
             link.close()
         had = bool(self._links)
         self._links = []
+        self._poller = None
+        self._update_confirmed()
         self.last_error = why
         if had or why:
             self._on_flush()
@@ -314,6 +329,8 @@ class Invalidations:
                 self._drop(f"tracking connection lost: {type(exc).__name__}")
                 self._retry_at = time.monotonic() + self.ping_interval
                 return
+            if link.confirmed > self._confirmed:
+                self._update_confirmed()
             for keys in messages:
                 if keys is None:
                     self._on_flush()
@@ -337,6 +354,12 @@ class Invalidations:
                 return
             self._drop("")  # nothing was trusted before this
             self._links, self._endpoints = links, endpoints
+            poller = select.poll()
+            for link in links:
+                poller.register(link.sock, select.POLLIN)
+            self._poller = poller
+            self._tls = any(link.endpoint.ssl is not None for link in links)
+            self._update_confirmed()
             self.last_error = None
             self.connects += 1
             for link in links:
