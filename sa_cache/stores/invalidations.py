@@ -209,6 +209,29 @@ def _endpoint(host: str, port: int, options: dict[str, Any]) -> Endpoint:
     return Endpoint(host, int(port), options.get("username"), options.get("password"), context)
 
 
+class _Poller:
+    """Whether any of some sockets has bytes to read, without waiting, from any thread at once:
+    ``epoll`` where there is one (``select.poll`` refuses concurrent calls), else ``select``."""
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll() if hasattr(select, "epoll") else None
+        self._sockets: list[socket.socket] = []
+
+    def register(self, sock: socket.socket) -> None:
+        self._sockets.append(sock)
+        if self._epoll is not None:
+            self._epoll.register(sock.fileno(), select.EPOLLIN)
+
+    def poll(self, timeout: float) -> bool:
+        if self._epoll is not None:
+            return bool(self._epoll.poll(timeout))
+        return bool(select.select(self._sockets, [], [], timeout)[0])
+
+    def close(self) -> None:
+        if self._epoll is not None:
+            self._epoll.close()
+
+
 class Invalidations:
     """The tracking connections of one near cache and their supervisor (module docstring).
 
@@ -245,7 +268,7 @@ class Invalidations:
         self._pid = os.getpid()
         self._thread: threading.Thread | None = None
         self._confirmed = -1.0  # see confirmed(); read without the lock
-        self._poller: select.poll | None = None  # the links' sockets, for drain()
+        self._poller: _Poller | None = None  # the links' sockets, for drain()
         self._tls = False
         #: what went wrong last (for the health check and tests), None while connected
         self.last_error: str | None = "not connected yet"
@@ -272,10 +295,15 @@ class Invalidations:
         if thread is None or not thread.is_alive():
             self._ensure_thread()
         poller = self._poller
-        if poller is None or (not self._tls and not poller.poll(0)):
-            return
-        with self._lock:
-            self._read_links()
+        try:
+            if poller is None or (not self._tls and not poller.poll(0)):
+                return
+            with self._lock:
+                self._read_links()
+        except Exception as exc:  # whatever it is, nothing read since can be trusted
+            with self._lock:
+                if self._poller is poller:  # not links made since (closing this one's poller)
+                    self._drop(f"draining failed: {type(exc).__name__}")
 
     def close(self) -> None:
         with self._lock:
@@ -304,7 +332,7 @@ class Invalidations:
         for link in self._links:
             link.close()
         self._links = []
-        self._poller = None
+        self._close_poller()
         self._update_confirmed()
         self._thread = None
         self._on_flush()
@@ -315,11 +343,16 @@ class Invalidations:
             link.close()
         had = bool(self._links)
         self._links = []
-        self._poller = None
+        self._close_poller()
         self._update_confirmed()
         self.last_error = why
         if had or why:
             self._on_flush()
+
+    def _close_poller(self) -> None:
+        poller, self._poller = self._poller, None
+        if poller is not None:
+            poller.close()
 
     def _read_links(self) -> None:
         for link in self._links:
@@ -354,9 +387,9 @@ class Invalidations:
                 return
             self._drop("")  # nothing was trusted before this
             self._links, self._endpoints = links, endpoints
-            poller = select.poll()
+            poller = _Poller()
             for link in links:
-                poller.register(link.sock, select.POLLIN)
+                poller.register(link.sock)
             self._poller = poller
             self._tls = any(link.endpoint.ssl is not None for link in links)
             self._update_confirmed()
