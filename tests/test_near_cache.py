@@ -203,6 +203,36 @@ def test_a_fetch_overtaken_by_an_invalidation_keeps_nothing(caches):
     assert store.get_many([key]) == [b"new"]  # ...but not kept
 
 
+def test_a_message_taken_off_the_socket_but_not_yet_applied_is_applied_before_an_answer(caches):
+    """The supervisor thread has read an invalidation and not applied it yet (held there by a
+    hook): a read that begins then must wait for it, not answer from memory."""
+    cache = caches()
+    connected(cache)
+    store = near(cache)
+    key = cache.prefix + ":taken"
+    store.write_many([_write(key, b"old")])
+    assert store.get_many([key]) == [b"old"] and store.get_many([key]) == [b"old"]
+    taken, release = threading.Event(), threading.Event()
+    apply = store.invalidations._on_keys
+
+    def held(keys: list[str]) -> None:
+        if threading.current_thread().name == "sa_cache-invalidations" and key in keys:
+            taken.set()
+            release.wait(DEADLINE)
+        apply(keys)
+
+    store.invalidations._on_keys = held
+    store.inner.write_many([_write(key, b"new")])  # another writer
+    assert taken.wait(DEADLINE), "the supervisor did not take the message"
+    answers: list[Any] = []
+    reader = threading.Thread(target=lambda: answers.append(store.get_many([key])))
+    reader.start()
+    reader.join(0.2)  # it may not answer while the message waits to be applied...
+    release.set()
+    reader.join(DEADLINE)
+    assert answers == [[b"new"]]  # ...and then answers the new value
+
+
 def _write(key: str, value: bytes) -> Any:
     from sa_cache.store import Write
 

@@ -288,22 +288,22 @@ class Invalidations:
     def drain(self) -> None:
         """Apply the messages that have already arrived (readers call this before answering):
         one ``poll`` system call when nothing has (a TLS link is always read: its decrypted
-        bytes may wait where ``poll`` cannot see them)."""
+        bytes may wait where ``poll`` cannot see them). Under the lock, so a message the
+        supervisor has taken off the socket but not applied yet is applied before this
+        returns."""
         if self._pid != os.getpid():
             self._after_fork()
         thread = self._thread
         if thread is None or not thread.is_alive():
             self._ensure_thread()
-        poller = self._poller
-        try:
-            if poller is None or (not self._tls and not poller.poll(0)):
-                return
-            with self._lock:
+        with self._lock:
+            poller = self._poller
+            try:
+                if poller is None or (not self._tls and not poller.poll(0)):
+                    return
                 self._read_links()
-        except Exception as exc:  # whatever it is, nothing read since can be trusted
-            with self._lock:
-                if self._poller is poller:  # not links made since (closing this one's poller)
-                    self._drop(f"draining failed: {type(exc).__name__}")
+            except Exception as exc:  # whatever it is, nothing read since can be trusted
+                self._drop(f"draining failed: {type(exc).__name__}")
 
     def close(self) -> None:
         with self._lock:
