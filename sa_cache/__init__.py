@@ -5,7 +5,7 @@ Primary-key lookups that miss the session's identity map (``Session.get``, ``Que
 transaction changed are evicted when it commits.
 """
 
-from .cache import IdentityCache
+from .cache import IdentityCache, NearCache
 from .errors import CacheError, NotRegistered
 from .session import CachingQuery, CachingSession, CachingSessionMixin
 
@@ -15,6 +15,7 @@ __all__ = [
     "CachingSession",
     "CachingSessionMixin",
     "IdentityCache",
+    "NearCache",
     "NotRegistered",
 ]
 __version__ = "0.1.0"

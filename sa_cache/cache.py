@@ -19,6 +19,7 @@ from .breaker import CircuitBreaker
 from .errors import NotRegistered
 from .guarded import GuardedStore
 from .lookup import listen_for_loads
+from .near import NearCache, NearStore
 from .protocol import eviction_writes
 from .registry import Registry, UniqueSpec, mapper_of
 from .relationships import DEFAULT_MAX_COLLECTION
@@ -27,6 +28,8 @@ from .signing import Signer
 from .stats import MODEL_COUNTERS
 from .store import FailoverStore, Store, Write
 from .stores import memory_region, region_for_url, store_for
+
+__all__ = ["IdentityCache", "NearCache"]
 
 T = TypeVar("T")
 
@@ -68,6 +71,11 @@ class IdentityCache:
     :param exit_flush_timeout: seconds the process spends at interpreter exit writing evictions
         it could not write during an outage (its journal), shared by every cache of the process;
         what is still unwritten then is logged as one ERROR line. 0: no flush, only the line.
+    :param near_cache: True (default settings) or a :class:`~sa_cache.near.NearCache`: answer
+        reads from this process's memory, kept coherent by Redis client tracking. A commit of
+        this process is never followed by an older answer here; another process's commit may be
+        answered by its older value for as long as Redis's message takes to arrive
+        (docs/near-cache.md). Redis backends only.
     """
 
     def __init__(
@@ -86,6 +94,7 @@ class IdentityCache:
         lease_wait: float = 0.5,
         exit_flush_timeout: float = 5.0,
         max_collection: int = DEFAULT_MAX_COLLECTION,
+        near_cache: bool | NearCache = False,
     ) -> None:
         if backend is None:
             region = memory_region()
@@ -104,8 +113,14 @@ class IdentityCache:
         self.lease_wait = lease_wait
         self.lease_ttl = max(LEASE_TTL_FACTOR * lease_wait, MIN_LEASE_TTL)
         self.breaker = CircuitBreaker(breaker_threshold, breaker_cooldown)
+        store = store_for(region)
+        if near_cache:
+            settings = near_cache if isinstance(near_cache, NearCache) else NearCache()
+            # a key mangler may hash keys: then every key is followed
+            followed = prefix + ":" if region.key_mangler is None else ""
+            store = NearStore(store, followed, settings)
         self.guarded = GuardedStore(
-            store_for(region),
+            store,
             breaker=self.breaker,
             tombstone_ttl=tombstone_ttl,
             mangle=region.key_mangler,
@@ -299,4 +314,7 @@ class IdentityCache:
         totals["bypassed"] = self.guarded.bypassed
         keys, kinds = self.guarded.journal()
         journal = {"keys": len(keys), "models": len(kinds)}
-        return {**totals, "models": per_model, "journal": journal}
+        result = {**totals, "models": per_model, "journal": journal}
+        if isinstance(self.guarded.store, NearStore):
+            result["near"] = self.guarded.store.stats.as_dict()
+        return result

@@ -13,6 +13,9 @@ MODEL_COUNTERS: Final = (
 )
 #: Counters of the cache as a whole (store calls refused by the open circuit breaker).
 CACHE_COUNTERS: Final = ("bypassed",)
+#: Counters of the near cache (``stats()["near"]``): keys answered from memory, keys fetched
+#: from Redis, keys dropped by a tracking message or a write, losses that dropped every entry.
+NEAR_COUNTERS: Final = ("hits", "misses", "invalidations", "flushes")
 #: Every counter ``IdentityCache.stats()`` reports at its top level.
 ALL_COUNTERS: Final = MODEL_COUNTERS + CACHE_COUNTERS
 

@@ -78,6 +78,9 @@ class Capabilities(NamedTuple):
         keeps one breaker per domain, and an operation that fails on some domains raises
         :class:`DomainFailure` with the other domains' results, so one failed node costs only
         the keys it serves.
+    :param near: reads may be answered from this process's memory, kept coherent by Redis
+        tracking messages (:mod:`sa_cache.near`): another process's commit may be seen a little
+        later than in Redis (docs/near-cache.md), this process's own never.
     """
 
     shared: bool
@@ -86,6 +89,7 @@ class Capabilities(NamedTuple):
     keeps_ttl: bool = False
     failover: bool = False
     domains: bool = False
+    near: bool = False
 
 
 class Clock(NamedTuple):

@@ -31,6 +31,7 @@ from .conftest import (
 )
 from .stress import checker
 from .stress.increments import IncrementScenario
+from .stress.near import withhold_messages
 from .stress.outage import PROXIED, OutageScenario
 from .stress.proxy import StallingProxy
 
@@ -249,3 +250,33 @@ def test_the_proxy_stalls_one_client_and_resumes_it():
     finally:
         client.close()
         proxy.close()
+
+
+def test_with_near_caches_nothing_is_stale_within_a_process_and_across_only_within_the_bound():
+    """Two processes, each cache with a near cache: 0 stale reads of a process's own commits, 0
+    past the bound across processes (the ones within it are counted apart, in a note)."""
+    require_service("postgresql", 5432)
+    require_service("redis", 6379)
+    report = checker.run(
+        PG_SERVER, REDIS_URL, operations=3000, seed=8, time_limit=20, scenario="near"
+    )
+    _ran_cleanly(report, 300)
+    assert (report.stale, report.dirty, report.mismatches) == (0, 0, 0), report.examples
+    assert report.cache["near_hits"] > 0 and report.cache["near_invalidations"] > 0
+
+
+def test_the_near_scenario_reports_stale_reads_when_tracking_messages_are_withheld():
+    require_service("postgresql", 5432)
+    require_service("redis", 6379)
+    report = checker.run(
+        PG_SERVER,
+        REDIS_URL,
+        operations=3000,
+        seed=9,
+        time_limit=12,
+        scenario="near",
+        configure_cache=withhold_messages,
+    )
+    print(report.format())
+    assert report.errors == 0, report.error_messages
+    assert report.stale > 0

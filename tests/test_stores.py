@@ -20,6 +20,7 @@ from dogpile.cache.proxy import ProxyBackend
 
 from sa_cache import IdentityCache
 from sa_cache.errors import UnsupportedBackend
+from sa_cache.near import NearStore
 from sa_cache.store import Capabilities, Fill, Release, Store, Write
 from sa_cache.stores import memory_region, redis_region, region_for_url, store_for
 
@@ -68,6 +69,21 @@ def _sentinel() -> Store:
     return store_for(region_for_url(redis_sentinel.shared().url, 1.0, 1))
 
 
+def _near(inner: Store, messages: bool = True) -> Store:
+    """The near cache in front of ``inner``, following the suite's key prefixes, once its
+    tracking connections are confirmed (so its memory is really used). Without ``messages``
+    the tracking messages are not applied: the store's own writes alone must keep it coherent
+    with itself."""
+    store = NearStore(inner, "sa_cache_store_")
+    if not messages:
+        store.invalidations._on_keys = lambda keys: None
+    started = time.monotonic()
+    deadline = started + 10
+    while store.invalidations.confirmed() <= started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return store
+
+
 STORES: dict[str, Callable[[], Store]] = {
     "memory": lambda: _memory(False),
     "memory+proxy": lambda: _memory(True),
@@ -75,12 +91,19 @@ STORES: dict[str, Callable[[], Store]] = {
     "redis+proxy": lambda: _redis(True),
     "redis_cluster": _cluster,
     "redis_sentinel": _sentinel,
+    "redis+near": lambda: _near(_redis(False)),
+    "redis+near_withheld": lambda: _near(_redis(False), messages=False),
+    "redis_cluster+near": lambda: _near(_cluster()),
+    "redis_sentinel+near": lambda: _near(_sentinel()),
 }
 
 
 @pytest.fixture(params=list(STORES))
-def store(request: pytest.FixtureRequest) -> Store:
-    return STORES[request.param]()
+def store(request: pytest.FixtureRequest) -> Iterator[Store]:
+    store = STORES[request.param]()
+    yield store
+    if isinstance(store, NearStore):
+        store.close()
 
 
 @pytest.fixture
@@ -220,6 +243,27 @@ def check_delete_prefix_removes_exactly_the_prefix(store: Store, p: str) -> None
 
 def check_capabilities_are_declared(store: Store, p: str) -> None:
     assert isinstance(store.capabilities, Capabilities)
+
+
+def check_a_value_read_then_rewritten_reads_as_rewritten(store: Store, p: str) -> None:
+    """Every read after a write of the same caller sees the write (a near cache's memory
+    included), whatever the operation that wrote it."""
+    store.write_many([Write(p + "k", b"one", 60)])
+    assert store.get_many([p + "k"]) == [b"one"] and store.get_many([p + "k"]) == [b"one"]
+    store.write_many([Write(p + "k", b"two", 60)])
+    assert store.get_many([p + "k"]) == [b"two"] and store.get_many([p + "k"]) == [b"two"]
+    assert store.fill_many([Fill(p + "k", b"two", b"three", 60)]) == [True]
+    assert store.get_many([p + "k"]) == [b"three"]
+    assert store.get_many([p + "absent"]) == [None] and store.get_many([p + "absent"]) == [None]
+    assert store.fill_many([Fill(p + "absent", None, b"filled", 60)]) == [True]
+    assert store.get_many([p + "absent"]) == [b"filled"]
+    assert store.get_many([p + "gen"]) == [None]
+    assert store.init_generation(p + "gen", b"g1") == b"g1"
+    assert store.get_many([p + "gen"]) == [b"g1"]
+    assert store.acquire(p + "lease", b"t", 60, [])[0] is True
+    assert store.get_many([p + "lease"]) == [b"t"]
+    assert store.delete_prefix(p) >= 4
+    assert store.get_many([p + "k", p + "gen"]) == [None, None]
 
 
 CHECKS = [value for name, value in sorted(globals().items()) if name.startswith("check_")]

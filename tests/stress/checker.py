@@ -426,7 +426,7 @@ class Worker:
         self.versions = versions
         self.rng = rng
         self.snapshot_reads = snapshot_reads
-        self.tag = tag  # appended to the kind of every write it records
+        self.tag = tag  # appended to the kind of every read and write it records
         self.out = Records()
 
     @property
@@ -521,7 +521,9 @@ class Worker:
                 seen = [(row, obj.version if obj is not None else None)]
         ended = clock()
         for row, version in seen:
-            self.out.reads.append((row, version, scope.started(row), ended, scope.label + kind))
+            self.out.reads.append(
+                (row, version, scope.started(row), ended, scope.label + kind + self.tag)
+            )
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -784,7 +786,9 @@ def run_job(job: Job, barrier: Any = None) -> tuple[Records, dict[str, int]]:
     scenario.finished(job, cache, records)
     stats = cache.stats()
     engine.dispose()
-    return records, {k: v for k, v in stats.items() if isinstance(v, int)}
+    counters = {k: v for k, v in stats.items() if isinstance(v, int)}
+    counters.update((f"near_{k}", v) for k, v in stats.get("near", {}).items())
+    return records, counters
 
 
 def _process_main(job: Job, barrier: Any, results: Any) -> None:
@@ -1034,6 +1038,7 @@ def run(
             k: stats[k]
             for k in ("hits", "misses", "fills", "evictions", "skipped", "errors", "rejected")
         }
+        report.cache.update((k, v) for k, v in sorted(stats.items()) if k.startswith("near_"))
         if records.outcomes["stopped by the time limit"]:
             report.examples.append(
                 f"{records.outcomes['stopped by the time limit']} threads stopped by the time limit"

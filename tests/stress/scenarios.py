@@ -11,6 +11,7 @@ from .checker import (
     Worker,
 )
 from .increments import IncrementScenario
+from .near import NearScenario
 from .outage import OutageScenario
 from .outer import OuterTransactionScenario
 
@@ -44,5 +45,6 @@ SCENARIOS: dict[str, Scenario] = {
         IncrementScenario(),
         SnapshotLookupScenario(),
         OutageScenario(),
+        NearScenario(),
     )
 }
