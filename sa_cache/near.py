@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .stats import NEAR_COUNTERS
-from .store import Capabilities, Clock, Fill, Release, Store, Write
+from .store import Capabilities, Clock, DomainFailure, Fill, Release, Store, Write
 from .stores.invalidations import Invalidations, endpoints_of
 
 __all__ = ["NearCache", "NearStore"]
@@ -181,7 +181,13 @@ class NearStore:
             flushes = self._flushes
         kept = False
         try:
-            values = self._fetch(wanted)
+            try:
+                values = self._fetch(wanted)
+            except DomainFailure as failure:  # some domains answered: for ``keys``, not ``wanted``
+                for i, value in zip(missing, failure.results, strict=True):
+                    answers[i] = value
+                failed = [missing[i] for i in failure.failed]
+                raise DomainFailure(failure.errors, failed, answers) from failure
             self.invalidations.drain()
             kept = self._trusted(time.monotonic())
         finally:

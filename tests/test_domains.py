@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -21,7 +22,8 @@ from sqlalchemy.orm import sessionmaker
 from sa_cache import CachingSession, IdentityCache
 from sa_cache.breaker import CircuitBreaker
 from sa_cache.kinds import CachedKind
-from sa_cache.store import Fill
+from sa_cache.near import NearStore
+from sa_cache.store import DomainFailure, Fill, Write
 from sa_cache.stores import redis_region, store_for
 
 from .conftest import RUN_ID, register_all
@@ -242,3 +244,31 @@ def test_a_probe_granted_for_a_call_that_is_not_sent_is_given_back():
     assert not breaker.allow()  # one at a time
     breaker.cancel_probe()
     assert breaker.allow()
+
+
+def test_a_near_cache_in_front_of_domains_reports_a_failed_domain_at_the_caller_s_places(
+    servers_up: dict[str, RedisServer],
+) -> None:
+    """The near cache asks its store only for what its memory lacks; a failure of some domains
+    names places in that shorter list, which it must translate back to the caller's keys, or
+    the guarded store would take a healthy key for a failed one and the failed one for an
+    answer."""
+    stores = {name: store_for(redis_region(s.url, 0.2, 0)) for name, s in servers_up.items()}
+    partitioned = PartitionedStore(stores, lambda tag: "b" if tag == "users:1" else "a")
+    partitioned.client = stores["a"].client  # type: ignore[attr-defined]  # tracked: a only
+    prefix = f"{RUN_ID}_near_dom_{uuid.uuid4().hex[:8]}"
+    near = NearStore(partitioned, prefix)
+    try:
+        started = time.monotonic()
+        while near.invalidations.confirmed() <= started and time.monotonic() < started + 10:
+            time.sleep(0.01)
+        a1, a2, b1 = (f"{prefix}:{{users:{n}}}" for n in (2, 3, 1))
+        near.write_many([Write(a1, b"a1", 60), Write(a2, b"a2", 60), Write(b1, b"b1", 60)])
+        assert near.get_many([a1]) == [b"a1"]  # kept in memory
+        servers_up["b"].kill()
+        with pytest.raises(DomainFailure) as failed:
+            near.get_many([a1, a2, b1])
+        assert failed.value.failed == {2}
+        assert failed.value.results[:2] == [b"a1", b"a2"]
+    finally:
+        near.close()
