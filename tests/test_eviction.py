@@ -177,14 +177,18 @@ def test_releasing_a_savepoint_evicts_nothing_before_the_outer_commit(
 
 @pytest.mark.usefixtures("users")
 def test_commit_with_a_savepoint_still_open_evicts_once_at_the_outermost_commit(
-    Session, sql, cache, redis_counter
+    Session, sql, db, cache, redis_counter
 ):
     before = evictions(cache)
     with Session() as s:
         user = s.get(User, 1)
         s.begin_nested()
         user.name = "nested"
-        with expect_commands(redis_counter, {"SET": 2}, round_trips=2):
+        # a hold, then the eviction; on pysqlite the SAVEPOINT began the database transaction, so
+        # the RELEASE is the commit: SQLAlchemy reports no commit before it, and only the
+        # eviction after it is written (the commit window is not held there)
+        trips = 1 if db == "sqlite" else 2
+        with expect_commands(redis_counter, {"SET": trips}, round_trips=trips):
             s.commit()  # releases the savepoint and commits the transaction
     assert evictions(cache) == before + 1
     with expect_sql(sql, selects=1), Session() as s:
