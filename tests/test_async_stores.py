@@ -166,3 +166,53 @@ def test_a_hung_sentinel_master_suspends_the_lookup_not_the_event_loop(engine: E
     assert ticks >= 20
     assert cache.stats()["errors"] >= 1
     cache.flush()
+
+
+def test_under_asyncio_entries_written_before_a_change_of_master_are_not_served(
+    engine: Engine,
+) -> None:
+    """tests/test_sentinel.py's change of master, with the reader's lookups under
+    ``AsyncSession``: its ``redis.asyncio`` connections learn the new master's identity too,
+    so the first read from it goes to the database and the next finds every generation
+    replaced (a miss, then a fill), never the entry cached before the change."""
+    from sqlalchemy.orm import sessionmaker
+
+    from .redis_sentinel import RedisSentinelServers
+
+    servers = RedisSentinelServers().start()
+    prefix = f"{RUN_ID}_asn_{uuid.uuid4().hex[:6]}"
+    try:
+        with sessionmaker(engine)() as s:
+            s.add(User(id=1, name="v1"))
+            s.commit()
+        reader = register_all(IdentityCache(servers.url, prefix=prefix))
+        old, new = servers.master, servers.replica
+
+        async def main(steps: Any) -> list[tuple[str, int]]:
+            async_engine = create_async_engine(_async_url(engine))
+            Session = async_sessionmaker(  # noqa: N806
+                async_engine, sync_session_class=CachingSession, cache=reader
+            )
+            seen = []
+            with counting_sql(async_engine.sync_engine) as sql:
+                for _ in range(steps):
+                    sql.reset()
+                    async with Session() as s:
+                        seen.append((str((await s.get(User, 1)).name), sql.count))
+            await async_engine.dispose()
+            return seen
+
+        assert asyncio.run(main(2)) == [("v1", 1), ("v1", 0)]  # filled on the old master, a hit
+        assert old.client().wait(1, 2000) == 1
+        new.client().replicaof("NO", "ONE")
+        servers.wait(lambda: old.client().info("replication")["connected_slaves"] == 0, "unlinked")
+        writer = register_all(IdentityCache(servers.url, prefix=prefix))  # on the old master
+        with sessionmaker(engine, class_=CachingSession, cache=writer)() as s:
+            s.get(User, 1).name = "v2"
+            s.commit()
+        old.kill()
+        servers.point_sentinels_at(new)
+        assert asyncio.run(main(3)) == [("v2", 1), ("v2", 1), ("v2", 0)]
+        assert reader.stats()["errors"] == 1
+    finally:
+        servers.stop()

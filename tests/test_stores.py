@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from dogpile.cache import make_region
@@ -21,7 +21,7 @@ from dogpile.cache.proxy import ProxyBackend
 from sa_cache import IdentityCache
 from sa_cache.errors import UnsupportedBackend
 from sa_cache.near import NearStore
-from sa_cache.store import Capabilities, Fill, Release, Store, Write
+from sa_cache.store import Capabilities, DomainStore, Fill, Release, Store, Write
 from sa_cache.stores import memory_region, redis_region, region_for_url, store_for
 
 from . import redis_sentinel
@@ -264,6 +264,22 @@ def check_a_value_read_then_rewritten_reads_as_rewritten(store: Store, p: str) -
     assert store.get_many([p + "lease"]) == [b"t"]
     assert store.delete_prefix(p) >= 4
     assert store.get_many([p + "k", p + "gen"]) == [None, None]
+
+
+def check_a_store_of_failure_domains_keeps_a_hash_tag_in_one_domain(store: Store, p: str) -> None:
+    """A row, its lease and its hold share a hash tag: one domain, so one breaker guards them
+    all; and an operation over several domains reports each domain's outcome (a batch over
+    every domain of a healthy store succeeds as one)."""
+    if not store.capabilities.domains:
+        return
+    domains = cast(DomainStore, store)
+    for i in range(20):
+        row = f"{p}{{users:{i}}}"
+        assert domains.domain_of(row) == domains.domain_of(row + ":lease")
+    keys = [f"{p}{{users:{i}}}" for i in range(60)]
+    assert len({domains.domain_of(key) for key in keys}) > 1
+    store.write_many([Write(key, b"v", 60) for key in keys])
+    assert store.get_many(keys) == [b"v"] * 60
 
 
 CHECKS = [value for name, value in sorted(globals().items()) if name.startswith("check_")]
