@@ -25,7 +25,7 @@ from sqlalchemy.orm import sessionmaker
 from sa_cache import CachingSession, IdentityCache, NearCache
 from sa_cache.near import NearStore
 
-from .conftest import REDIS_URL, RUN_ID, register_all, require_service
+from .conftest import REDIS_URL, RUN_ID, register_all, require_redis_cluster, require_service
 from .counting import expect_commands, expect_sql
 from .models import User
 from .redis_sentinel import RedisSentinelServers
@@ -243,15 +243,18 @@ def _write(key: str, value: bytes) -> Any:
 # -- other processes' commits ---------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("where", ["redis", "cluster"])
 def test_another_caches_commit_reaches_this_near_cache_once_its_message_has_arrived(
-    engine, caches
+    engine, caches, where
 ):
     """Two caches, two sets of connections: B's commit is seen by A no later than A's tracking
-    connection answers a ping sent after the commit returned."""
-    a = caches()
-    b = caches(prefix=a.prefix)
+    connections (one per Cluster primary) answer a ping sent after the commit returned."""
+    url = require_redis_cluster().url if where == "cluster" else None
+    a = caches(url)
+    b = caches(url, prefix=a.prefix)
     connected(a)
     connected(b)
+    assert len(near(a).invalidations._endpoints) == (3 if where == "cluster" else 1)
     SessionA, SessionB = sessions(engine, a), sessions(engine, b)  # noqa: N806
     for _ in range(3):
         assert version_of(SessionA, 1) == 1
@@ -371,6 +374,7 @@ def test_a_change_of_master_drops_everything(caches, server):
         other.stop()
 
 
+@pytest.mark.slow
 def test_a_sentinel_failover_drops_everything_and_the_new_master_is_followed(engine, caches):
     """A graceful failover of a private Sentinel deployment: the near cache drops what it held
     and follows the new master; a commit made there is seen."""
