@@ -25,9 +25,10 @@ from sqlalchemy.orm import sessionmaker
 from sa_cache import CachingSession, IdentityCache, NearCache
 from sa_cache.near import NearStore
 
-from .conftest import REDIS_URL, RUN_ID, register_all, require_service
+from .conftest import REDIS_URL, RUN_ID, register_all, require_redis_cluster, require_service
 from .counting import expect_commands, expect_sql
 from .models import User
+from .redis_sentinel import RedisSentinelServers
 from .redis_server import RedisServer
 
 DEADLINE = 10.0  # seconds any wait may take before the test fails
@@ -242,15 +243,18 @@ def _write(key: str, value: bytes) -> Any:
 # -- other processes' commits ---------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("where", ["redis", "cluster"])
 def test_another_caches_commit_reaches_this_near_cache_once_its_message_has_arrived(
-    engine, caches
+    engine, caches, where
 ):
     """Two caches, two sets of connections: B's commit is seen by A no later than A's tracking
-    connection answers a ping sent after the commit returned."""
-    a = caches()
-    b = caches(prefix=a.prefix)
+    connections (one per Cluster primary) answer a ping sent after the commit returned."""
+    url = require_redis_cluster().url if where == "cluster" else None
+    a = caches(url)
+    b = caches(url, prefix=a.prefix)
     connected(a)
     connected(b)
+    assert len(near(a).invalidations._endpoints) == (3 if where == "cluster" else 1)
     SessionA, SessionB = sessions(engine, a), sessions(engine, b)  # noqa: N806
     for _ in range(3):
         assert version_of(SessionA, 1) == 1
@@ -368,6 +372,36 @@ def test_a_change_of_master_drops_everything(caches, server):
     finally:
         store.inner.client.connection_pool.connection_kwargs["port"] = server.port
         other.stop()
+
+
+@pytest.mark.slow
+def test_a_sentinel_failover_drops_everything_and_the_new_master_is_followed(engine, caches):
+    """A graceful failover of a private Sentinel deployment: the near cache drops what it held
+    and follows the new master; a commit made there is seen."""
+    servers = RedisSentinelServers().start()
+    try:
+        a = caches(servers.url, near_cache=NearCache(topology_interval=0.1))
+        b = caches(servers.url, prefix=a.prefix, near_cache=False)
+        connected(a)
+        SessionA, SessionB = sessions(engine, a), sessions(engine, b)  # noqa: N806
+        for _ in range(3):
+            assert version_of(SessionA, 1) == 1
+        store = near(a)
+        old = servers.master_port()
+        assert store.invalidations._endpoints[0].port == old
+        flushes = store.stats.flushes
+        servers.failover()
+        new = servers.wait_new_master(old)
+        wait_for(lambda: store.invalidations._endpoints[0].port == new, "the new master followed")
+        assert store.stats.flushes > flushes
+        committed = bump(SessionB, 1)
+        connected(a)
+        hits = store.stats.hits
+        for _ in range(5):  # loaded and filled, a Redis hit kept in memory, then memory
+            assert version_of(SessionA, 1) == committed
+        assert store.stats.hits > hits  # served from memory again
+    finally:
+        servers.stop()
 
 
 def test_a_near_cache_needs_a_shared_store():
