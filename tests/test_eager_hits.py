@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import inspect
+from sqlalchemy import insert, inspect
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session as PlainSession
 from sqlalchemy.orm import selectinload, sessionmaker
@@ -24,7 +24,19 @@ from sa_cache import CachingSession, IdentityCache
 from sa_cache.eager import plan
 
 from .counting import RedisCounter, SQLCounter, expect_commands, expect_sql
-from .models_eager import CACHED, Ability, Board, Node, Note, Post, Role, Tag, User, ensure_tables
+from .models_eager import (
+    CACHED,
+    Ability,
+    Board,
+    Node,
+    Note,
+    Post,
+    Role,
+    Tag,
+    User,
+    ensure_tables,
+    role_abilities,
+)
 
 Read = Callable[[Any], Any]
 
@@ -260,6 +272,44 @@ def test_a_committed_membership_change_is_seen_by_the_next_hit(
         s.commit()
     for read in (get(User, 1), get(Board, 1)):
         agree(plain, Session, read)
+
+
+@pytest.mark.usefixtures("eager")
+def test_a_transactions_own_core_write_to_a_link_table_is_read_from_the_database(
+    Session: sessionmaker[CachingSession],  # noqa: N803
+    plain: sessionmaker[PlainSession],
+    sql: SQLCounter,
+) -> None:
+    seed(Session)
+    settle(Session, get(User, 1), sql)
+
+    def read(s: Any) -> Any:
+        s.execute(insert(role_abilities).values(role_id=1, ability_id=3))
+        found = graph(s.get(User, 1))
+        s.rollback()
+        return found
+
+    expected = agree(plain, Session, read)
+    loaded = {identity: rels for name, identity, _, _, _, rels in expected if name == "Role"}
+    assert loaded[(1,)] == [("abilities", [(1,), (2,), (3,)]), ("creator", [(3,)])]
+    assert agree(plain, Session, get(User, 1)) == outcome(plain, get(User, 1))
+
+
+@pytest.mark.usefixtures("eager")
+def test_query_get_completes_a_hit_as_session_get_does(
+    Session: sessionmaker[CachingSession],  # noqa: N803
+    plain: sessionmaker[PlainSession],
+    sql: SQLCounter,
+) -> None:
+    seed(Session)
+
+    def read(s: Any) -> Any:
+        return graph(s.query(Board).get(1))
+
+    expected = agree(plain, Session, read)
+    settle(Session, read, sql)
+    with Session() as s, expect_sql(sql, 0):
+        assert read(s) == expected
 
 
 @pytest.mark.usefixtures("eager")
