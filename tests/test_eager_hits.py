@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import insert, inspect
+from sqlalchemy import event, insert, inspect
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session as PlainSession
 from sqlalchemy.orm import selectinload, sessionmaker
@@ -272,6 +272,41 @@ def test_a_committed_membership_change_is_seen_by_the_next_hit(
         s.commit()
     for read in (get(User, 1), get(Board, 1)):
         agree(plain, Session, read)
+
+
+@pytest.mark.usefixtures("eager")
+def test_a_membership_change_committed_during_a_hits_refresh_is_never_hidden_by_its_fill(
+    Session: sessionmaker[CachingSession],  # noqa: N803
+    plain: sessionmaker[PlainSession],
+    engine: Engine,
+    db: str,
+) -> None:
+    if db == "sqlite":
+        pytest.skip("the reader's open cursor holds SQLite's lock: the writer cannot commit")
+    seed(Session)
+    outcome(Session, get(Board, 2))  # the board's row is cached, its joined posts are not
+    changed: list[bool] = []
+
+    def commit_a_change(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        # right after the hit's refresh of board 2 (its joined posts) ran, before its fill
+        if changed or "LEFT OUTER JOIN eager_posts" not in statement:
+            return
+        changed.append(True)
+        with Session() as other:
+            other.add(Post(id=3, board_id=2))
+            other.commit()
+
+    event.listen(engine, "after_cursor_execute", commit_a_change)
+    try:
+        with Session() as s:
+            assert s.get(Board, 2).posts == []  # what the refresh saw: the old membership
+    finally:
+        event.remove(engine, "after_cursor_execute", commit_a_change)
+    assert changed
+    loaded = {
+        i: rels for name, i, *_, rels in agree(plain, Session, get(Board, 2)) if name == "Board"
+    }
+    assert ("posts", [(3,)]) in loaded[(2,)]
 
 
 @pytest.mark.usefixtures("eager")
