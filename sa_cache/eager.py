@@ -3,8 +3,9 @@ a hit loads the same from the cache.
 
 A load of a row also loads its ``joined``, ``selectin``, ``subquery`` and ``immediate``
 relationships, and theirs in turn, stopping where SQLAlchemy stops: at a relationship whose
-target's class is already on the path from the row the load started at (unless the
-relationship's ``join_depth`` allows that many levels). A hit must leave the same attributes
+target's class is already on the path (the whole load path for the post-loaders, the part in
+its own SELECT for ``joined``), unless its ``join_depth`` allows that many levels. A hit must
+leave the same attributes
 loaded, holding the same objects, with the same ``load_path``, or later lazy loads and
 ``session.close()`` would see a different object graph than after a load.
 
@@ -14,8 +15,10 @@ serves them level by level: one store read for the collections of every instance
 one for the rows of all their members and many-to-one targets; the instances placed become the
 next level. Whatever the cache cannot answer exactly (a collection or row it lacks, a member in
 the session with expired attributes, a relationship it does not cache) is loaded by SQLAlchemy
-itself, one attribute at a time (its lazy loader, whose load fills the cache for the next
-time); a collection is never filled in part.
+itself, one attribute at a time: the looked-up row's ``joined`` ones in one refresh with the
+row's SQL expressions (a first hit costs no more SQL than its miss), the others by the lazy
+loader along the load's path; both fill the cache for the next time. A collection is never
+filled in part.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from .rows import CachedModel
 #: The relationship strategies a load carries out with its row.
 EAGER_STRATEGIES: Final = frozenset({"joined", "selectin", "subquery", "immediate"})
 
+#: Whether the session's rules let a lookup of this class read the cache.
+MayRead = Callable[[Mapper[Any]], bool]
 #: Loads the named attributes (and the SQL expressions) of a row placed from the cache, False
 #: if the row is gone.
 Refresh = Callable[[Any, list[str]], bool]
@@ -111,11 +116,14 @@ def complete(
     placed: Sequence[tuple[Any, Any]],
     place: Place,
     fill_rule: FillRule,
+    may_read: MayRead,
     refresh: Refresh | None = None,
 ) -> bool:
     """Load the eager relationships of ``placed`` (instances a hit just put in the session,
     each with its load path) and of every instance that brings in, as a load would have loaded
-    them. With ``refresh``, ``placed`` are the rows a lookup asked for: their ``joined``
+    them, reading only the classes ``may_read`` allows (the session's rules).
+
+    With ``refresh``, ``placed`` are the rows a lookup asked for: their ``joined``
     relationships the cache cannot answer are loaded as a load loads them, with the row, by one
     ``refresh`` of each (with its SQL expressions), which returns False when the row is gone;
     then so does this. Misses are remembered with ``fill_rule``, so the loads that follow fill
@@ -137,7 +145,7 @@ def complete(
                 if step.key not in state.dict and step.runs_at(path, start):
                     todo.append(_Todo(state, step, path, start))
         defer = refresh is not None and first
-        level, deferred = _serve(lookups, todo, place, fill_rule, defer)
+        level, deferred = _serve(lookups, todo, place, fill_rule, may_read, defer)
         if defer:
             assert refresh is not None
             for instance, _ in placed:
@@ -172,7 +180,12 @@ def _fill_refreshed(lookups: Lookups, deferred: list[_Todo]) -> None:
 
 
 def _serve(
-    lookups: Lookups, todo: list[_Todo], place: Place, fill_rule: FillRule, defer_joined: bool
+    lookups: Lookups,
+    todo: list[_Todo],
+    place: Place,
+    fill_rule: FillRule,
+    may_read: MayRead,
+    defer_joined: bool,
 ) -> tuple[list[tuple[InstanceState[Any], Any, int]], list[_Todo]]:
     """Serve one level: the instances it brought into the session, each with its path, and
     (``defer_joined``) the ``joined`` relationships it left for the caller's refresh."""
@@ -182,7 +195,9 @@ def _serve(
     references: list[tuple[_Todo, tuple[Any, ...] | None]] = []
     for item in todo:
         state, step = item.state, item.step
-        if step.collection is not None and _collection_readable(lookups, step.collection, state):
+        if not may_read(step.prop.mapper):
+            pass  # the session's rules send this class to the database
+        elif step.collection is not None and _collection_readable(lookups, step.collection, state):
             kind = step.collection
             pk = kind.parent.normalise(state.key[1])  # type: ignore[index]
             key = None if pk is None else kind.key_for_parent(pk)

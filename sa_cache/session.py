@@ -20,6 +20,7 @@ from sqlalchemy import inspect, select, tuple_
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapper, ORMExecuteState, Query, RelationshipDirection, Session
 from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.util import EMPTY_DICT
 
 from . import _orm, collations, connections, eager, isolation, tracking
 from .cache import IdentityCache
@@ -199,7 +200,12 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         if instance is _orm.KNOWN_ABSENT:
             return instance
         if not eager.complete(
-            lookups, [(instance, path)], self._place_row, self._eager_fill_rule, self._refresh_hit
+            lookups,
+            [(instance, path)],
+            self._place_row,
+            self._eager_fill_rule,
+            self._may_read,
+            self._refresh_hit,
         ):
             return _orm.KNOWN_ABSENT
         return instance
@@ -247,7 +253,7 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         assert lookups is not None
         registry = lookups.cache.registry
         if any(eager.plan(registry, instance_state(i).mapper) for i, _ in placed):
-            eager.complete(lookups, placed, self._place_row, self._eager_fill_rule)
+            eager.complete(lookups, placed, self._place_row, self._eager_fill_rule, self._may_read)
 
     def _refresh_hit(self, instance: Any, relationships: list[str]) -> bool:
         """Load what a ``get``'s SELECT loads with the row and the cache did not answer: its SQL
@@ -267,6 +273,12 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
             return True
         plan = _orm.EagerPlan(tuple(names), ())
         return _orm.complete_like_a_load(self, instance, plan)  # type: ignore[arg-type]
+
+    def _may_read(self, mapper: Mapper[Any]) -> bool:
+        """Whether the session's rules (:meth:`_cacheable`) let a lookup of ``mapper`` read the
+        cache: for the members and targets of a hit's eager relationships (their bind's
+        isolation level may differ from the parent's)."""
+        return self._cacheable(mapper, None, EMPTY_DICT) is not None
 
     def _eager_fill_rule(self, kind: Any, context: Any) -> tuple[Freshness, bool]:
         """:meth:`_fill_rule` for the collections and rows an eager completion reads (never an

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import inspect
+from sqlalchemy import event, insert, inspect
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session as PlainSession
 from sqlalchemy.orm import selectinload, sessionmaker
@@ -24,7 +24,19 @@ from sa_cache import CachingSession, IdentityCache
 from sa_cache.eager import plan
 
 from .counting import RedisCounter, SQLCounter, expect_commands, expect_sql
-from .models_eager import CACHED, Ability, Board, Node, Note, Post, Role, Tag, User, ensure_tables
+from .models_eager import (
+    CACHED,
+    Ability,
+    Board,
+    Node,
+    Note,
+    Post,
+    Role,
+    Tag,
+    User,
+    ensure_tables,
+    role_abilities,
+)
 
 Read = Callable[[Any], Any]
 
@@ -260,6 +272,79 @@ def test_a_committed_membership_change_is_seen_by_the_next_hit(
         s.commit()
     for read in (get(User, 1), get(Board, 1)):
         agree(plain, Session, read)
+
+
+@pytest.mark.usefixtures("eager")
+def test_a_membership_change_committed_during_a_hits_refresh_is_never_hidden_by_its_fill(
+    Session: sessionmaker[CachingSession],  # noqa: N803
+    plain: sessionmaker[PlainSession],
+    engine: Engine,
+    db: str,
+) -> None:
+    if db == "sqlite":
+        pytest.skip("the reader's open cursor holds SQLite's lock: the writer cannot commit")
+    seed(Session)
+    outcome(Session, get(Board, 2))  # the board's row is cached, its joined posts are not
+    changed: list[bool] = []
+
+    def commit_a_change(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        # right after the hit's refresh of board 2 (its joined posts) ran, before its fill
+        if changed or "LEFT OUTER JOIN eager_posts" not in statement:
+            return
+        changed.append(True)
+        with Session() as other:
+            other.add(Post(id=3, board_id=2))
+            other.commit()
+
+    event.listen(engine, "after_cursor_execute", commit_a_change)
+    try:
+        with Session() as s:
+            assert s.get(Board, 2).posts == []  # what the refresh saw: the old membership
+    finally:
+        event.remove(engine, "after_cursor_execute", commit_a_change)
+    assert changed
+    loaded = {
+        i: rels for name, i, *_, rels in agree(plain, Session, get(Board, 2)) if name == "Board"
+    }
+    assert ("posts", [(3,)]) in loaded[(2,)]
+
+
+@pytest.mark.usefixtures("eager")
+def test_a_transactions_own_core_write_to_a_link_table_is_read_from_the_database(
+    Session: sessionmaker[CachingSession],  # noqa: N803
+    plain: sessionmaker[PlainSession],
+    sql: SQLCounter,
+) -> None:
+    seed(Session)
+    settle(Session, get(User, 1), sql)
+
+    def read(s: Any) -> Any:
+        s.execute(insert(role_abilities).values(role_id=1, ability_id=3))
+        found = graph(s.get(User, 1))
+        s.rollback()
+        return found
+
+    expected = agree(plain, Session, read)
+    loaded = {identity: rels for name, identity, _, _, _, rels in expected if name == "Role"}
+    assert loaded[(1,)] == [("abilities", [(1,), (2,), (3,)]), ("creator", [(3,)])]
+    assert agree(plain, Session, get(User, 1)) == outcome(plain, get(User, 1))
+
+
+@pytest.mark.usefixtures("eager")
+def test_query_get_completes_a_hit_as_session_get_does(
+    Session: sessionmaker[CachingSession],  # noqa: N803
+    plain: sessionmaker[PlainSession],
+    sql: SQLCounter,
+) -> None:
+    seed(Session)
+
+    def read(s: Any) -> Any:
+        return graph(s.query(Board).get(1))
+
+    expected = agree(plain, Session, read)
+    settle(Session, read, sql)
+    with Session() as s, expect_sql(sql, 0):
+        assert read(s) == expected
 
 
 @pytest.mark.usefixtures("eager")
