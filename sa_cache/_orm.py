@@ -242,11 +242,16 @@ def released_savepoint_committed(session: Session) -> bool:
     pysqlite's default mode begins a transaction only before an INSERT, UPDATE or DELETE, so a
     SAVEPOINT issued before the transaction's first write begins it, and its RELEASE commits:
     what the session wrote is durable, and the rollback SQLAlchemy may still run undoes none
-    of it."""
+    of it. The same holds for aiosqlite, which runs pysqlite's default mode in a thread."""
     for connection in held_connections(session):
         if connection.dialect.name != "sqlite" or connection.closed or connection.invalidated:
             continue
-        if getattr(connection.connection.dbapi_connection, "in_transaction", True) is False:
+        dbapi = connection.connection.dbapi_connection
+        # aiosqlite's connection tells it too, behind SQLAlchemy's adapter (``_connection``)
+        in_transaction = getattr(dbapi, "in_transaction", None)
+        if in_transaction is None:
+            in_transaction = getattr(getattr(dbapi, "_connection", None), "in_transaction", None)
+        if in_transaction is False:
             return True
     return False
 

@@ -111,6 +111,22 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
             return False
         return isolation.promises_what_hits_break(bind)
 
+    def _begin_savepoint_as_the_load_would(self, mapper: Mapper[Any]) -> None:
+        """Emit the SAVEPOINT the load would have begun with, where skipping it changes what the
+        database commits. SQLAlchemy emits a savepoint's SAVEPOINT with its first statement, and
+        a hit has none; on SQLite (pysqlite's default mode, aiosqlite) a SAVEPOINT outside a
+        transaction begins one, and without it a later savepoint's release commits at once
+        (:func:`sa_cache._orm.released_savepoint_committed`). Elsewhere the SAVEPOINT of a
+        savepoint that runs no statement changes nothing, so a hit skips it."""
+        if not self.in_nested_transaction():  # type: ignore[attr-defined]
+            return
+        try:
+            bind = self.get_bind(mapper=mapper)  # type: ignore[attr-defined]
+        except Exception:  # no bind: the load raises SQLAlchemy's own error
+            return
+        if bind.dialect.name == "sqlite":
+            self.connection(bind_arguments={"bind": bind})  # type: ignore[attr-defined]
+
     def cache_lookup(
         self,
         mapper: Mapper[Any],
@@ -143,6 +159,7 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         if key in lookups.changes.keys:
             return None  # this transaction wrote the row: read our own write from the database
         identity_key = mapper.identity_key_from_primary_key(pk, identity_token)
+        self._begin_savepoint_as_the_load_would(mapper)
         answer = lookups.read_one(model, key, pk, identity_key, self._fill_rule, mapper)
         return None if answer is None else self._place(answer, mapper, identity_key)
 
@@ -322,6 +339,7 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         if key in changes.keys:
             return None
         waiting = (kind, pk)  # where the miss's observation waits for the load
+        self._begin_savepoint_as_the_load_would(target)
         # the key's lease, as a get takes it (in a snapshot, with the clock that may prove the
         # fill fresh); the get under way, if this load runs inside one, keeps its own
         outer = lookups.current
@@ -661,6 +679,7 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         ]
         if not wanted:
             return
+        self._begin_savepoint_as_the_load_would(mapper)
         answers = lookups.read(model, wanted, self._fill_rule, mapper)
         for (_, pk, identity_key), answer in zip(wanted, answers, strict=True):
             if answer is None:

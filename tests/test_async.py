@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import sessionmaker
 
 from sa_cache import CachingSession, IdentityCache
 
@@ -121,6 +122,38 @@ def test_an_async_get_of_a_bad_key_answers_as_a_plain_async_session(
             cached = await outcome(s)
         async with AsyncSession(s.bind) as plain:
             assert await outcome(plain) == cached
+
+    run(db, engine, cache, scenario)
+
+
+def test_an_async_savepoint_begun_before_the_first_write_is_read_as_the_database_keeps_it(
+    db: str, engine: Engine, cache: IdentityCache
+) -> None:
+    """aiosqlite runs pysqlite's default mode, which begins a transaction only at a write: the
+    savepoint's release commits and the rollback after it undoes nothing. The caching session
+    reads what each database kept, as a plain one does."""
+
+    async def scenario(Session: async_sessionmaker[AsyncSession], sql: SQLCounter) -> None:
+        seen = []
+        for factory in (async_sessionmaker(Session.kw["bind"]), Session):
+            Warming = sessionmaker(engine, class_=CachingSession, cache=cache)
+            with Warming() as warming:
+                warming.query(User).delete()
+                warming.add(User(id=1, name="u1"))
+                warming.commit()
+            with Warming() as warming:
+                assert warming.get(User, 1).name == "u1"  # cached for the caching run
+            async with factory() as s:
+                names = [(await s.get(User, 1)).name]  # a hit: no statement before the savepoint
+                async with s.begin_nested():
+                    (await s.get(User, 1)).name = "released"
+                await s.rollback()
+                names.append((await s.get(User, 1)).name)
+            async with factory() as s:
+                names.append((await s.get(User, 1)).name)
+            seen.append(names)
+        plain, cached = seen
+        assert cached == plain
 
     run(db, engine, cache, scenario)
 

@@ -246,6 +246,41 @@ def test_a_savepoint_begun_before_the_transactions_first_write_is_read_as_the_da
     differential(engine, Session, cache, scenario)
 
 
+SAVEPOINT_LOOKUPS = {
+    "get": lambda s: s.get(User, 1),
+    "get of an absent row": lambda s: s.get(User, 9),
+    "Query.get": lambda s: s.query(User).get(3),
+    "get_many": lambda s: (
+        s.get_many(User, [1, 3, 9])
+        if isinstance(s, CachingSession)
+        else [s.get(User, pk) for pk in (1, 3, 9)]
+    ),
+}
+
+
+@pytest.mark.parametrize("lookup", list(SAVEPOINT_LOOKUPS))
+def test_a_hit_inside_a_savepoint_begins_the_savepoint_as_the_load_would(
+    engine, Session, cache, lookup
+):
+    """A savepoint's SAVEPOINT goes out with its first statement. On SQLite it begins the
+    database transaction (pysqlite begins none before a write), after which a later savepoint's
+    release no longer commits: a hit that skipped it would let that release commit what the
+    rollback was to undo."""
+
+    def scenario(factory: Any) -> list[Any]:
+        with factory() as s:
+            savepoint = s.begin_nested()
+            SAVEPOINT_LOOKUPS[lookup](s)  # cached rows 1 and 3, cached absence 9
+            savepoint.rollback()
+            with s.begin_nested():
+                s.get(User, 2).name = "released"
+            s.rollback()
+            seen = names(s)
+        return seen + after(factory)
+
+    differential(engine, Session, cache, scenario)
+
+
 @pytest.mark.usefixtures("users")
 @pytest.mark.parametrize("where", ["session_class", "sessionmaker", "instance"])
 def test_an_after_commit_listener_of_the_application_reads_the_new_row_not_the_cached_one(

@@ -3,6 +3,7 @@ so an SQLAlchemy upgrade that changes one fails here first, by name."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -155,6 +156,33 @@ def test_on_pysqlite_a_savepoint_before_the_first_write_commits_at_its_release(S
             pass
         s.commit()
     assert seen == [(True, True), (True, False), (False, True)]  # the last: after COMMIT
+
+
+def test_aiosqlite_behind_sqlalchemys_adapter_tells_when_a_release_committed(tmp_path):
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+    seen = []
+
+    async def main() -> None:
+        engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/pin.sqlite")
+        async with engine.begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+            await conn.execute(User.__table__.insert(), [{"id": 1, "name": "a"}])
+        async with AsyncSession(engine) as s:
+
+            @event.listens_for(s.sync_session, "after_commit")
+            def committed(sess: Any) -> None:
+                seen.append(_orm.released_savepoint_committed(sess))
+
+            await s.get(User, 1)
+            async with s.begin_nested():
+                (await s.get(User, 1)).name = "released"
+            await s.rollback()
+            assert (await s.get(User, 1)).name == "released"  # the rollback undid nothing
+        await engine.dispose()
+
+    asyncio.run(main())
+    assert seen == [True]
 
 
 def test_fetch_synchronization_reports_matched_primary_keys_through_returning(Sessions):
