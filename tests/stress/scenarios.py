@@ -10,6 +10,7 @@ from .checker import (
     Scenario,
     Worker,
 )
+from .collections import CollectionScenario
 from .increments import IncrementScenario
 from .outage import OutageScenario
 from .outer import OuterTransactionScenario
@@ -44,5 +45,6 @@ SCENARIOS: dict[str, Scenario] = {
         IncrementScenario(),
         SnapshotLookupScenario(),
         OutageScenario(),
+        CollectionScenario(),
     )
 }
