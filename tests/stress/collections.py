@@ -512,13 +512,15 @@ class CollectionWorker(Worker):
 
     def tag_link(self, session: Session, change: Change, add: bool, orm: bool) -> None:
         """Link (or unlink) a parent and a tag, through one side's collection or by Core."""
-        parent, tag = self.rng.choice(PARENTS), self.rng.choice(TAGS)
+        parent = self.rng.choice(PARENTS)
         (owner,) = self.lock_parents(session, [parent])
-        (obj,) = self.lock_tags(session, [tag])
         tags = self.tags_of(session, change, parent)
-        parents = self.parents_of(session, change, tag)
-        if (tag in tags) == add:
+        choices = sorted(set(TAGS) - tags if add else tags)
+        if not choices:
             raise Conflict
+        tag = self.rng.choice(choices)
+        (obj,) = self.lock_tags(session, [tag])  # parents before tags: no lock cycle
+        parents = self.parents_of(session, change, tag)
         if orm and self.rng.random() < 0.5:
             self.loaded(f"Parent {parent}.tags", owner.tags, tags)
             (owner.tags.append if add else owner.tags.remove)(obj)
@@ -723,36 +725,37 @@ def judge_collections(
     """Stale and dirty collection reads: each read is given the newest committed version with
     the membership it saw (whose commit had begun before it ended; else the oldest, or an
     aborted one, or none), then judged as a row version is."""
-    by_collection: dict[int, list[CollectionWrite]] = {}
-    for write in writes:
-        by_collection.setdefault(write[0], []).append(write)
-    gone = {}
+    # (collection, membership, ordered) -> the committed writes with it, in version order;
+    # unordered reads compare sorted memberships
+    committed: dict[tuple[int, tuple[int, ...], bool], list[CollectionWrite]] = {}
+    for write in sorted(writes, key=lambda w: w[1]):
+        committed.setdefault((write[0], write[2], True), []).append(write)
+        committed.setdefault((write[0], tuple(sorted(write[2])), False), []).append(write)
+    gone: dict[tuple[int, tuple[int, ...], bool], int] = {}
     for collection, version, members in aborted:
-        gone.setdefault((collection, members), version)
-    maybe = {(collection, members) for collection, _, members in uncertain}
+        gone.setdefault((collection, members, True), version)
+        gone.setdefault((collection, tuple(sorted(members)), False), version)
+    maybe = {(c, m, True) for c, _, m in uncertain} | {
+        (c, tuple(sorted(m)), False) for c, _, m in uncertain
+    }
     resolved = Records()
     resolved.writes = [(c, v, v, called, returned, k) for c, v, _, called, returned, k in writes]
     resolved.aborted = [(c, v) for c, v, _ in aborted]
     never = -1
     for collection, members, ordered, started, ended, kind in reads:
-
-        def same(
-            recorded: tuple[int, ...], seen: tuple[int, ...] = members, ordered: bool = ordered
-        ) -> bool:
-            return recorded == seen if ordered else tuple(sorted(recorded)) == seen
-
-        matches = [w for w in by_collection[collection] if same(w[2])]
+        key = (collection, members, ordered)
+        matches = committed.get(key, [])
         begun = [w[1] for w in matches if w[3] < ended]
         if begun:
             version = max(begun)
         elif matches:
-            version = min(w[1] for w in matches)
-        elif any(same(m) for c, m in maybe if c == collection):
+            version = matches[0][1]
+        elif key in maybe:
             continue
-        else:
-            version = next((v for (c, m), v in gone.items() if c == collection and same(m)), 0)
-            if not version:  # a membership no transaction ever meant
-                version, never = never, never - 1
+        elif key in gone:
+            version = gone[key]
+        else:  # a membership no transaction ever meant
+            version, never = never, never - 1
         resolved.reads.append((collection, version, started, ended, kind))
     stale, dirty, examples, _ = analyse(resolved, [])
     return stale, dirty, [f"{line} (collection {describe(line)})" for line in examples]
