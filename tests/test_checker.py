@@ -4,10 +4,12 @@ PostgreSQL (READ COMMITTED) and MariaDB (REPEATABLE READ) with Redis, and no rea
 older than a commit that returned before it started, nor a version never committed; no
 read-modify-write increment may be lost; the cache ends equal to the database. Scenarios: the
 mixed workload, sessions joined to outer transactions, REPEATABLE READ/SERIALIZABLE increments,
-MariaDB REPEATABLE READ multi-lookup transactions, one process losing Redis.
+MariaDB REPEATABLE READ multi-lookup transactions, one process losing Redis, relationship
+collections read lazily and eagerly while their membership changes.
 
 Each scenario is shown able to fail where that is cheap: with every eviction dropped the mixed
-workload must report stale reads; increments that read the counter outside their snapshot (what
+workload must report stale reads, and with the collections' evictions dropped the collections
+scenario must too; increments that read the counter outside their snapshot (what
 a cache hit inside it amounts to) must report lost updates; the outage analysis excuses only the
 stale reads its delivery bound allows.
 Long runs: ``python -m tests.stress --db postgresql --operations 100000``.
@@ -30,6 +32,7 @@ from .conftest import (
     require_service,
 )
 from .stress import checker
+from .stress.collections import CHILDREN, TAGS_OF, judge_collections
 from .stress.increments import IncrementScenario
 from .stress.near import withhold_messages
 from .stress.outage import PROXIED, OutageScenario
@@ -227,6 +230,75 @@ def test_the_outage_analysis_excuses_only_stale_reads_within_the_delivery_bound(
     records.reads = excused + stale
     found = checker.analyse(records, initial, OutageScenario().excuse(records))
     assert (found[0], found[3]) == (len(stale), len(excused))
+
+
+def test_collections_read_lazily_and_eagerly_are_never_older_than_a_committed_change(server):
+    report = checker.run(
+        server, REDIS_URL, operations=3000, seed=8, time_limit=14, scenario="collections"
+    )
+    print(report.format())
+    assert report.errors == 0, report.error_messages
+    assert report.operations >= 300  # the time limit did not cut the run to nothing
+    assert report.cache["hits"] > 0 and report.cache["fills"] > 0
+    kinds = set(report.kinds)
+    reads = {"children", "ordered_children", "tags", "tag_parents", "selectin", "selectin_get"}
+    assert reads | {"child_get", "child_by_name", "transaction"} <= kinds
+    assert {"add_child", "remove_child", "move_child", "reorder", "tag_add", "tag_remove"} <= kinds
+    assert {"link_insert", "link_delete", "bulk_move", "bulk_delete"} <= kinds
+    assert {"collection_rollback", "collection_savepoint_rollback"} <= kinds
+    assert (report.stale, report.dirty, report.lost_updates, report.mismatches) == (0, 0, 0, 0), (
+        report.examples
+    )
+
+
+def test_the_checker_fails_a_cache_that_drops_its_collection_evictions():
+    require_service("postgresql", 5432)
+    require_service("redis", 6379)
+    report = checker.run(
+        PG_SERVER,
+        REDIS_URL,
+        operations=900,
+        seed=9,
+        time_limit=8,
+        scenario="collections",
+        configure_cache=checker.drop_collection_evictions,
+    )
+    print(report.format())
+    assert report.errors == 0, report.error_messages
+    assert report.stale > 0 and report.mismatches > 0
+
+
+def test_a_collection_read_is_judged_by_the_newest_version_with_its_membership():
+    parent, tags = CHILDREN - 1, TAGS_OF - 1
+    writes = [
+        (parent, 0, (1, 2), 0, 0, "initial"),
+        (parent, 5, (2, 1), 10, 20, "reorder"),  # same members, new order
+        (parent, 7, (1, 2), 30, 40, "reorder"),  # back to the first order (A, B, A)
+        (tags, 0, (), 0, 0, "initial"),
+        (tags, 6, (3,), 10, 20, "tag_add"),
+    ]
+    aborted = [(tags, 8, (3, 4))]
+    uncertain = [(tags, 9, (5,))]
+    legitimate = [
+        (parent, (1, 2), True, 5, 6, "ordered_children"),
+        (parent, (2, 1), True, 21, 22, "ordered_children"),
+        (parent, (1, 2), True, 41, 42, "ordered_children"),  # version 7, not 0
+        (parent, (1, 2), False, 21, 22, "children"),  # unordered: any version
+        (tags, (), False, 15, 16, "tags"),  # version 6 had not returned
+        (tags, (5,), False, 50, 51, "tags"),  # a commit that may have happened
+    ]
+    stale = [
+        (parent, (2, 1), True, 41, 42, "ordered_children"),  # version 7 had returned
+        (tags, (), False, 21, 22, "tags"),
+    ]
+    dirty = [
+        (tags, (3, 4), False, 50, 51, "tags"),  # rolled back
+        (tags, (4,), False, 50, 51, "tags"),  # never meant by anyone
+        (parent, (2, 1), True, 5, 6, "ordered_children"),  # before version 5's commit began
+    ]
+    assert judge_collections(writes, legitimate, aborted, uncertain)[:2] == (0, 0)
+    found = judge_collections(writes, legitimate + stale + dirty, aborted, uncertain)
+    assert found[:2] == (len(stale), len(dirty)), found[2]
 
 
 def test_the_proxy_stalls_one_client_and_resumes_it():

@@ -168,6 +168,8 @@ class Records:
     delivery_bound: float = 0.0  # seconds after an outage by which its evictions are delivered
     # keys whose evictions were still undelivered ``delivery_bound`` after the last outage
     undelivered: int = 0
+    # a scenario's own records by name (concatenated across workers), e.g. collection versions
+    extra: defaultdict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))
 
     def merge(self, other: Records) -> None:
         self.writes += other.writes
@@ -183,6 +185,8 @@ class Records:
         self.outages += other.outages
         self.delivery_bound = max(self.delivery_bound, other.delivery_bound)
         self.undelivered += other.undelivered
+        for name, items in other.extra.items():
+            self.extra[name] += items
 
 
 @dataclass
@@ -308,9 +312,26 @@ def unconditional_fills(cache: IdentityCache) -> None:
     cache.store = _UnconditionalFills(cache.store)  # type: ignore[assignment]
 
 
+class _NoCollectionEvictions(_NoEvictions):
+    """A store that drops the unconditional writes of relationship collections only (their keys
+    and generations live under ``{rel:...}``): rows are still evicted."""
+
+    def write_many(self, writes: Any) -> None:
+        kept = [w for w in writes if "{rel:" not in w.key]
+        if kept:
+            self._inner.write_many(kept)
+
+
+def drop_collection_evictions(cache: IdentityCache) -> None:
+    """Break ``cache`` on purpose: commits evict rows but no collection. The ``collections``
+    scenario must report stale collection reads."""
+    cache.store = _NoCollectionEvictions(cache.store)  # type: ignore[assignment]
+
+
 BREAKERS: dict[str, Callable[[IdentityCache], None]] = {
     "evictions": drop_evictions,
     "fill-cas": unconditional_fills,
+    "collection-evictions": drop_collection_evictions,
 }
 
 
@@ -1129,7 +1150,7 @@ def main(argv: list[str] | None = None) -> int:
         dest="breaker",
         choices=sorted(BREAKERS),
         help="run a deliberately broken configuration (the checker must fail): drop every "
-        "eviction, or make fills unconditional",
+        "eviction, make fills unconditional, or drop the collections' evictions",
     )
     args = parser.parse_args(argv)
     url = args.db_url or SERVERS[args.db]

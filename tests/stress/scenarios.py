@@ -10,6 +10,7 @@ from .checker import (
     Scenario,
     Worker,
 )
+from .collections import CollectionScenario
 from .increments import IncrementScenario
 from .near import NearScenario
 from .outage import OutageScenario
@@ -46,5 +47,6 @@ SCENARIOS: dict[str, Scenario] = {
         SnapshotLookupScenario(),
         OutageScenario(),
         NearScenario(),
+        CollectionScenario(),
     )
 }
