@@ -129,11 +129,14 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     login_manager.init_app(app)
 
     if variant == "sa_cache":
-        SACache(app, db).user_loader(login_manager, User)  # 3
+        sacache = SACache(app, db)  # 3
+
+        load_user = sacache.user_loader(login_manager, User)  # instead of a user_loader
+        app.extensions["bench_load_user"] = load_user
         if settings["BENCH_BREAK"] == "evictions":
             from tests.stress.checker import drop_evictions
 
-            drop_evictions(app.extensions["sa_cache"].cache)
+            drop_evictions(sacache.cache)
     elif variant == "memoize":
         from flask_caching import Cache
 
@@ -162,7 +165,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     else:
 
         @login_manager.user_loader
-        def load_user(user_id: str) -> Any:
+        def load_plain_user(user_id: str) -> Any:
             return db.session.get(User, int(user_id))
 
     add_views(app, db)

@@ -12,6 +12,9 @@ connections idle in a transaction during the variant's bursts (``pg_stat_activit
 ``information_schema.innodb_trx`` joined to ``processlist`` on MariaDB), sampled every 20 ms
 (150 ms on MariaDB).
 
+Also measured: the CPU time the workers spent per request (from /proc, so the machine's other
+load does not count). ``--quick``: 2 workers, 8 clients, 1 s bursts, for the smoke test.
+
 Writes ``benchmarks/results/web-roles-<date>.json`` and ``.md`` (``--output DIR`` elsewhere).
 """
 
@@ -69,7 +72,7 @@ IDLE_IN_TRANSACTION = {
 class Settings:
     users: int  # rows in bench_users
     logged_in: int  # users the clients request as
-    warm_passes: int  # requests per logged-in user and variant before the timed bursts
+    warm_passes: int  # at most, per variant: passes over the logged-in users until one sends no SQL
     rounds: int
     burst: float  # seconds per variant and round
     clients: int = CLIENTS
@@ -78,8 +81,10 @@ class Settings:
     @classmethod
     def make(cls, quick: bool) -> Settings:
         if quick:
-            return cls(users=100, logged_in=30, warm_passes=3, rounds=1, burst=1.0, clients=10)
-        return cls(users=5000, logged_in=500, warm_passes=4, rounds=5, burst=8.0)
+            return cls(
+                users=100, logged_in=20, warm_passes=4, rounds=1, burst=1.0, clients=8, workers=2
+            )
+        return cls(users=5000, logged_in=500, warm_passes=6, rounds=5, burst=8.0)
 
 
 @dataclass
@@ -92,6 +97,7 @@ class VariantResult:
     checkouts: int = 0
     transactions: int = 0
     idle_samples: list[int] = field(default_factory=list)
+    cpu_seconds: float = 0.0  # the gunicorn workers' CPU time during the timed bursts
 
     def summary(self) -> dict[str, Any]:
         lat = sorted(self.latencies)
@@ -110,6 +116,7 @@ class VariantResult:
                 statistics.mean(self.idle_samples) if self.idle_samples else 0.0
             ),
             "idle_in_transaction_max": max(self.idle_samples, default=0),
+            "worker_cpu_ms_per_request": 1000 * self.cpu_seconds / n,
         }
 
 
@@ -175,6 +182,18 @@ class Server:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
         self._log.close()
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the workers of this server have used so far."""
+        total = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:  # the process ended meanwhile
+                continue
+            if int(fields[1]) == self.proc.pid:  # ppid; utime and stime follow at 11 and 12
+                total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
 
     def tracebacks(self) -> bool:
         return "Traceback" in self.log_path.read_text(errors="replace")
@@ -320,20 +339,25 @@ def run_database(db: str, settings: Settings, rng: random.Random, log_dir: Path)
             first = servers["none"].port  # one secret key: a cookie works on every variant
             cookies = [await login(first, uid) for uid in ids]
             for server in servers.values():  # warm: each user once per pass, every variant
-                for _ in range(settings.warm_passes):
+                for _ in range(settings.warm_passes if server.variant == "sa_cache" else 1):
+                    warming = VariantResult()
                     await burst(server.port, cookies, settings.clients, None, len(cookies),
-                                None, rng)  # fmt: skip
+                                warming, rng)  # fmt: skip
+                    if warming.sql == 0:
+                        break
             for _ in range(settings.rounds):
                 order = list(servers)
                 rng.shuffle(order)
                 for variant in order:
                     sampler.start(results[variant].idle_samples)
+                    cpu = servers[variant].cpu_seconds()
                     try:
                         rps = await burst(servers[variant].port, cookies, settings.clients,
                                           settings.burst, None, results[variant], rng)  # fmt: skip
                     finally:
                         sampler.stop()
                     results[variant].rps.append(rps)
+                    results[variant].cpu_seconds += servers[variant].cpu_seconds() - cpu
 
         asyncio.run(drive())
     finally:
@@ -381,8 +405,9 @@ def markdown(results: dict[str, Any]) -> str:
             f"## {db}",
             "",
             "| variant | req/s | vs no cache | p50 ms | p99 ms | errors | SQL / req "
-            "| checkouts / req | transactions / req | idle in transaction (mean / max) |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| checkouts / req | transactions / req | idle in transaction (mean / max) "
+            "| worker CPU ms / req |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for variant, r in variants.items():
             lines.append(
@@ -390,7 +415,8 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {_f(r['p50_ms'])} | {_f(r['p99_ms'])} | {r['errors']} "
                 f"| {r['sql_per_request']:.2f} | {r['checkouts_per_request']:.2f} "
                 f"| {r['transactions_per_request']:.2f} "
-                f"| {r['idle_in_transaction_mean']:.2f} / {r['idle_in_transaction_max']} |"
+                f"| {r['idle_in_transaction_mean']:.2f} / {r['idle_in_transaction_max']} "
+                f"| {r['worker_cpu_ms_per_request']:.1f} |"
             )
         lines.append("")
     lines += ["## Targets", "", "| target | measured | |", "|---|---|---|"]

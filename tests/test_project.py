@@ -110,7 +110,9 @@ def test_the_readme_flask_lines_run_and_match_the_extension_docstring():
         "    email: Mapped[str] = mapped_column(String(100))\n"
     )
     namespace: dict[str, Any] = {}
-    exec(compile(prelude + snippet + model, "README.md", "exec", dont_inherit=True), namespace)
+    setup, loader = snippet.split("\n\n", 1)  # the loader names User: after the model
+    source = prelude + setup + "\n" + model + loader
+    exec(compile(source, "README.md", "exec", dont_inherit=True), namespace)
     app, db, User = namespace["app"], namespace["db"], namespace["User"]  # noqa: N806
     with app.app_context():
         db.create_all()
@@ -121,6 +123,7 @@ def test_the_readme_flask_lines_run_and_match_the_extension_docstring():
             assert namespace["load_user"]("1").email == "ada@example.com"
     with app.app_context():
         assert namespace["sacache"].cache.stats()["hits"] == 1
+        assert namespace["load_user"]("1 OR 1=1") is None  # the safe loader: never a 500
 
 
 def test_every_relative_link_in_the_readme_and_docs_names_a_file():
