@@ -75,6 +75,7 @@ class Settings:
     warm_passes: int  # at most, per variant: passes over the logged-in users until one sends no SQL
     rounds: int
     burst: float  # seconds per variant and round
+    trials: int  # staleness trials (benchmarks/staleness.py) against the sa_cache variant
     clients: int = CLIENTS
     workers: int = WORKERS
 
@@ -82,9 +83,16 @@ class Settings:
     def make(cls, quick: bool) -> Settings:
         if quick:
             return cls(
-                users=100, logged_in=20, warm_passes=4, rounds=1, burst=1.0, clients=8, workers=2
+                users=100,
+                logged_in=20,
+                warm_passes=4,
+                rounds=1,
+                burst=1.0,
+                trials=4,
+                clients=8,
+                workers=2,
             )
-        return cls(users=5000, logged_in=500, warm_passes=6, rounds=5, burst=8.0)
+        return cls(users=5000, logged_in=500, warm_passes=6, rounds=5, burst=8.0, trials=100)
 
 
 @dataclass
@@ -147,6 +155,7 @@ class Server:
         from tests.redis_server import free_port
 
         self.variant = variant
+        self.workers = workers
         self.port = free_port()
         self.log_path = log
         environ = {
@@ -322,6 +331,8 @@ class IdleSampler:
 
 
 def run_database(db: str, settings: Settings, rng: random.Random, log_dir: Path) -> dict[str, Any]:
+    from .staleness import Trials  # which imports this module
+
     url = create_database(SERVERS[db], DB_NAME)
     servers: dict[str, Server] = {}
     sampler = None
@@ -333,6 +344,7 @@ def run_database(db: str, settings: Settings, rng: random.Random, log_dir: Path)
             servers[variant] = Server(variant, url, f"{prefix}_{variant}", settings.workers, log)
         sampler = IdleSampler(db, url)
         results = {variant: VariantResult() for variant in VARIANTS}
+        staleness: dict[str, int] = {}
         ids = rng.sample(range(1, settings.users + 1), settings.logged_in)
 
         async def drive() -> None:
@@ -358,6 +370,16 @@ def run_database(db: str, settings: Settings, rng: random.Random, log_dir: Path)
                         sampler.stop()
                     results[variant].rps.append(rps)
                     results[variant].cpu_seconds += servers[variant].cpu_seconds() - cpu
+            trials = Trials(servers["sa_cache"], url, rng)
+            try:
+                trials.cookies = dict(zip(ids, cookies, strict=True))
+                await trials.run(settings.trials, ids[:50])
+            finally:
+                trials.close()
+            staleness.update(
+                staleness_trials=settings.trials, staleness_answers=trials.answers,
+                stale_answers=len(trials.stale),
+            )  # fmt: skip
 
         asyncio.run(drive())
     finally:
@@ -370,6 +392,7 @@ def run_database(db: str, settings: Settings, rng: random.Random, log_dir: Path)
         client.close()
         drop_database(SERVERS[db], DB_NAME)
     out = {variant: r.summary() for variant, r in results.items()}
+    out["sa_cache"].update(staleness)
     for variant, server in servers.items():
         out[variant]["tracebacks"] = server.tracebacks()
     base = out["none"]["rps"] or float("nan")
@@ -427,6 +450,12 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {db}: warm sa_cache request: 0 SQL, 0 checkouts, 0 transactions "
             f"| {zero[0]:.2f} / {zero[1]:.2f} / {zero[2]:.2f} per request "
             f"| **{'met' if zero == (0, 0, 0) else 'missed'}** |"
+        )
+        lines.append(
+            f"| {db}: a change to a user's roles or a role's abilities through one worker, seen "
+            f"by every worker's next request ({s['staleness_trials']} trials) "
+            f"| {s['stale_answers']} stale of {s['staleness_answers']} answers "
+            f"| **{'met' if s['stale_answers'] == 0 else 'missed'}** |"
         )
         if db == "postgresql":
             lines.append(
