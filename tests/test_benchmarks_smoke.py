@@ -4,6 +4,7 @@ A smoke test of the benchmark harness only: it checks that every path runs, not 
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -76,3 +77,38 @@ def test_the_event_loop_benchmark_runs_on_a_cluster_and_a_sentinel(store: str) -
     for variant in ("awaited", "blocking"):
         figures = measure(variant, url, tasks=5, lookups=3, miss_every=2)
         assert figures["steps"] > 0 and figures["lookups_per_s"] > 0
+
+
+def test_the_roles_web_benchmark_runs_its_three_variants_in_a_quick_run(tmp_path: Path) -> None:
+    """``python -m benchmarks.web_roles --quick`` on PostgreSQL: gunicorn serves the three
+    variants without an error, and the warm sa_cache requests of the timed bursts sent no SQL,
+    checked out no connection and began no transaction."""
+    pytest.importorskip("flask_caching")
+    if not _redis_running():
+        if os.environ.get("CI") == "true":
+            pytest.fail("Redis is not running on 127.0.0.1:6379")
+        pytest.skip("Redis is not running on 127.0.0.1:6379 (scripts/test.sh starts it)")
+    from .conftest import require_service
+
+    require_service("postgresql", 5432)
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks.web_roles", "--quick", "--databases", "postgresql",
+         "--output", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    (saved,) = tmp_path.glob("web-roles-*.json")
+    (report,) = tmp_path.glob("web-roles-*.md")
+    variants = json.loads(saved.read_text())["databases"]["postgresql"]
+    assert sorted(variants) == ["memoize", "none", "sa_cache"]
+    for figures in variants.values():
+        assert figures["requests"] > 0 and figures["errors"] == 0
+        assert not figures["tracebacks"]
+    assert variants["none"]["sql_per_request"] >= 3  # the user, the roles, each role's abilities
+    warm = variants["sa_cache"]
+    assert (warm["sql_per_request"], warm["checkouts_per_request"],
+            warm["transactions_per_request"]) == (0, 0, 0)  # fmt: skip
+    assert "| sa_cache |" in report.read_text()

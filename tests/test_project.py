@@ -125,7 +125,7 @@ def test_the_readme_flask_lines_run_and_match_the_extension_docstring():
             assert namespace["load_user"]("1").email == "ada@example.com"
     with app.app_context():
         assert namespace["sacache"].cache.stats()["hits"] == 1
-        for cookie in ("abc", "1.5", "9" * 40, ""):  # a malformed cookie: anonymous, not a 500
+        for cookie in ("abc", "1.5", "9" * 40, "", "1 OR 1=1"):  # malformed: anonymous, not a 500
             assert namespace["load_user"](cookie) is None
 
 
