@@ -427,15 +427,23 @@ def lazy_load_path(parent: InstanceState[Any], mapper: Mapper[Any]) -> Any:
     return parent.mapper._path_registry[found[0]][found[0].mapper]
 
 
-def load_along(state: InstanceState[Any], prop: RelationshipProperty[Any], path: Any) -> None:
+def load_along(
+    state: InstanceState[Any],
+    prop: RelationshipProperty[Any],
+    path: Any,
+    from_session_only: bool = False,
+) -> None:
     """Load ``prop`` of ``state`` with SQLAlchemy's lazy loader as an eager load of a row at
     ``path`` does (``ImmediateLoader._load_for_path``: ``LazyLoader._load_for_state`` with
     ``alternate_effective_path``), so what it brings in gets the load paths, and stops at the
-    cycles, of that load rather than of a lazy load started from ``state`` alone."""
+    cycles, of that load rather than of a lazy load started from ``state`` alone.
+    ``from_session_only``: as ``ImmediateLoader`` at a cycle (``PASSIVE_NO_FETCH_RELATED``):
+    no SQL, a many-to-one set from the identity map if its target is there."""
     lazy: Any = prop._get_strategy((("lazy", "select"),))
+    flags = PassiveFlag.PASSIVE_NO_FETCH_RELATED if from_session_only else PassiveFlag.PASSIVE_OFF
     value = lazy._load_for_state(
         state,
-        PassiveFlag.PASSIVE_OFF | PassiveFlag.NO_RAISE,
+        flags | PassiveFlag.NO_RAISE,
         alternate_effective_path=path,
     )
     if value not in (ATTR_WAS_SET, LoaderCallableStatus.PASSIVE_NO_RESULT):

@@ -142,8 +142,12 @@ def complete(
                 continue
             seen.add(id(state))
             for step in plan(registry, state.mapper):
-                if step.key not in state.dict and step.runs_at(path, start):
+                if step.key in state.dict:
+                    continue
+                if step.runs_at(path, start):
                     todo.append(_Todo(state, step, path, start))
+                elif step.prop.lazy == "immediate":  # as SQLAlchemy at a cycle: no SQL
+                    _orm.load_along(state, step.prop, path, from_session_only=True)
         defer = refresh is not None and first
         level, deferred = _serve(lookups, todo, place, fill_rule, may_read, defer)
         if defer:

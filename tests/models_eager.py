@@ -82,6 +82,8 @@ class Tag(EagerBase):
     __tablename__ = "eager_tags"
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
     board_id: Mapped[int | None] = mapped_column(ForeignKey("eager_boards.id"))
+    #: ``immediate`` back to the board, a cycle: set only from the session, without SQL
+    board: Mapped[Board | None] = relationship(lazy="immediate", viewonly=True)
 
 
 class Board(EagerBase):
