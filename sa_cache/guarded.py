@@ -214,6 +214,9 @@ class GuardedStore:
         try:
             replies = operation(sent)
         except DomainFailure as failure:
+            if len(failure.results) != len(sent):  # a wrapper that did not map its indexes
+                self._domains_failed({d: failure for d in involved}, involved, who)
+                return results
             failed = {domains[sent[at]] for at in failure.failed} | set(failure.errors)
             self._domains_failed(failure.errors, failed, who)
             self._domains_succeeded(involved - failed)

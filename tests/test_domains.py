@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -273,3 +273,38 @@ def test_a_near_cache_in_front_of_domains_reports_a_failed_domain_at_the_caller_
         assert failed.value.results[:2] == [b"a1", b"a2"]
     finally:
         near.close()
+
+
+class FrontedStore(PartitionedStore):
+    """A store answering some keys itself (as a near cache in front of a cluster would) and
+    asking its domains for the rest: a DomainFailure from them counts the rest only."""
+
+    def __init__(self, inner: PartitionedStore, local: dict[str, bytes]) -> None:
+        super().__init__(inner.stores, inner.route)
+        self.local = local
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        rest = [key for key in keys if key not in self.local]
+        fetched = iter(super().get_many(rest))
+        return [self.local[key] if key in self.local else next(fetched) for key in keys]
+
+
+def test_a_domain_failure_whose_indexes_do_not_match_the_call_fails_the_whole_call(
+    engine, servers_up
+):
+    """The replies of a failure are matched to keys by index: a wrapper that reports the
+    indexes of a smaller call of its own must not have its replies given to the wrong keys."""
+    cache = _cache(servers_up, breaker_cooldown=60, breaker_threshold=10)
+    Session = _setup(engine, cache)  # noqa: N806
+    inner = cache.store
+    assert isinstance(inner, PartitionedStore)
+    model = cache.model_for(User.__mapper__)
+    assert model is not None
+    generation_key = model.keys.generation_key
+    generation = inner.get_many([generation_key])[0]
+    assert generation is not None
+    cache.store = FrontedStore(inner, {generation_key: generation})
+    servers_up["b"].pause()  # users 1 (b) and 2 (a) in one read: b fails, a answers
+    with counting_sql(engine) as sql, expect_sql(sql, 1), Session() as s:
+        assert [u.name for u in s.get_many(User, [1, 2])] == ["one", "two"]
+    assert cache.stats()["rejected"] == 0
