@@ -26,6 +26,7 @@ from sqlalchemy.orm import sessionmaker
 from sa_cache import CachingSession, IdentityCache, NearCache
 from sa_cache.near import NearStore
 
+from . import redis_sentinel
 from .conftest import REDIS_URL, RUN_ID, register_all, require_redis_cluster, require_service
 from .counting import expect_commands, expect_sql
 from .models import User
@@ -433,6 +434,17 @@ def test_a_forked_child_starts_empty_with_tracking_connections_of_its_own(caches
     assert os.waitstatus_to_exitcode(status) == 0
     hits = store.stats.hits
     assert store.get_many([key]) == [b"v"] and store.stats.hits == hits + 1  # the parent's
+
+
+def test_the_store_under_it_keeps_its_capabilities_and_attributes(caches):
+    """Everything the wrapped store declares or offers reaches the cache through the near
+    cache: a Sentinel store's failover handling included."""
+    cache = caches(redis_sentinel.shared().url)
+    store = near(cache)
+    assert store.capabilities == store.inner.capabilities._replace(near=True)
+    assert store.capabilities.failover and not store.inner.capabilities.near
+    assert store.client is store.inner.client  # type: ignore[attr-defined]
+    assert store.inner._generations.__func__ is type(cache)._new_generations  # type: ignore[attr-defined]
 
 
 def test_a_near_cache_needs_a_shared_store():
