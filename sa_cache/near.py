@@ -32,8 +32,10 @@ declares later) is forwarded, and its :class:`~sa_cache.store.Capabilities` are 
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -109,6 +111,9 @@ class NearStore:
             topology_interval=self.settings.topology_interval,
         )
         self.invalidations.drain()  # starts the supervisor
+        if hasattr(os, "register_at_fork"):
+            ref = weakref.ref(self)
+            os.register_at_fork(after_in_child=lambda: _forget_in_child(ref))
 
     @property
     def capabilities(self) -> Capabilities:
@@ -281,3 +286,16 @@ class NearStore:
             return self.inner.delete_prefix(prefix)
         finally:
             self.flush()
+
+
+def _forget_in_child(ref: weakref.ref[NearStore]) -> None:
+    """A forked child starts with no entries and a lock of its own (another thread of the
+    parent may have held it at the fork); its tracking connections are its own too (the
+    listener notices the new process at its first drain)."""
+    store = ref()
+    if store is not None:
+        store._lock = threading.Lock()
+        store._entries.clear()
+        store._in_flight.clear()
+        store._marked.clear()
+        store._flushes += 1

@@ -10,6 +10,7 @@ thing across real processes. Tests that kill or pause Redis start a private redi
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 import uuid
@@ -25,6 +26,7 @@ from sqlalchemy.orm import sessionmaker
 from sa_cache import CachingSession, IdentityCache, NearCache
 from sa_cache.near import NearStore
 
+from . import redis_sentinel
 from .conftest import REDIS_URL, RUN_ID, register_all, require_redis_cluster, require_service
 from .counting import expect_commands, expect_sql
 from .models import User
@@ -402,6 +404,47 @@ def test_a_sentinel_failover_drops_everything_and_the_new_master_is_followed(eng
         assert store.stats.hits > hits  # served from memory again
     finally:
         servers.stop()
+
+
+def test_a_forked_child_starts_empty_with_tracking_connections_of_its_own(caches):
+    cache = caches()
+    connected(cache)
+    store = near(cache)
+    key = cache.prefix + ":forked"
+    store.write_many([_write(key, b"v")])
+    assert store.get_many([key]) == [b"v"] and store.get_many([key]) == [b"v"]
+    connects = store.invalidations.connects
+    pid = os.fork()
+    if pid == 0:  # the child: exit code 0 only if every expectation holds
+        ok = False
+        try:
+            ok = not store._entries
+            store.get_many([key])  # notices the fork: its own connections from now on
+            start = time.monotonic()
+            while store.invalidations.confirmed() <= start and time.monotonic() < start + 5:
+                time.sleep(0.01)
+            ok = ok and store.invalidations.confirmed() > start
+            ok = ok and store.invalidations.connects == connects + 1
+            store.get_many([key])
+            hits = store.stats.hits
+            ok = ok and store.get_many([key]) == [b"v"] and store.stats.hits == hits + 1
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    hits = store.stats.hits
+    assert store.get_many([key]) == [b"v"] and store.stats.hits == hits + 1  # the parent's
+
+
+def test_the_store_under_it_keeps_its_capabilities_and_attributes(caches):
+    """Everything the wrapped store declares or offers reaches the cache through the near
+    cache: a Sentinel store's failover handling included."""
+    cache = caches(redis_sentinel.shared().url)
+    store = near(cache)
+    assert store.capabilities == store.inner.capabilities._replace(near=True)
+    assert store.capabilities.failover and not store.inner.capabilities.near
+    assert store.client is store.inner.client  # type: ignore[attr-defined]
+    assert store.inner._generations.__func__ is type(cache)._new_generations  # type: ignore[attr-defined]
 
 
 def test_a_near_cache_needs_a_shared_store():
