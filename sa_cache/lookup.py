@@ -219,10 +219,11 @@ class Lookups:
         context: Any,
     ) -> tuple[bool, Answer | None]:
         """:meth:`read_one` with the lease taken in the read's round trip: (whether it answered,
-        the answer or None for a miss). Not answered, for :meth:`read_one` to read the usual
-        way: where nothing may be filled (no lease is wanted), and where the kind's generation
-        does not exist yet (only a plain read creates it). The store's clock comes in the same
-        round trip where the transaction's snapshot needs it, as :meth:`lease_or_wait` reads it."""
+        the answer or None for a miss); not answered where nothing may be filled (no lease is
+        wanted), for :meth:`read_one` to read the usual way. Where the kind's generation does not
+        exist yet, a plain read after the lease creates it (the lease is kept: the observation
+        is that read's). The store's clock comes in the lease's round trip where the
+        transaction's snapshot needs it, as :meth:`lease_or_wait` reads it."""
         now = time.monotonic()
         freshness, negative_ok = fill_rule(kind, context)
         if self.snapshot_bound is None:
@@ -244,12 +245,17 @@ class Lookups:
         if lease is None:
             return True, None  # the store failed: load, as after a failed read
         owned, generation, stored, payload, clock = lease
-        answer = None if generation is None else classify(kind, generation, payload, pk)
-        if answer is not None or generation is None:
+        if generation is None:  # the kind's first read: a plain read creates its generation
+            read = guarded.read([kind], [key])
+            if read is None:
+                if owned is not None:
+                    guarded.fill([], [Release(lease_key(key), owned)])
+                return True, None
+            (generation,), (stored,), (payload,) = read
+        answer = classify(kind, generation, payload, pk)
+        if answer is not None:
             if owned is not None:  # a hit after all: nobody needs the lease
                 guarded.fill([], [Release(lease_key(key), owned)])
-            if answer is None:
-                return False, None
             kind.stats.hits += 1
             return True, answer
         kind.stats.misses += 1
