@@ -125,18 +125,26 @@ class Lookups:
                 continue
             stats.misses += 1
             if may_fill is None:
-                may_fill, negative_ok = fill_rule(kind, context)
-                if self.snapshot_bound is None:
-                    if may_fill is Freshness.IN_SNAPSHOT:
-                        may_fill = Freshness.NEVER  # no bound on its start to prove against
-                elif may_fill is Freshness.BEGINS_SNAPSHOT:
-                    may_fill = Freshness.FRESH  # the bound is known already
+                may_fill, negative_ok = self._freshness_for(fill_rule, kind, context)
             if may_fill is not Freshness.NEVER and may_fill_over(payload, generation):
                 self.pending[identity_key] = Observation(
                     kind, key, raw, generation, now, negative_ok, freshness=may_fill
                 )
             answers.append(None)
         return answers
+
+    def _freshness_for(
+        self, fill_rule: FillRule, kind: CachedKind, context: Any
+    ) -> tuple[Freshness, bool]:
+        """``fill_rule``'s answer for a miss of ``kind``, given what the transaction already
+        knows of its snapshot's start."""
+        may_fill, negative_ok = fill_rule(kind, context)
+        if self.snapshot_bound is None:
+            if may_fill is Freshness.IN_SNAPSHOT:
+                may_fill = Freshness.NEVER  # no bound on its start to prove against
+        elif may_fill is Freshness.BEGINS_SNAPSHOT:
+            may_fill = Freshness.FRESH  # the bound is known already
+        return may_fill, negative_ok
 
     def read_kinds(
         self,
@@ -170,13 +178,7 @@ class Lookups:
             kind.stats.misses += 1
             rule = rules.get(kind)
             if rule is None:
-                may_fill, negative_ok = fill_rule(kind, context)
-                if self.snapshot_bound is None:
-                    if may_fill is Freshness.IN_SNAPSHOT:
-                        may_fill = Freshness.NEVER  # no bound on its start to prove against
-                elif may_fill is Freshness.BEGINS_SNAPSHOT:
-                    may_fill = Freshness.FRESH  # the bound is known already
-                rule = rules[kind] = (may_fill, negative_ok)
+                rule = rules[kind] = self._freshness_for(fill_rule, kind, context)
             may_fill, negative_ok = rule
             if may_fill is not Freshness.NEVER and may_fill_over(payload, generation):
                 self.pending[identity_key] = Observation(
@@ -225,12 +227,7 @@ class Lookups:
         is that read's). The store's clock comes in the lease's round trip where the
         transaction's snapshot needs it, as :meth:`lease_or_wait` reads it."""
         now = time.monotonic()
-        freshness, negative_ok = fill_rule(kind, context)
-        if self.snapshot_bound is None:
-            if freshness is Freshness.IN_SNAPSHOT:
-                freshness = Freshness.NEVER
-        elif freshness is Freshness.BEGINS_SNAPSHOT:
-            freshness = Freshness.FRESH
+        freshness, negative_ok = self._freshness_for(fill_rule, kind, context)
         if freshness is Freshness.NEVER:
             return False, None
         guarded = self.cache.guarded
