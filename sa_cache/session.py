@@ -464,6 +464,7 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         if key in changes.keys:
             return None
         waiting = (kind, values)
+        self._begin_savepoint_as_the_load_would(mapper)
         outer = lookups.current
         try:
             answer = lookups.read(kind, [(key, values, waiting)], self._fill_rule, mapper)[0]

@@ -574,3 +574,28 @@ def test_a_commit_between_a_misses_select_and_its_fill_wins(
     assert expected == ((8, value, "New") if found == "absent" else (1, value, "Ann"))
     assert outcome(Session, read) == expected
     assert outcome(Session, read) == expected
+
+
+@pytest.mark.usefixtures("uq")
+def test_a_lookup_by_email_inside_a_savepoint_begins_the_savepoint_as_the_load_would(
+    Session: sessionmaker[CachingSession],  # noqa: N803
+    plain: sessionmaker[PlainSession],
+    sql: SQLCounter,
+) -> None:
+    """On SQLite a savepoint's SAVEPOINT, sent with its first statement, begins the database
+    transaction (pysqlite begins none before a write); a hit that sent none would let a later
+    savepoint's release commit what the session's rollback undoes (as for ``get``, in
+    test_eviction.py)."""
+    settle(Session, by_email("a@x"), sql)
+
+    def scenario(session: Any) -> Any:
+        savepoint = session.begin_nested()
+        found = by_email("a@x")(session)
+        savepoint.rollback()
+        with session.begin_nested():
+            session.get(Account, 2).name = "released"
+        session.rollback()
+        return found
+
+    assert agree(plain, Session, scenario) == (1, "a@x", "Ann")
+    assert agree(plain, Session, lambda s: s.get(Account, 2).name) == "Bob"
