@@ -369,6 +369,7 @@ def make_cache(
     prefix: str,
     configure: Callable[[IdentityCache], None] | None = None,
     models: tuple[type[Base], ...] = (),
+    register_options: dict[type[Base], dict[str, Any]] | None = None,
     **options: Any,
 ) -> IdentityCache:
     settings: dict[str, Any] = {"socket_timeout": 2.0, "retries": 2, **options}
@@ -376,7 +377,7 @@ def make_cache(
     cache.register(Hot)
     cache.register(Ref)
     for model in models:
-        cache.register(model)
+        cache.register(model, **(register_options or {}).get(model, {}))
     if configure is not None:
         configure(cache)
     return cache
@@ -717,6 +718,8 @@ class Scenario:
     databases: tuple[str, ...] = ("postgresql", "mariadb")
     isolation_level: str | None = None  # the engines' level; None: the database's default
     models: tuple[type[Base], ...] = ()  # registered beside Hot and Ref
+    #: per model, what ``register`` is given beside it (``{"unique": [...]}``)
+    register_options: dict[type[Base], dict[str, Any]] = {}  # noqa: RUF012 (read only)
     cache_options: dict[str, Any] = {}  # noqa: RUF012 (read only)
     worker_class: type[Worker] = Worker
 
@@ -774,6 +777,7 @@ def run_job(job: Job, barrier: Any = None) -> tuple[Records, dict[str, int]]:
         job.prefix,
         job.configure_cache,
         scenario.models,
+        scenario.register_options,
         **scenario.cache_options,
     )
     versions = VersionCounter(job.redis_url, job.prefix)

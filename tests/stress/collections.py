@@ -9,8 +9,9 @@ Six parents, eight tags, a few dozen children:
 - the same collections loaded by ``selectinload`` (``select()`` of several parents, and
   ``get(Parent, pk, options=...)``): never answered from the cache, and a parent found in the row
   cache must not skip its eager load;
-- children by primary key (``get``) and by their unique ``name`` (a plain SELECT today; the
-  unique-column lookup plugs in at :meth:`CollectionWorker.look_child_by_name`).
+- children by primary key (``get``) and by their unique ``name``
+  (``select(Child).where(Child.name == ...)``, a lookup by a unique column:
+  ``register(Child, unique=["name"])``).
 
 Writers change membership: add a child, delete one, move one between parents (by its foreign
 key, its many-to-one, or the two collections), reorder one, add and remove tags through either
@@ -176,7 +177,7 @@ class CollectionWorker(Worker):
         "selectin": 8,
         "selectin_get": 5,
         "child_get": 8,
-        "child_by_name": 4,  # the unique-column lookup's place (a plain SELECT until it exists)
+        "child_by_name": 4,  # a lookup by a unique column
         "transaction": 20,
     }
     in_transaction_kinds = {
@@ -299,8 +300,8 @@ class CollectionWorker(Worker):
         self.child_read(scope, child, session.get(Child, child), "child_get")
 
     def look_child_by_name(self, session: Session, scope: Scope) -> None:
-        """A child by its unique ``name``: where ``register(Child, unique=["name"])`` lookups
-        will be exercised; a plain SELECT until then."""
+        """A child by its unique ``name``, answered from the cache by the unique-column lookup
+        (the scenario registers ``Child`` with ``unique=["name"]``)."""
         child = self.pick_child()
         if child is None:
             return self.look_children(session, scope)
@@ -655,6 +656,7 @@ class CollectionScenario(Scenario):
         "roll back and roll back to savepoints"
     )
     models = (Parent, Tag, Child)
+    register_options = {Child: {"unique": ["name"]}}  # noqa: RUF012 (read only)
     worker_class: type[Worker] = CollectionWorker
 
     def __init__(self) -> None:
@@ -794,6 +796,10 @@ def judge_children(initial: list[WriteRecord], records: Records) -> tuple[int, i
     return stale, more_dirty + len(dirty), [e.replace(" row ", " child row ") for e in examples]
 
 
+def _row(child: Child | None) -> tuple[int, int, int] | None:
+    return None if child is None else (child.parent_id, child.position, child.version)
+
+
 def check_collections(
     url: str, redis_url: str, prefix: str, writes: list[CollectionWrite], records: Records
 ) -> tuple[int, int, list[str]]:
@@ -820,7 +826,9 @@ def check_collections(
                 f"database, but its newest version {write[1]} ({write[5]}) left "
                 f"{list(expected)}"
             )
-    cache = make_cache(redis_url, prefix, None, (Parent, Tag, Child))
+    cache = make_cache(
+        redis_url, prefix, None, CollectionScenario.models, CollectionScenario.register_options
+    )
     bad: dict[int, str] = {}
     ids = sorted({row - CHILD_ROW for row, *_ in records.extra["child_writes"]} | set(rows))
     for _ in range(2):
@@ -847,9 +855,17 @@ def check_collections(
         for child in ids:
             with CachingSession(engine, cache=cache) as session:
                 obj = session.get(Child, child)
-                got_row = None if obj is None else (obj.parent_id, obj.position, obj.version)
+                got_row = _row(obj)
             if got_row != rows.get(child):
                 bad[CHILD_ROW + child] = f"child {child}: {got_row}, the database {rows.get(child)}"
+            with CachingSession(engine, cache=cache) as session:  # by its unique name
+                named = select(Child).where(Child.name == child_name(child))
+                found = session.scalars(named).first()
+                got_row = _row(found)
+            if got_row != rows.get(child):
+                bad[CHILD_ROW + child] = (
+                    f"child {child} by name: {got_row}, the database {rows.get(child)}"
+                )
     engine.dispose()
     for collection, text in sorted(bad.items()):
         truth_text = "" if collection >= CHILD_ROW else f", the database {list(actual[collection])}"
