@@ -60,6 +60,16 @@ changes one fails there first, by name.
     :func:`lazy_load_children_path` reads a lazy load's ``loader_strategy_path``;
     :func:`primary_key_attrs_of_target` reads ``LazyLoader.use_get``; :func:`set_loaded` is
     ``set_committed_value``.
+15. Loader options of a hit: :func:`load_context` resolves options with the compile state of
+    ``Query(mapper).options(...)`` (``Query._compile_state``: its ``attributes`` hold each load
+    element under ``("loader", natural path)``, where the strategies look them up), reading
+    ``Load.context`` / ``additional_source_entities`` and the elements' ``strategy``,
+    ``local_opts``, ``_extra_criteria``, ``_of_type`` and ``path``, keyed by
+    ``_generate_cache_key``; :func:`set_instance_lazy_loader` is what
+    ``LazyLoader.create_row_processor`` does for a strategy that is not the class's
+    (``is_class_level``: ``_LoadLazyAttribute`` through
+    ``InstanceState._instance_level_callable_processor``); :func:`set_not_loaded` is what
+    ``NoLoader`` does; :func:`set_load_options` records ``InstanceState.load_options``.
 """
 
 from __future__ import annotations
