@@ -165,9 +165,9 @@ def complete(
     each with its load path) and of every instance that brings in, as a load with the loader
     options of ``context`` would have loaded them, reading only the classes ``may_read`` allows
     (the session's rules). The instances it places get the options as their ``load_options``;
-    those it places, and ``placed``, get the ``noload`` and per-instance lazy loaders of the
-    options, as a load sets them on the rows it creates (never on the instances the session
-    held already).
+    every instance it reaches gets the ``noload`` and per-instance lazy loaders of the options
+    where the attribute is not loaded, as a load sets them on the rows it creates and on the
+    unloaded attributes of those the session held already.
 
     With ``refresh``, ``placed`` are the rows a lookup asked for: their ``joined``
     relationships the cache cannot answer are loaded as a load loads them, with the row, by one
@@ -176,14 +176,14 @@ def complete(
     what they load."""
     registry = lookups.cache.registry
     level = [
-        (instance_state(instance), path, len(_orm.path_mappers(path)) - 1, True)
+        (instance_state(instance), path, len(_orm.path_mappers(path)) - 1)
         for instance, path in placed
     ]
     seen: set[int] = set()
     first = True
     while level:
         todo: list[_Todo] = []
-        for state, path, start, fresh in level:
+        for state, path, start in level:
             if id(state) in seen:
                 continue
             seen.add(id(state))
@@ -191,9 +191,7 @@ def complete(
                 if step.key in state.dict:
                     continue
                 if not step.eager:
-                    if not fresh:
-                        pass  # a load sets these on the rows it creates only
-                    elif step.strategy == "noload":
+                    if step.strategy == "noload":
                         _orm.set_not_loaded(state, step.prop)
                     else:
                         _orm.set_instance_lazy_loader(state, step.prop, step.strategy, step.element)
@@ -244,7 +242,7 @@ def _serve(
     may_read: MayRead,
     defer_joined: bool,
     context: _orm.LoadContext | None,
-) -> tuple[list[tuple[InstanceState[Any], Any, int, bool]], list[_Todo]]:
+) -> tuple[list[tuple[InstanceState[Any], Any, int]], list[_Todo]]:
     """Serve one level: the instances it brought into the session, each with its path, and
     (``defer_joined``) the ``joined`` relationships it left for the caller's refresh."""
     changes = lookups.changes
@@ -327,7 +325,6 @@ def _serve(
             want(item.step.row, item.step.prop.mapper, target)
 
     answers: dict[tuple[Mapper[Any], tuple[Any, ...]], Any] = {}
-    fresh: set[int] = set()  # the instances placed here (not held by the session)
     if rows:
         read = lookups.read_kinds(
             [model for model, *_ in rows],
@@ -359,11 +356,10 @@ def _serve(
                 if context is not None:
                     _orm.set_load_options(instance_state(instance), context.options)
                 wanted[(mapper, pk)] = instance
-                fresh.add(id(instance))
             found.append(instance)
         return found
 
-    brought: list[tuple[InstanceState[Any], Any, int, bool]] = []
+    brought: list[tuple[InstanceState[Any], Any, int]] = []
     for item, pks in [*members.items(), *((i, [t]) for i, t in references if t is not None)]:
         found = resolve(item, pks)
         if found is None:
@@ -375,9 +371,7 @@ def _serve(
             _orm.set_loaded(item.state, item.step.key, found[0] if found else None)
         child = _orm.child_path(item.path, item.step.prop)
         start = item.step.start_after(item.path, item.start)
-        brought.extend(
-            (instance_state(instance), child, start, id(instance) in fresh) for instance in found
-        )
+        brought.extend((instance_state(instance), child, start) for instance in found)
     for item, target in references:
         if target is None:
             _orm.set_loaded(item.state, item.step.key, None)

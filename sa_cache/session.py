@@ -355,8 +355,7 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         if (
             parent.key is None  # pending: its collection is not in the database
             or parent.key[2] is not None
-            or options
-            and context is None  # options a list cannot honour
+            or (options and context is None)  # options a list cannot honour
             or not _orm.plain_lazy_load(state, options)
             or self._rewrites_statements()
         ):

@@ -566,6 +566,9 @@ def test_a_lazy_load_from_an_instance_loaded_with_options_follows_them_from_the_
     seed(Session)
     by_user = [defaultload(LazyUser.roles).selectinload(LazyRole.abilities)]
     by_role = [defaultload(LazyRole.creator).selectinload(LazyUser.roles)]
+    from_user = [
+        selectinload(LazyUser.roles).defaultload(LazyRole.creator).selectinload(LazyUser.roles)
+    ]
 
     def roles(s: Any) -> Any:
         user = s.get(LazyUser, 1, options=by_user)
@@ -577,7 +580,12 @@ def test_a_lazy_load_from_an_instance_loaded_with_options_follows_them_from_the_
         role.creator  # noqa: B018  a lazy many-to-one load carrying the role's options
         return graph(role)
 
-    for read in (roles, creator):
+    def deeper(s: Any) -> Any:
+        user = s.get(LazyUser, 1, options=from_user)
+        user.roles[0].creator  # noqa: B018  along the role's load path, from the user
+        return graph(user)
+
+    for read in (roles, creator, deeper):
         expected = agree(plain, Session, read)
         settle(Session, read, sql)
         before = cache.stats()["models"]
@@ -586,8 +594,9 @@ def test_a_lazy_load_from_an_instance_loaded_with_options_follows_them_from_the_
         after = cache.stats()["models"]
         for name in ("LazyUser.roles", "LazyUser", "LazyRole"):
             assert after[name]["skipped"] == before[name]["skipped"]
-        # user 1's roles, by the lazy load; the creator's (empty) roles, by its selectin
-        assert after["LazyUser.roles"]["hits"] == before["LazyUser.roles"]["hits"] + 1
+        # user 1's roles, by the lazy load or a selectin; the creator's (empty) roles
+        served = {roles: 1, creator: 1, deeper: 2}[read]
+        assert after["LazyUser.roles"]["hits"] == before["LazyUser.roles"]["hits"] + served
 
 
 #: options a hit cannot carry out: the load goes to the database, counted as skipped
@@ -619,3 +628,31 @@ def test_options_a_hit_cannot_carry_out_are_loaded_by_the_database_and_counted(
     skipped = cache.stats()["models"]["LazyUser"]["skipped"]
     assert agree(plain, Session, read) == outcome(plain, read)
     assert cache.stats()["models"]["LazyUser"]["skipped"] == skipped + 2
+
+
+@pytest.mark.usefixtures("eager")
+def test_noload_and_raiseload_reach_the_unloaded_attributes_of_instances_the_session_holds(
+    Session: sessionmaker[CachingSession],  # noqa: N803
+    plain: sessionmaker[PlainSession],
+    sql: SQLCounter,
+) -> None:
+    seed(Session)
+    options = [
+        selectinload(LazyUser.roles).noload(LazyRole.abilities),
+        defaultload(LazyUser.roles).raiseload(LazyRole.users),
+    ]
+
+    def read(s: Any) -> Any:
+        held = s.get(LazyRole, 2)  # its unloaded attributes get them too, as a load's do
+        held.creator  # noqa: B018  loaded: kept
+        return graph(s.get(LazyUser, 1, options=options)), graph(held)
+
+    expected = agree(plain, Session, read)
+    roles = {
+        i: (unloaded, rels) for name, i, unloaded, _, _, rels in expected[0] if name == "LazyRole"
+    }
+    assert roles[(1,)] == (["creator", "users:own"], [("abilities", [])])  # created
+    assert roles[(2,)] == (["users:own"], [("abilities", []), ("creator", [])])  # held
+    settle(Session, read, sql)
+    with Session() as s, expect_sql(sql, 0):
+        assert read(s) == expected
