@@ -884,6 +884,13 @@ def _resolve(options: Sequence[Any], mapper: Mapper[Any], key: Any) -> LoadConte
     return LoadContext(key, propagated, loaders)
 
 
+def options_root(state: InstanceState[Any]) -> Mapper[Any] | None:
+    """The mapper the load of ``state`` started at, which its ``load_options`` apply from (the
+    first element of its ``load_path``), or None if it has no load path."""
+    mappers = path_mappers(state.load_path)
+    return mappers[0] if mappers else None
+
+
 def natural_path(path: Any) -> tuple[Any, ...]:
     """The path by which a load's options are looked up (``PathRegistry.natural_path``)."""
     return tuple(path.natural_path)

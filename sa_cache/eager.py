@@ -69,8 +69,8 @@ class Step(NamedTuple):
     collection: CachedRelationship | None
     row: CachedModel | None
     fk_attrs: tuple[str, ...]
-    strategy: str = "selectin"
-    element: Any = None
+    strategy: str
+    element: Any
 
     @property
     def eager(self) -> bool:

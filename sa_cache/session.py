@@ -142,8 +142,8 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         context = None
         if options:
             parent = self._sa_cache_lazy_from
-            root = mapper if parent is None else _orm.path_mappers(parent.load_path)[0]
-            context = _orm.load_context(options, root)
+            root = mapper if parent is None else _orm.options_root(parent)
+            context = None if root is None else _orm.load_context(options, root)
         if options and context is None or self._rewrites_statements():
             model.stats.skipped += 1  # SQLAlchemy's SELECT may differ from a primary-key load
             return None
@@ -349,9 +349,8 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         parent: Any = state.lazy_loaded_from
         target = prop.mapper
         options = tuple(parent.load_options)
-        context = None
-        if options and parent.load_path:  # loader options travel to the load
-            context = _orm.load_context(options, _orm.path_mappers(parent.load_path)[0])
+        root = _orm.options_root(parent) if options else None  # options travel to the load
+        context = None if root is None else _orm.load_context(options, root)
         if (
             parent.key is None  # pending: its collection is not in the database
             or parent.key[2] is not None
