@@ -562,6 +562,7 @@ def test_a_lazy_load_from_an_instance_loaded_with_options_follows_them_from_the_
     plain: sessionmaker[PlainSession],
     cache: IdentityCache,
     sql: SQLCounter,
+    redis_counter: RedisCounter,
 ) -> None:
     seed(Session)
     by_user = [defaultload(LazyUser.roles).selectinload(LazyRole.abilities)]
@@ -585,11 +586,21 @@ def test_a_lazy_load_from_an_instance_loaded_with_options_follows_them_from_the_
         user.roles[0].creator  # noqa: B018  along the role's load path, from the user
         return graph(user)
 
+    # the user; its roles' list, their rows; their abilities' lists, their rows | the role; its
+    # creator's row; the creator's (empty) roles' list | the user; its roles' list, their rows;
+    # the first role's creator's row; the creator's (empty) roles' list
+    round_trips = {roles: 5, creator: 3, deeper: 5}
     for read in (roles, creator, deeper):
         expected = agree(plain, Session, read)
         settle(Session, read, sql)
         before = cache.stats()["models"]
-        with Session() as s, expect_sql(sql, 0):
+        with (
+            Session() as s,
+            expect_sql(sql, 0),
+            expect_commands(
+                redis_counter, {"MGET": round_trips[read]}, round_trips=round_trips[read]
+            ),
+        ):
             assert read(s) == expected
         after = cache.stats()["models"]
         for name in ("LazyUser.roles", "LazyUser", "LazyRole"):
