@@ -380,8 +380,33 @@ def _serve(
         if defer_joined and item.step.strategy == "joined":
             deferred.append(item)  # loaded with its row, as a load loads it
         else:
-            _orm.load_along(item.state, item.step.prop, item.path)
+            _load_along(item, context)
+            # SQLAlchemy's lazy load runs no eager loads of the instances the session held
+            # (``_invoke_all_eagers``), which this load does: they are the next level too
+            value = item.state.dict.get(item.step.key)
+            found = list(value) if item.step.prop.uselist and value is not None else [value]
+            child = _orm.child_path(item.path, item.step.prop)
+            start = item.step.start_after(item.path, item.start)
+            brought.extend((instance_state(i), child, start) for i in found if i is not None)
     return brought, deferred
+
+
+def _load_along(item: _Todo, context: _orm.LoadContext | None) -> None:
+    """Load ``item`` with SQLAlchemy's lazy loader along the load's path, with the load's
+    options: those of the SELECT a ``joined``, ``selectin`` or ``subquery`` load runs, which an
+    instance the session held may not have been loaded with (an ``immediate`` load runs with
+    the instance's own, as SQLAlchemy's does)."""
+    state, prop = item.state, item.step.prop
+    options = () if context is None else context.options
+    own = state.load_options
+    if item.step.strategy == "immediate" or _same(own, options):
+        _orm.load_along(state, prop, item.path)
+        return
+    _orm.set_load_options(state, options)
+    try:
+        _orm.load_along(state, prop, item.path)
+    finally:
+        _orm.set_load_options(state, own)
 
 
 def _collection_readable(
@@ -397,18 +422,20 @@ def _collection_readable(
     return (
         state.key is not None
         and state.key[2] is None
-        and (not state.load_options or context is not None and _same(state.load_options, context))
+        and (
+            not state.load_options
+            or context is not None
+            and _same(state.load_options, context.options)
+        )
         and kind not in bulk
         and kind.target not in bulk
     )
 
 
-def _same(options: Any, context: _orm.LoadContext) -> bool:
-    """Whether ``options`` are the very options of ``context``."""
+def _same(options: Any, others: tuple[Any, ...]) -> bool:
+    """Whether ``options`` are the very ``others``."""
     given = tuple(options)
-    return len(given) == len(context.options) and all(
-        a is b for a, b in zip(given, context.options, strict=True)
-    )
+    return len(given) == len(others) and all(a is b for a, b in zip(given, others, strict=True))
 
 
 _MISSING: Final = object()

@@ -349,8 +349,9 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         parent: Any = state.lazy_loaded_from
         target = prop.mapper
         options = tuple(parent.load_options)
-        root = _orm.options_root(parent) if options else None  # options travel to the load
-        context = None if root is None else _orm.load_context(options, root)
+        path = _orm.lazy_load_children_path(state)
+        # the parent's options travel to the load, applied along its path from where it starts
+        context = _orm.load_context(options, _orm.path_mappers(path)[0]) if options else None
         if (
             parent.key is None  # pending: its collection is not in the database
             or parent.key[2] is not None
@@ -381,7 +382,6 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         finally:
             lookups.current = outer
         if type(answer) is Hit:
-            path = _orm.lazy_load_children_path(state)
             found = self._hydrate(kind, answer.value, path, context)
             # a target the row cache lacks: the SELECT, whose load fills it
             return None if found is None else _orm.instances_result(found)

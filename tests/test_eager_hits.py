@@ -667,3 +667,21 @@ def test_noload_and_raiseload_reach_the_unloaded_attributes_of_instances_the_ses
     settle(Session, read, sql)
     with Session() as s, expect_sql(sql, 0):
         assert read(s) == expected
+
+
+@pytest.mark.usefixtures("eager")
+def test_a_held_instance_reached_by_a_hit_with_options_loads_its_children_with_them(
+    Session: sessionmaker[CachingSession],  # noqa: N803
+    plain: sessionmaker[PlainSession],
+    sql: SQLCounter,
+) -> None:
+    seed(Session)
+
+    def read(s: Any) -> Any:
+        held = s.get(LazyRole, 1)  # loaded without options
+        return graph(s.get(LazyUser, 1, options=ROLES_AND_ABILITIES)), graph(held)
+
+    expected = agree(plain, Session, read)
+    settle(Session, read, sql)
+    with Session() as s, expect_sql(sql, 0):
+        assert read(s) == expected
