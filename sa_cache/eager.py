@@ -38,8 +38,6 @@ from .rows import CachedModel
 
 #: The relationship strategies a load carries out with its row.
 EAGER_STRATEGIES: Final = frozenset({"joined", "selectin", "subquery", "immediate"})
-#: The lazy strategies an option may give an instance a loader of its own for.
-LAZY_STRATEGIES: Final = frozenset({"select", "raise", "raise_on_sql"})
 
 #: Whether the session's rules let a lookup of this class read the cache.
 MayRead = Callable[[Mapper[Any]], bool]
@@ -52,13 +50,8 @@ Place = Callable[[Any, Mapper[Any], Any, Any], Any]
 
 
 class Step(NamedTuple):
-    """One relationship of a mapper a load of its row sets, and how.
+    """One eager relationship of a mapper.
 
-    :param strategy: ``joined``, ``selectin``, ``subquery`` or ``immediate`` (loaded with the
-        row), ``noload`` (set empty), or ``select`` / ``raise`` / ``raise_on_sql`` (a lazy
-        loader of the instance's own, which an option sets)
-    :param element: the loader option's load element that set the strategy, if one did (then
-        SQLAlchemy does not stop at a cycle)
     :param collection: its cached collections (a collection read, then its members' rows)
     :param row: for a many-to-one whose target is loaded by primary key, the target's cached
         rows, and ``fk_attrs``, the parent's attributes holding that key in key order
@@ -69,23 +62,14 @@ class Step(NamedTuple):
     collection: CachedRelationship | None
     row: CachedModel | None
     fk_attrs: tuple[str, ...]
-    strategy: str
-    element: Any
-
-    @property
-    def eager(self) -> bool:
-        return self.strategy in EAGER_STRATEGIES
 
     def runs_at(self, path: Any, start: int) -> bool:
         """Whether a load that reached this row along ``path`` (its load path: the mappers and
         relationships from the row the first load started at) loads this relationship, by
-        SQLAlchemy's rule against cycles, which an option at the path lifts: a ``joined``
-        relationship looks at the mappers of its own SELECT (from the ``start``-th on), the
-        others at the whole path."""
-        if self.element is not None:
-            return True
+        SQLAlchemy's rule against cycles: a ``joined`` relationship looks at the mappers of its
+        own SELECT (from the ``start``-th on), the others at the whole path."""
         mappers = _orm.path_mappers(path)
-        if self.strategy == "joined":
+        if self.prop.lazy == "joined":
             mappers = mappers[start:]
         depth = self.prop.join_depth
         if depth:
@@ -96,42 +80,17 @@ class Step(NamedTuple):
     def start_after(self, path: Any, start: int) -> int:
         """Where the SELECT that loads this relationship's targets starts on their path: the
         same SELECT for ``joined``, their own for the others."""
-        return start if self.strategy == "joined" else len(_orm.path_mappers(path))
+        return start if self.prop.lazy == "joined" else len(_orm.path_mappers(path))
 
 
-def plan(
-    registry: Registry,
-    mapper: Mapper[Any],
-    context: _orm.LoadContext | None = None,
-    path: Any = None,
-) -> tuple[Step, ...]:
-    """The relationships of ``mapper`` a hit at ``path`` sets as a load with the loader options
-    of ``context`` would (those ``Session.refresh`` loads with the row's SQL expressions are
-    left out: see :func:`sa_cache._orm.eager_plan`). Memoised by mapper, and by mapper, options
-    and path where an option names one of its relationships there."""
-    loaders = None
-    if context is not None and path is not None:
-        loaders = context.loaders.get(_orm.natural_path(path))
-    memo: Any = mapper if not loaders else (mapper, context.key, _orm.natural_path(path))  # type: ignore[union-attr]
-    found = registry.eager_plans.get(memo)
+def plan(registry: Registry, mapper: Mapper[Any]) -> tuple[Step, ...]:
+    """The eager relationships of ``mapper`` a hit completes (those ``Session.refresh`` loads
+    with the row's SQL expressions are left out: see :func:`sa_cache._orm.eager_plan`)."""
+    found = registry.eager_plans.get(mapper)
     if found is None:
         steps = []
         for prop in mapper.relationships:
-            element = None if loaders is None else loaders.get(prop.key)
-            strategy = None if element is None else _orm.option_strategy(element)
-            if strategy is None:
-                strategy = _orm.default_strategy(prop)
-            if strategy in EAGER_STRATEGIES:
-                if element is None and _orm.refreshed_with_row(prop):
-                    continue
-            elif strategy == "noload" or (
-                element is not None
-                and strategy in LAZY_STRATEGIES
-                and _orm.is_instance_level(prop, strategy)
-            ):
-                steps.append(Step(prop.key, prop, None, None, (), strategy, element))
-                continue
-            else:
+            if prop.lazy not in EAGER_STRATEGIES or _orm.refreshed_with_row(prop):
                 continue
             collection = registry.relationship_kind(prop)
             row: CachedModel | None = None
@@ -139,9 +98,9 @@ def plan(
             if collection is None and prop.direction is RelationshipDirection.MANYTOONE:
                 fk_attrs = _orm.primary_key_attrs_of_target(prop) or ()
                 row = registry.model_for(prop.mapper) if fk_attrs else None
-            steps.append(Step(prop.key, prop, collection, row, fk_attrs, strategy, element))
+            steps.append(Step(prop.key, prop, collection, row, fk_attrs))
         found = tuple(steps)
-        registry.eager_plans[memo] = found
+        registry.eager_plans[mapper] = found
     return found
 
 
@@ -159,15 +118,10 @@ def complete(
     fill_rule: FillRule,
     may_read: MayRead,
     refresh: Refresh | None = None,
-    context: _orm.LoadContext | None = None,
 ) -> bool:
     """Load the eager relationships of ``placed`` (instances a hit just put in the session,
-    each with its load path) and of every instance that brings in, as a load with the loader
-    options of ``context`` would have loaded them, reading only the classes ``may_read`` allows
-    (the session's rules). The instances it places get the options as their ``load_options``;
-    every instance it reaches gets the ``noload`` and per-instance lazy loaders of the options
-    where the attribute is not loaded, as a load sets them on the rows it creates and on the
-    unloaded attributes of those the session held already.
+    each with its load path) and of every instance that brings in, as a load would have loaded
+    them, reading only the classes ``may_read`` allows (the session's rules).
 
     With ``refresh``, ``placed`` are the rows a lookup asked for: their ``joined``
     relationships the cache cannot answer are loaded as a load loads them, with the row, by one
@@ -187,20 +141,15 @@ def complete(
             if id(state) in seen:
                 continue
             seen.add(id(state))
-            for step in plan(registry, state.mapper, context, path):
+            for step in plan(registry, state.mapper):
                 if step.key in state.dict:
                     continue
-                if not step.eager:
-                    if step.strategy == "noload":
-                        _orm.set_not_loaded(state, step.prop)
-                    else:
-                        _orm.set_instance_lazy_loader(state, step.prop, step.strategy, step.element)
-                elif step.runs_at(path, start):
+                if step.runs_at(path, start):
                     todo.append(_Todo(state, step, path, start))
-                elif step.strategy == "immediate":  # as SQLAlchemy at a cycle: no SQL
+                elif step.prop.lazy == "immediate":  # as SQLAlchemy at a cycle: no SQL
                     _orm.load_along(state, step.prop, path, from_session_only=True)
         defer = refresh is not None and first
-        level, deferred = _serve(lookups, todo, place, fill_rule, may_read, defer, context)
+        level, deferred = _serve(lookups, todo, place, fill_rule, may_read, defer)
         if defer:
             assert refresh is not None
             for instance, _ in placed:
@@ -241,7 +190,6 @@ def _serve(
     fill_rule: FillRule,
     may_read: MayRead,
     defer_joined: bool,
-    context: _orm.LoadContext | None,
 ) -> tuple[list[tuple[InstanceState[Any], Any, int]], list[_Todo]]:
     """Serve one level: the instances it brought into the session, each with its path, and
     (``defer_joined``) the ``joined`` relationships it left for the caller's refresh."""
@@ -253,9 +201,7 @@ def _serve(
         state, step = item.state, item.step
         if not may_read(step.prop.mapper):
             pass  # the session's rules send this class to the database
-        elif step.collection is not None and _collection_readable(
-            lookups, step.collection, state, context
-        ):
+        elif step.collection is not None and _collection_readable(lookups, step.collection, state):
             kind = step.collection
             pk = kind.parent.normalise(state.key[1])  # type: ignore[index]
             key = None if pk is None else kind.key_for_parent(pk)
@@ -353,8 +299,6 @@ def _serve(
                 if instance is _orm.KNOWN_ABSENT:  # gone meanwhile: its refresh found nothing
                     blocked.add((mapper, pk))
                     return None
-                if context is not None:
-                    _orm.set_load_options(instance_state(instance), context.options)
                 wanted[(mapper, pk)] = instance
             found.append(instance)
         return found
@@ -377,65 +321,26 @@ def _serve(
             _orm.set_loaded(item.state, item.step.key, None)
     deferred = []
     for item in fallback:  # SQLAlchemy's own loader: its SELECT fills the cache
-        if defer_joined and item.step.strategy == "joined":
+        if defer_joined and item.step.prop.lazy == "joined":
             deferred.append(item)  # loaded with its row, as a load loads it
         else:
-            _load_along(item, context)
-            # SQLAlchemy's lazy load runs no eager loads of the instances the session held
-            # (``_invoke_all_eagers``), which this load does: they are the next level too
-            value = item.state.dict.get(item.step.key)
-            found = list(value) if item.step.prop.uselist and value is not None else [value]
-            child = _orm.child_path(item.path, item.step.prop)
-            start = item.step.start_after(item.path, item.start)
-            brought.extend((instance_state(i), child, start) for i in found if i is not None)
+            _orm.load_along(item.state, item.step.prop, item.path)
     return brought, deferred
 
 
-def _load_along(item: _Todo, context: _orm.LoadContext | None) -> None:
-    """Load ``item`` with SQLAlchemy's lazy loader along the load's path, with the load's
-    options: those of the SELECT a ``joined``, ``selectin`` or ``subquery`` load runs, which an
-    instance the session held may not have been loaded with (an ``immediate`` load runs with
-    the instance's own, as SQLAlchemy's does)."""
-    state, prop = item.state, item.step.prop
-    options = () if context is None else context.options
-    own = state.load_options
-    if item.step.strategy == "immediate" or _same(own, options):
-        _orm.load_along(state, prop, item.path)
-        return
-    _orm.set_load_options(state, options)
-    try:
-        _orm.load_along(state, prop, item.path)
-    finally:
-        _orm.set_load_options(state, own)
-
-
 def _collection_readable(
-    lookups: Lookups,
-    kind: CachedRelationship,
-    state: InstanceState[Any],
-    context: _orm.LoadContext | None,
+    lookups: Lookups, kind: CachedRelationship, state: InstanceState[Any]
 ) -> bool:
     """Whether the cache may answer this parent's collection (as ``cache_lazy_load`` decides:
-    a persistent parent without loader options other than the load's, nothing this
-    transaction changed in bulk)."""
+    a persistent parent without loader options, nothing this transaction changed in bulk)."""
     bulk = lookups.changes.bulk_models
     return (
         state.key is not None
         and state.key[2] is None
-        and (
-            not state.load_options
-            or context is not None
-            and _same(state.load_options, context.options)
-        )
+        and not state.load_options
         and kind not in bulk
         and kind.target not in bulk
     )
-
-
-def _same(options: Any, others: tuple[Any, ...]) -> bool:
-    """Whether ``options`` are the very ``others``."""
-    given = tuple(options)
-    return len(given) == len(others) and all(a is b for a, b in zip(given, others, strict=True))
 
 
 _MISSING: Final = object()
