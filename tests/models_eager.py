@@ -4,7 +4,8 @@ with abilities (``selectin`` many-to-many, two levels); boards with ``joined`` p
 ``subquery`` notes and ``immediate`` tags (one-to-many); a post's author (a ``joined``
 many-to-one, served by the row cache) whose roles load in turn; a role's ``joined`` creator
 (whose cycle rule looks at its own SELECT only); and a self-referential tree
-whose ``selectin`` children stop after ``join_depth`` levels."""
+whose ``selectin`` children stop after ``join_depth`` levels; shelves and books related only by
+``noload``, which a load sets without SQL."""
 
 from __future__ import annotations
 
@@ -102,7 +103,22 @@ class Node(EagerBase):
     children: Mapped[list[Node]] = relationship(order_by="Node.id", lazy="selectin", join_depth=2)
 
 
-CACHED = (Ability, Role, User, Post, Note, Tag, Board, Node)
+class Book(EagerBase):
+    __tablename__ = "eager_books"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    shelf_id: Mapped[int | None] = mapped_column(ForeignKey("eager_shelves.id"))
+    #: ``noload``: a load sets it to None without SQL
+    shelf: Mapped[Shelf | None] = relationship(lazy="noload", viewonly=True)
+
+
+class Shelf(EagerBase):
+    __tablename__ = "eager_shelves"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    #: ``noload`` (deprecated in SQLAlchemy 2.1, still mapped): a load sets it empty without SQL
+    books: Mapped[list[Book]] = relationship(order_by=Book.id, lazy="noload")
+
+
+CACHED = (Ability, Role, User, Post, Note, Tag, Board, Node, Book, Shelf)
 
 
 def ensure_tables(engine: Engine) -> None:

@@ -28,10 +28,12 @@ from .models_eager import (
     CACHED,
     Ability,
     Board,
+    Book,
     Node,
     Note,
     Post,
     Role,
+    Shelf,
     Tag,
     User,
     ensure_tables,
@@ -123,7 +125,7 @@ def seed(Session: Any) -> None:  # noqa: N803
     """Users 1 (roles 1, 2), 2 (role 2), 3 (none); role 1 (created by user 3) has abilities 1,
     2, role 2 ability 3;
     board 1 with posts 1 (by user 1), 2 (no author), notes 1, 2 and tag 1; board 2 empty; a
-    tree of nodes 1 > 2 > 3 > 4."""
+    tree of nodes 1 > 2 > 3 > 4; shelf 1 with books 1, 2."""
     with Session() as s:
         a1, a2 = Ability(id=1, name="read"), Ability(id=2, name="write")
         a3 = Ability(id=3, name="a")
@@ -137,6 +139,9 @@ def seed(Session: Any) -> None:  # noqa: N803
         s.flush()
         s.add_all([Post(id=1, board_id=1, author_id=1), Post(id=2, board_id=1)])
         s.add(Node(id=1, children=[Node(id=2, children=[Node(id=3, children=[Node(id=4)])])]))
+        s.add(Shelf(id=1))
+        s.flush()
+        s.add_all([Book(id=1, shelf_id=1), Book(id=2, shelf_id=1)])
         s.commit()
 
 
@@ -202,6 +207,20 @@ def test_empty_collections_and_a_parent_without_relationships_loaded(
         agree(plain, Session, read)
         settle(Session, read, sql)
         assert outcome(Session, read) == outcome(plain, read)
+
+
+@pytest.mark.usefixtures("eager")
+def test_a_noload_relationship_is_set_empty_by_a_hit_as_a_load_sets_it(
+    Session: sessionmaker[CachingSession],  # noqa: N803
+    plain: sessionmaker[PlainSession],
+    sql: SQLCounter,
+) -> None:
+    seed(Session)
+    for read in (get(Shelf, 1), get(Book, 1)):
+        expected = agree(plain, Session, read)
+        assert expected[0][2] == []  # nothing unloaded: a shelf's books empty, a book's shelf None
+        with expect_sql(sql, 0):
+            assert outcome(Session, read) == expected
 
 
 @pytest.mark.usefixtures("eager")
