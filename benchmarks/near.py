@@ -1,12 +1,13 @@
 """The near cache's two figures: what a hit costs, and how stale another process's commit reads.
 
-``python -m benchmarks.near [--trials 1000] [--redis URL] [--rounds 7]``
+``python -m benchmarks.near [--trials 1000] [--redis URL] [--rounds 7] [--hit-only]``
 
 **Hit path**, side by side in one run, interleaved round by round, each lookup timed alone: an
 identity-map hit (the floor), a near-cache hit, an in-process store hit and a Redis hit, each
 both in a fresh session (what a request does) and in a session that already exists (the found
 object expunged afterwards, outside the timing, so the identity map misses every time). Medians
-of per-round medians, microseconds. SQLite file, the benchmarks' 10-column user model.
+of per-round medians, microseconds. SQLite file, the benchmarks' 10-column user model. Beside
+them the floor of such a lookup without any cache work (:func:`floors`).
 
 **Cross-process staleness**: a writer process commits a change of one row through its own cache
 (the commit's eviction included) and notes the time the commit returned; a reader process, with
@@ -31,10 +32,10 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import create_engine, update
+from sqlalchemy import create_engine, inspect, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from sa_cache import CachingSession, IdentityCache, NearCache
+from sa_cache import CachingSession, IdentityCache, NearCache, _orm
 from sa_cache.near import NearStore
 
 from .models import User, populate
@@ -107,6 +108,7 @@ def hit_path(db: str, url: str, rounds: int, per_round: int) -> dict[str, float]
     for name in caches:
         variants[f"{name}_fresh"] = fresh(name)
         variants[f"{name}_open"] = open_session(name)
+    variants.update(floors(engine, kept))
     medians: dict[str, list[float]] = {name: [] for name in variants}
     order = list(variants)
     for _ in range(rounds):
@@ -123,6 +125,46 @@ def hit_path(db: str, url: str, rounds: int, per_round: int) -> dict[str, float]
     result = {name: round(statistics.median(values), 2) for name, values in medians.items()}
     result["near_hits_counted"] = near_stats["hits"]
     return result
+
+
+def floors(engine: Any, kept: Any) -> dict[str, Callable[[], float]]:
+    """What a ``Session.get`` that misses the identity map and builds the instance costs with no
+    cache work at all, in an open session (the instance expunged afterwards, untimed):
+
+    - ``floor_place``: sa_cache's own placement (``_orm.place_in_session``: the new instance,
+      the identity map, the ``load`` events) of values already in hand, through the same
+      ``Session.get`` hooks a hit passes: what a hit costs if reading the cache were free;
+    - ``floor_merge``: SQLAlchemy's own way to put a row it already has into a session without
+      SQL, ``merge(detached, load=False)``.
+    """
+    mapper = inspect(User)
+    values = {attr.key: getattr(kept, attr.key) for attr in mapper.column_attrs}
+
+    class Placing(_orm.IdentityLookupHooks, Session):
+        def cache_lookup(self, mapper: Any, pk: Any, token: Any, *_: Any) -> Any:
+            identity_key = mapper.identity_key_from_primary_key(pk, token)
+            return _orm.place_in_session(self, mapper, identity_key, values, frozenset())
+
+    placing = Placing(engine)
+    merging = Session(engine)
+    with Session(engine) as loading:
+        detached = loading.get(User, ROW)  # detached when its session closes
+
+    def place() -> float:
+        start = time.perf_counter()
+        found = placing.get(User, ROW)
+        elapsed = time.perf_counter() - start
+        placing.expunge(found)
+        return elapsed
+
+    def merge() -> float:
+        start = time.perf_counter()
+        found = merging.merge(detached, load=False)
+        elapsed = time.perf_counter() - start
+        merging.expunge(found)
+        return elapsed
+
+    return {"floor_place": place, "floor_merge": merge}
 
 
 # -- cross-process staleness ----------------------------------------------------------------------
@@ -215,21 +257,25 @@ def main() -> None:
     parser.add_argument("--redis", default=REDIS_URL)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--per-round", type=int, default=2000)
+    parser.add_argument("--hit-only", action="store_true", help="the hit path alone")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         db = os.path.join(folder, "near.db")
         engine = _engine(db)
         populate(engine)
         engine.dispose()
-        out: dict[str, Any] = {
-            "hit_us": hit_path(db, args.redis, args.rounds, args.per_round),
-            "staleness_near": staleness(db, args.redis, args.trials, near=True),
-            "staleness_redis_only": staleness(db, args.redis, max(100, args.trials // 5), False),
-        }
+        out: dict[str, Any] = {"hit_us": hit_path(db, args.redis, args.rounds, args.per_round)}
+        if not args.hit_only:
+            out["staleness_near"] = staleness(db, args.redis, args.trials, near=True)
+            out["staleness_redis_only"] = staleness(
+                db, args.redis, max(100, args.trials // 5), False
+            )
     hits = out["hit_us"]
     out["near_hit_vs_idmap"] = {
         "fresh": round(hits["near_fresh"] / hits["idmap"], 2),
         "open": round(hits["near_open"] / hits["idmap"], 2),
+        "floor_place (open)": round(hits["floor_place"] / hits["idmap"], 2),
+        "floor_merge (open)": round(hits["floor_merge"] / hits["idmap"], 2),
     }
     print(json.dumps(out, indent=1))
 

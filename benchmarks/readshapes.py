@@ -160,6 +160,7 @@ def main() -> None:
     if before:
         old = side(load(before, "sa_cache_before"), engine, "readshapes_before")
         shapes["before: sa_cache hit, fresh session"] = (old["hit"], 200, 1.0)
+        shapes["before: sa_cache hit, open session"] = (old["lookup"], 200, 1.0)
         shapes["before: get_many(1000), per key"] = (old["many"], 2, 1000.0)
     wall, cpu = interleave(shapes, ROUNDS)
     medians = {name: statistics.median(values) for name, values in wall.items()}
@@ -169,11 +170,16 @@ def main() -> None:
         print(f"{name:40} {us:9.2f} {cpu_medians[name]:9.2f}")
     for label, table in (("wall", medians), ("cpu", cpu_medians)):
         raw = table["raw redis-py GET"]
-        for session in ("fresh", "open"):
-            ratio = table[f"sa_cache hit, {session} session"] / raw
-            print(f"{f'hit / raw GET, {session} session ({label})':40} {ratio:9.2f}x")
+        for which in ("", "before: ") if before else ("",):
+            for session in ("fresh", "open"):
+                ratio = table[f"{which}sa_cache hit, {session} session"] / raw
+                print(f"{f'{which}hit / raw GET, {session} session ({label})':40} {ratio:9.2f}x")
     if before:
-        for shape in ("sa_cache hit, fresh session", "get_many(1000), per key"):
+        for shape in (
+            "sa_cache hit, fresh session",
+            "sa_cache hit, open session",
+            "get_many(1000), per key",
+        ):
             for label, table in (("wall", medians), ("cpu", cpu_medians)):
                 ratio = table[shape] / table[f"before: {shape}"]
                 print(f"{f'after / before ({label}): ' + shape:40} {ratio:9.2f}")
