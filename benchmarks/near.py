@@ -35,10 +35,11 @@ from typing import Any
 from sqlalchemy import create_engine, inspect, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from sa_cache import CachingSession, IdentityCache, NearCache, _orm
+from sa_cache import CachingSession, IdentityCache, NearCache
 from sa_cache.near import NearStore
 
 from .models import User, populate
+from .readshapes import placing_sessions
 
 REDIS_URL = os.environ.get("SA_CACHE_TEST_REDIS") or "redis://127.0.0.1:6379/0"
 ROW = 42
@@ -137,15 +138,8 @@ def floors(engine: Any, kept: Any) -> dict[str, Callable[[], float]]:
     - ``floor_merge``: SQLAlchemy's own way to put a row it already has into a session without
       SQL, ``merge(detached, load=False)``.
     """
-    mapper = inspect(User)
-    values = {attr.key: getattr(kept, attr.key) for attr in mapper.column_attrs}
-
-    class Placing(_orm.IdentityLookupHooks, Session):
-        def cache_lookup(self, mapper: Any, pk: Any, token: Any, *_: Any) -> Any:
-            identity_key = mapper.identity_key_from_primary_key(pk, token)
-            return _orm.place_in_session(self, mapper, identity_key, values, frozenset())
-
-    placing = Placing(engine)
+    values = {attr.key: getattr(kept, attr.key) for attr in inspect(User).column_attrs}
+    placing = placing_sessions(engine, values)()
     merging = Session(engine)
     with Session(engine) as loading:
         detached = loading.get(User, ROW)  # detached when its session closes
