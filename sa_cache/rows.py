@@ -26,6 +26,7 @@ from .stats import ModelStats
 DECODED_ROWS: Final = 1024
 DECODED_PAYLOAD: Final = 4096
 _IMMUTABLE = codec.IMMUTABLE_TYPES
+_new_tuple = tuple.__new__  # a NamedTuple without its Python-level __new__
 
 
 class RowShape:
@@ -293,7 +294,7 @@ class CachedModel(CachedKind):
         stored_generation, shape, values, by_attr = known
         if stored_generation != generation or not _same_key(ident, values, shape.pk_positions):
             return None
-        return Hit(shape, by_attr.copy())
+        return _new_tuple(Hit, (shape, by_attr.copy()))
 
     def remember(self, payload: bytes, entry: codec.Entry, answer: Answer) -> None:
         """Keep a hit decoded for :meth:`recall`: a row whose stored values are its attribute
