@@ -22,9 +22,11 @@ from .kinds import ABSENT, REJECTED, Answer, CachedKind, Hit
 from .stats import ModelStats
 
 #: Rows a model keeps decoded, by their stored bytes (:meth:`CachedModel.recall`): the oldest
-#: kept is dropped first. Bytes longer than ``DECODED_PAYLOAD`` are decoded every time.
+#: kept is dropped first. Bytes longer than ``DECODED_PAYLOAD`` are decoded every time (where
+#: msgpack's own time matters least), so a model keeps at most about 2 MiB: the bytes, and the
+#: values decoded from them.
 DECODED_ROWS: Final = 1024
-DECODED_PAYLOAD: Final = 4096
+DECODED_PAYLOAD: Final = 1024
 _IMMUTABLE = codec.IMMUTABLE_TYPES
 _new_tuple = tuple.__new__  # a NamedTuple without its Python-level __new__
 
