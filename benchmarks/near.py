@@ -1,12 +1,14 @@
 """The near cache's two figures: what a hit costs, and how stale another process's commit reads.
 
-``python -m benchmarks.near [--trials 1000] [--redis URL] [--rounds 7]``
+``python -m benchmarks.near [--trials 1000] [--redis URL] [--rounds 7] [--hit-only]
+[--before CHECKOUT]``
 
 **Hit path**, side by side in one run, interleaved round by round, each lookup timed alone: an
 identity-map hit (the floor), a near-cache hit, an in-process store hit and a Redis hit, each
 both in a fresh session (what a request does) and in a session that already exists (the found
 object expunged afterwards, outside the timing, so the identity map misses every time). Medians
-of per-round medians, microseconds. SQLite file, the benchmarks' 10-column user model.
+of per-round medians, microseconds. SQLite file, the benchmarks' 10-column user model. Beside
+them the floor of such a lookup without any cache work (:func:`floors`).
 
 **Cross-process staleness**: a writer process commits a change of one row through its own cache
 (the commit's eviction included) and notes the time the commit returned; a reader process, with
@@ -31,13 +33,14 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import create_engine, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import create_engine, inspect, update
+from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 from sa_cache import CachingSession, IdentityCache, NearCache
 from sa_cache.near import NearStore
 
-from .models import User, populate
+from .models import User, UserColumns, populate
+from .readshapes import placing_sessions
 
 REDIS_URL = os.environ.get("SA_CACHE_TEST_REDIS") or "redis://127.0.0.1:6379/0"
 ROW = 42
@@ -49,7 +52,7 @@ def _engine(path: str) -> Any:
 
 def _confirmed(cache: IdentityCache) -> None:
     store = cache.store
-    if isinstance(store, NearStore):
+    if hasattr(store, "invalidations"):  # a near store (of either checkout)
         started = time.monotonic()
         while store.invalidations.confirmed() <= started:
             time.sleep(0.01)
@@ -58,7 +61,11 @@ def _confirmed(cache: IdentityCache) -> None:
 # -- the hit path ---------------------------------------------------------------------------------
 
 
-def hit_path(db: str, url: str, rounds: int, per_round: int) -> dict[str, float]:
+def hit_path(
+    db: str, url: str, rounds: int, per_round: int, before: str | None = None
+) -> dict[str, float]:
+    """``before``: a checkout whose near-cache hit runs interleaved with this one's, on a model
+    of its own mapped to the same table (``before_near_fresh``, ``before_near_open``)."""
     engine = _engine(db)
     prefix = f"near_bench_{uuid.uuid4().hex[:8]}"
     caches = {
@@ -67,31 +74,54 @@ def hit_path(db: str, url: str, rounds: int, per_round: int) -> dict[str, float]
         "redis": IdentityCache(url, prefix=prefix + "_redis"),
     }
     sessions: dict[str, sessionmaker[Any]] = {}
+    models: dict[str, type[Any]] = {}
     for name, cache in caches.items():
         cache.register(User)
-        _confirmed(cache)
         sessions[name] = sessionmaker(engine, class_=CachingSession, cache=cache)
+        models[name] = User
+    if before is not None:
+        from .interleaved import load
+
+        old = load(before, "sa_cache_before")
+
+        class BeforeBase(DeclarativeBase):
+            pass
+
+        class BeforeUser(UserColumns, BeforeBase):
+            pass
+
+        caches["before_near"] = old.IdentityCache(url, prefix=prefix + "_bn", near_cache=True)
+        caches["before_near"].register(BeforeUser)
+        sessions["before_near"] = sessionmaker(
+            engine, class_=old.CachingSession, cache=caches["before_near"]
+        )
+        models["before_near"] = BeforeUser
+    for name, cache in caches.items():
+        _confirmed(cache)
         for _ in range(3):
             with sessions[name]() as s:
-                s.get(User, ROW)
+                s.get(models[name], ROW)
     holder = Session(engine)
     kept = holder.get(User, ROW)  # the identity map holds it weakly: keep it referenced
 
     def fresh(name: str) -> Callable[[], float]:
+        model = models[name]
+
         def once() -> float:
             start = time.perf_counter()
             with sessions[name]() as s:
-                s.get(User, ROW)
+                s.get(model, ROW)
             return time.perf_counter() - start
 
         return once
 
     def open_session(name: str) -> Callable[[], float]:
         session = sessions[name]()
+        model = models[name]
 
         def once() -> float:
             start = time.perf_counter()
-            found = session.get(User, ROW)
+            found = session.get(model, ROW)
             elapsed = time.perf_counter() - start
             session.expunge(found)
             return elapsed
@@ -107,6 +137,7 @@ def hit_path(db: str, url: str, rounds: int, per_round: int) -> dict[str, float]
     for name in caches:
         variants[f"{name}_fresh"] = fresh(name)
         variants[f"{name}_open"] = open_session(name)
+    variants.update(floors(engine, kept))
     medians: dict[str, list[float]] = {name: [] for name in variants}
     order = list(variants)
     for _ in range(rounds):
@@ -117,12 +148,45 @@ def hit_path(db: str, url: str, rounds: int, per_round: int) -> dict[str, float]
     assert kept is not None
     near_stats = caches["near"].stats()["near"]
     for cache in caches.values():
-        if isinstance(cache.store, NearStore):
+        if hasattr(cache.store, "invalidations"):  # a near store, of either checkout
             cache.store.close()
         cache.flush()
     result = {name: round(statistics.median(values), 2) for name, values in medians.items()}
     result["near_hits_counted"] = near_stats["hits"]
     return result
+
+
+def floors(engine: Any, kept: Any) -> dict[str, Callable[[], float]]:
+    """What a ``Session.get`` that misses the identity map and builds the instance costs with no
+    cache work at all, in an open session (the instance expunged afterwards, untimed):
+
+    - ``floor_place``: sa_cache's own placement (``_orm.place_in_session``: the new instance,
+      the identity map, the ``load`` events) of values already in hand, through the same
+      ``Session.get`` hooks a hit passes: what a hit costs if reading the cache were free;
+    - ``floor_merge``: SQLAlchemy's own way to put a row it already has into a session without
+      SQL, ``merge(detached, load=False)``.
+    """
+    values = {attr.key: getattr(kept, attr.key) for attr in inspect(User).column_attrs}
+    placing = placing_sessions(engine, values)()
+    merging = Session(engine)
+    with Session(engine) as loading:
+        detached = loading.get(User, ROW)  # detached when its session closes
+
+    def place() -> float:
+        start = time.perf_counter()
+        found = placing.get(User, ROW)
+        elapsed = time.perf_counter() - start
+        placing.expunge(found)
+        return elapsed
+
+    def merge() -> float:
+        start = time.perf_counter()
+        found = merging.merge(detached, load=False)
+        elapsed = time.perf_counter() - start
+        merging.expunge(found)
+        return elapsed
+
+    return {"floor_place": place, "floor_merge": merge}
 
 
 # -- cross-process staleness ----------------------------------------------------------------------
@@ -215,6 +279,8 @@ def main() -> None:
     parser.add_argument("--redis", default=REDIS_URL)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--per-round", type=int, default=2000)
+    parser.add_argument("--hit-only", action="store_true", help="the hit path alone")
+    parser.add_argument("--before", help="a checkout whose near hit runs beside this one's")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         db = os.path.join(folder, "near.db")
@@ -222,15 +288,27 @@ def main() -> None:
         populate(engine)
         engine.dispose()
         out: dict[str, Any] = {
-            "hit_us": hit_path(db, args.redis, args.rounds, args.per_round),
-            "staleness_near": staleness(db, args.redis, args.trials, near=True),
-            "staleness_redis_only": staleness(db, args.redis, max(100, args.trials // 5), False),
+            "hit_us": hit_path(db, args.redis, args.rounds, args.per_round, args.before)
         }
+        if not args.hit_only:
+            out["staleness_near"] = staleness(db, args.redis, args.trials, near=True)
+            out["staleness_redis_only"] = staleness(
+                db, args.redis, max(100, args.trials // 5), False
+            )
     hits = out["hit_us"]
     out["near_hit_vs_idmap"] = {
         "fresh": round(hits["near_fresh"] / hits["idmap"], 2),
         "open": round(hits["near_open"] / hits["idmap"], 2),
+        "floor_place (open)": round(hits["floor_place"] / hits["idmap"], 2),
+        "floor_merge (open)": round(hits["floor_merge"] / hits["idmap"], 2),
     }
+    if args.before:
+        out["near_hit_vs_idmap"]["before: fresh"] = round(
+            hits["before_near_fresh"] / hits["idmap"], 2
+        )
+        out["near_hit_vs_idmap"]["before: open"] = round(
+            hits["before_near_open"] / hits["idmap"], 2
+        )
     print(json.dumps(out, indent=1))
 
 

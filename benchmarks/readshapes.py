@@ -1,8 +1,10 @@
 """The shapes of a warm read side by side, in one run: a raw redis-py GET of the very bytes
 sa_cache stores for the row (the floor a Redis hit is held to), sa_cache's Redis hit (a fresh
-session, and a lookup in a session already open), an identity-map hit, and ``get_many`` of 1000
-rows per key. ``python -m benchmarks.readshapes [BEFORE]``: with a checkout BEFORE (e.g.
-``/work/main``), its hit and ``get_many`` run interleaved with this one's.
+session, and a lookup in a session already open), an identity-map hit, ``get_many`` of 1000
+rows per key, and the floor under a hit: the raw GET followed by a lookup that places the row's
+values with no cache work at all (:func:`placing_sessions`), in a fresh and in an open session.
+``python -m benchmarks.readshapes [BEFORE]``: with a checkout BEFORE (e.g. ``/work/main``), its
+hits and ``get_many`` run interleaved with this one's.
 
 Short batches of every shape alternate round after round, so whatever else the machine does
 weighs on all alike. It prints each shape's median call (wall clock, each call timed alone) and
@@ -109,6 +111,22 @@ def side(sa_cache: ModuleType, engine: Engine, prefix: str) -> dict[str, Callabl
     }
 
 
+def placing_sessions(engine: Engine, values: dict[str, Any]) -> sessionmaker[Any]:
+    """Sessions whose identity-map misses are answered by placing ``values`` (sa_cache's own
+    placement, ``_orm.place_in_session``, through the same ``Session.get`` hooks a hit passes):
+    a lookup with no cache work at all, the floor under any hit."""
+    from sqlalchemy.orm import Session
+
+    from sa_cache import _orm
+
+    class Placing(_orm.IdentityLookupHooks, Session):
+        def cache_lookup(self, mapper: Any, pk: Any, token: Any, *_: Any) -> Any:
+            identity_key = mapper.identity_key_from_primary_key(pk, token)
+            return _orm.place_in_session(self, mapper, identity_key, values, frozenset())
+
+    return sessionmaker(engine, class_=Placing)
+
+
 def interleave(
     shapes: dict[str, tuple[Callable[[], Any], int, float]], rounds: int
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
@@ -150,16 +168,35 @@ def main() -> None:
     def raw_get() -> None:
         raw_client.get("readshapes_raw:7")
 
+    row = after["row"]()
+    with sessionmaker(engine)() as plain:
+        loaded = plain.get(row, 7)
+        values = {attr.key: getattr(loaded, attr.key) for attr in row.__mapper__.column_attrs}
+    Placing = placing_sessions(engine, values)  # noqa: N806
+    placing = Placing()
+
+    def floor_open() -> None:
+        raw_client.get("readshapes_raw:7")
+        placing.expunge(placing.get(row, 7))
+
+    def floor_fresh() -> None:
+        with Placing() as fresh:
+            raw_client.get("readshapes_raw:7")
+            fresh.get(row, 7)
+
     shapes: dict[str, tuple[Callable[[], Any], int, float]] = {
         "raw redis-py GET": (raw_get, 200, 1.0),
         "sa_cache hit, fresh session": (after["hit"], 200, 1.0),
         "sa_cache hit, open session": (after["lookup"], 200, 1.0),
         "identity-map hit": (after["identity"], 200, 1.0),
+        "floor: raw GET + placement, fresh": (floor_fresh, 200, 1.0),
+        "floor: raw GET + placement, open": (floor_open, 200, 1.0),
         "get_many(1000), per key": (after["many"], 2, 1000.0),
     }
     if before:
         old = side(load(before, "sa_cache_before"), engine, "readshapes_before")
         shapes["before: sa_cache hit, fresh session"] = (old["hit"], 200, 1.0)
+        shapes["before: sa_cache hit, open session"] = (old["lookup"], 200, 1.0)
         shapes["before: get_many(1000), per key"] = (old["many"], 2, 1000.0)
     wall, cpu = interleave(shapes, ROUNDS)
     medians = {name: statistics.median(values) for name, values in wall.items()}
@@ -169,11 +206,19 @@ def main() -> None:
         print(f"{name:40} {us:9.2f} {cpu_medians[name]:9.2f}")
     for label, table in (("wall", medians), ("cpu", cpu_medians)):
         raw = table["raw redis-py GET"]
+        for which in ("", "before: ") if before else ("",):
+            for session in ("fresh", "open"):
+                ratio = table[f"{which}sa_cache hit, {session} session"] / raw
+                print(f"{f'{which}hit / raw GET, {session} session ({label})':40} {ratio:9.2f}x")
         for session in ("fresh", "open"):
-            ratio = table[f"sa_cache hit, {session} session"] / raw
-            print(f"{f'hit / raw GET, {session} session ({label})':40} {ratio:9.2f}x")
+            ratio = table[f"floor: raw GET + placement, {session}"] / raw
+            print(f"{f'floor / raw GET, {session} session ({label})':40} {ratio:9.2f}x")
     if before:
-        for shape in ("sa_cache hit, fresh session", "get_many(1000), per key"):
+        for shape in (
+            "sa_cache hit, fresh session",
+            "sa_cache hit, open session",
+            "get_many(1000), per key",
+        ):
             for label, table in (("wall", medians), ("cpu", cpu_medians)):
                 ratio = table[shape] / table[f"before: {shape}"]
                 print(f"{f'after / before ({label}): ' + shape:40} {ratio:9.2f}")

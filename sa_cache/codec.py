@@ -109,6 +109,15 @@ def _ext_hook(code: int, data: bytes) -> Any:
     raise ValueError(f"unknown msgpack extension type {code}")
 
 
+#: The exact types of decoded values that nothing can change in place (a datetime's zone is a
+#: ``ZoneInfo`` or a fixed offset, both immutable): a decoded row holding only these may be handed
+#: to any number of sessions at once (:meth:`sa_cache.rows.CachedModel.recall`).
+IMMUTABLE_TYPES: Final = frozenset(
+    {type(None), bool, int, float, str, bytes, dt.datetime, dt.date, dt.time, dt.timedelta}
+    | {decimal.Decimal, uuid.UUID}
+)
+
+
 _packer_options: dict[str, Any] = {"default": _default, "use_bin_type": True}
 
 

@@ -308,9 +308,9 @@ class GuardedStore:
         """The generations of ``kinds`` and, for ``keys``, the stored bytes and their opened
         payloads, in one round trip (two the first time a generation is created). None if the
         store is unavailable."""
-        domain_store = self._domain_store()
-        if domain_store is not None:
-            return self._read_domains(domain_store, kinds, keys)
+        store = self.store  # _domain_store(), inline: every hit passes here
+        if store.capabilities.domains:
+            return self._read_domains(cast(DomainStore, store), kinds, keys)
         if (self._journal or self._journal_kinds) and not self._replay_journal():
             self._ensure_delivery()  # a forked child restarts the delivery it did not inherit
             return None
@@ -326,13 +326,13 @@ class GuardedStore:
             store_keys = [self._mangle(key) for key in store_keys]
             gen_keys = store_keys[: len(kinds)]
         values = self.store.get_many(store_keys)
-        generations = []
-        for gen_key, value in zip(gen_keys, values, strict=False):
-            if value is None:
-                value = self.store.init_generation(
-                    gen_key, codec.new_generation(), GENERATION_TTL
-                )
-            generations.append(value)
+        generations: list[Any] = list(values[: len(kinds)])
+        if None in generations:  # a kind's first read: its generation is created first
+            for i, value in enumerate(generations):
+                if value is None:
+                    generations[i] = self.store.init_generation(
+                        gen_keys[i], codec.new_generation(), GENERATION_TTL
+                    )
         stored = values[len(kinds) :]
         return generations, stored, stored if self._signer is None else self._open(keys, stored)
 

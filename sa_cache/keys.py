@@ -141,6 +141,8 @@ class KeySpace:
 
     def row_key(self, pk: Sequence[Any], identity_token: Any = None) -> str:
         """The key of one row, from its already-normalised primary-key values."""
+        if identity_token is None and len(pk) == 1 and type(pk[0]) is int:
+            return f"{self.row_prefix}{pk[0]}}}"  # the common key, as key_part spells an int
         body = ":".join([key_part(v) for v in pk])
         if identity_token is not None:
             body = f"{body}@{key_part(identity_token)}"

@@ -63,6 +63,18 @@ class CachedKind(ABC):
         :class:`Hit`, :data:`ABSENT`, None for a plain miss (a tombstone, an entry of an earlier
         generation) or :data:`REJECTED` for an entry that must not be trusted."""
 
+    def recall(self, payload: bytes, generation: bytes, ident: tuple[Any, ...]) -> Answer | None:
+        """The answer :meth:`answer` gave for exactly these bytes before, if this kind kept it
+        and it still holds for ``generation`` and ``ident``, without decoding them again; None:
+        not known, decode (:func:`sa_cache.protocol.classify` does). Kinds keep nothing by
+        default."""
+        return None
+
+    def remember(self, payload: bytes, entry: Entry, answer: Answer) -> None:
+        """``payload`` decoded to ``entry`` and answered ``answer`` (a hit or an absence): a
+        kind may keep it for :meth:`recall`."""
+        return None
+
     @abstractmethod
     def fill_entry(self, generation: bytes, loaded: Any) -> Entry | None:
         """The entry a fresh load is stored as, or None if it must not be cached."""

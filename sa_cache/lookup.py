@@ -126,12 +126,54 @@ class Lookups:
             stats.misses += 1
             if may_fill is None:
                 may_fill, negative_ok = self._freshness_for(fill_rule, kind, context)
-            if may_fill is not Freshness.NEVER and may_fill_over(payload, generation):
-                self.pending[identity_key] = Observation(
-                    kind, key, raw, generation, now, negative_ok, freshness=may_fill
-                )
+            self._observe(
+                kind, key, identity_key, raw, payload, generation, now, may_fill, negative_ok
+            )
             answers.append(None)
         return answers
+
+    def _read_single(
+        self,
+        kind: CachedKind,
+        key: str,
+        pk: tuple[Any, ...],
+        identity_key: Any,
+        fill_rule: FillRule,
+        context: Any,
+    ) -> Answer | None:
+        """:meth:`read` of one key, the hit path of every ``get``: the same round trip and the
+        same decisions, without the lists."""
+        now = time.monotonic()
+        read = self.cache.guarded.read((kind,), (key,))
+        if read is None:
+            return None
+        (generation,), (raw,), (payload,) = read
+        answer = classify(kind, generation, payload, pk)
+        if answer is not None:
+            kind.stats.hits += 1
+            return answer
+        kind.stats.misses += 1
+        may_fill, negative_ok = self._freshness_for(fill_rule, kind, context)
+        self._observe(kind, key, identity_key, raw, payload, generation, now, may_fill, negative_ok)
+        return None
+
+    def _observe(
+        self,
+        kind: CachedKind,
+        key: str,
+        identity_key: Any,
+        raw: bytes | None,
+        payload: bytes | None,
+        generation: bytes,
+        now: float,
+        may_fill: Freshness,
+        negative_ok: bool,
+    ) -> None:
+        """Remember a miss for the load that follows to fill, where it may."""
+        if may_fill is not Freshness.NEVER and may_fill_over(payload, generation):
+            self.pending[identity_key] = Observation(
+                kind, key, raw, generation, now, negative_ok, freshness=may_fill
+            )
 
     def _freshness_for(
         self, fill_rule: FillRule, kind: CachedKind, context: Any
@@ -179,11 +221,7 @@ class Lookups:
             rule = rules.get(kind)
             if rule is None:
                 rule = rules[kind] = self._freshness_for(fill_rule, kind, context)
-            may_fill, negative_ok = rule
-            if may_fill is not Freshness.NEVER and may_fill_over(payload, generation):
-                self.pending[identity_key] = Observation(
-                    kind, key, raw, generation, now, negative_ok, freshness=may_fill
-                )
+            self._observe(kind, key, identity_key, raw, payload, generation, now, *rule)
         return answers
 
     def read_one(
@@ -205,7 +243,7 @@ class Lookups:
             if answered:
                 guarded.forecast.observed(kind, answer is None)
                 return answer
-        answer = self.read(kind, [(key, pk, identity_key)], fill_rule, context)[0]
+        answer = self._read_single(kind, key, pk, identity_key, fill_rule, context)
         guarded.forecast.observed(kind, answer is None)
         if answer is None:
             answer = self.lease_or_wait(kind, pk, identity_key)

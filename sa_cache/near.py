@@ -94,6 +94,7 @@ class NearStore:
         if not store.capabilities.shared:
             raise ValueError("a near cache needs a shared store (Redis) to be near to")
         self.inner = store
+        self._capabilities = (store.capabilities, store.capabilities._replace(near=True))
         self.settings = settings or NearCache()
         self.stats = NearStats()
         self._lock = threading.Lock()
@@ -117,7 +118,14 @@ class NearStore:
 
     @property
     def capabilities(self) -> Capabilities:
-        return self.inner.capabilities._replace(near=True)
+        """The wrapped store's, with ``near=True``; read by every guarded call, so made again
+        only when the wrapped store's change (a store may learn one, as Redis learns
+        ``keeps_ttl``)."""
+        inner = self.inner.capabilities
+        known = self._capabilities
+        if known[0] is not inner:
+            known = self._capabilities = (inner, inner._replace(near=True))
+        return known[1]
 
     @capabilities.setter
     def capabilities(self, value: Capabilities) -> None:

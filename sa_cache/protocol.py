@@ -76,6 +76,9 @@ def classify(
     ``ident``, or None for a miss. Undecodable or untrustworthy entries count as ``rejected``."""
     if payload is None:
         return None
+    recalled = kind.recall(payload, generation, ident)  # these very bytes, decoded before
+    if recalled is not None:
+        return recalled
     entry = codec.decode(payload)
     if type(entry) is Hold:
         return None
@@ -83,6 +86,8 @@ def classify(
     if answer is REJECTED:
         kind.stats.rejected += 1
         return None
+    if answer is not None:
+        kind.remember(payload, entry, answer)
     return answer
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy import types as sqltypes
 from sqlalchemy.orm import InstanceState, Mapper
@@ -20,6 +20,15 @@ from .codec import AbsentEntry, RowEntry, Tombstone
 from .keys import Coercer, KeySpace, coercer_for, normalise
 from .kinds import ABSENT, REJECTED, Answer, CachedKind, Hit
 from .stats import ModelStats
+
+#: Rows a model keeps decoded, by their stored bytes (:meth:`CachedModel.recall`): the oldest
+#: kept is dropped first. Bytes longer than ``DECODED_PAYLOAD`` are decoded every time (where
+#: msgpack's own time matters least), so a model keeps at most about 2 MiB: the bytes, and the
+#: values decoded from them.
+DECODED_ROWS: Final = 1024
+DECODED_PAYLOAD: Final = 1024
+_IMMUTABLE = codec.IMMUTABLE_TYPES
+_new_tuple = tuple.__new__  # a NamedTuple without its Python-level __new__
 
 
 class RowShape:
@@ -146,6 +155,8 @@ class CachedModel(CachedKind):
         self._dialects: dict[str, Any] = {}
         self._absence: dict[str, bool] = {}
         self._lock = threading.Lock()
+        #: stored bytes -> (generation, shape, stored values, attribute values): see recall
+        self._decoded: dict[bytes, tuple[bytes, RowShape, list[Any], dict[str, Any]]] = {}
 
     def shape(self, mapper: Mapper[Any], dialect: Any = None) -> RowShape:
         """The shape of ``mapper``'s rows; for a mapper with TypeDecorator columns, the shape of
@@ -270,6 +281,39 @@ class CachedModel(CachedKind):
         if kind is Tombstone:
             return None
         return REJECTED
+
+    def recall(self, payload: bytes, generation: bytes, ident: tuple[Any, ...]) -> Answer | None:
+        """The hit of a row already decoded from exactly ``payload``: a dict lookup instead of
+        msgpack, its extension types and the shape checks of :meth:`answer`. Those bytes decide
+        everything :meth:`answer` decides but the generation they were read under and the key
+        looked up, checked here as :meth:`answer` checks them; a mismatch is not answered here
+        (None), so the full way decides and counts it. The kept values are shared by every hit
+        of those bytes: :meth:`remember` keeps only rows whose values nothing can change in
+        place, and each hit gets a dict of its own."""
+        known = self._decoded.get(payload) if type(payload) is bytes else None
+        if known is None:
+            return None
+        stored_generation, shape, values, by_attr = known
+        if stored_generation != generation or not _same_key(ident, values, shape.pk_positions):
+            return None
+        return _new_tuple(Hit, (shape, by_attr.copy()))
+
+    def remember(self, payload: bytes, entry: codec.Entry, answer: Answer) -> None:
+        """Keep a hit decoded for :meth:`recall`: a row whose stored values are its attribute
+        values (no column adapter) and are all immutable (:data:`codec.IMMUTABLE_TYPES`)."""
+        if type(answer) is not Hit or type(payload) is not bytes or len(payload) > DECODED_PAYLOAD:
+            return
+        shape = answer.shape
+        values = entry.values
+        if not shape.plain or not all(type(value) in _IMMUTABLE for value in values):
+            return
+        decoded = self._decoded
+        while len(decoded) >= DECODED_ROWS:
+            try:
+                del decoded[next(iter(decoded))]
+            except (KeyError, RuntimeError, StopIteration):  # another thread got there first
+                break
+        decoded[payload] = (entry.generation, shape, values, dict(answer.value))
 
     def fill_entry(self, generation: bytes, loaded: Any) -> RowEntry | None:
         """``loaded`` is the :class:`~sqlalchemy.orm.InstanceState` of a freshly loaded

@@ -267,3 +267,15 @@ def test_register_works_as_a_decorator_with_and_without_arguments():
 
     assert cache.model_for(A.__mapper__).ttl == cache.ttl
     assert cache.model_for(B.__mapper__).ttl == 5
+
+
+def test_a_kinds_first_read_creates_its_generation_in_that_read(cache):
+    """The generation a miss observes must exist before the database read (docs/protocol.md,
+    "Read"): a kind's first read creates it, and every later read sees the same one."""
+    model = cache.model_for(sqlalchemy.inspect(User))
+    key, other = model.keys.row_key((1,)), model.keys.row_key((2,))
+    assert cache.store.get_many([model.keys.generation_key]) == [None]
+    (generation,), stored, _ = cache.guarded.read([model], [key])
+    assert type(generation) is bytes and stored == [None]
+    assert cache.store.get_many([model.keys.generation_key]) == [generation]
+    assert cache.guarded.read([model], [other])[0] == [generation]

@@ -447,6 +447,21 @@ def test_the_store_under_it_keeps_its_capabilities_and_attributes(caches):
     assert store.inner._generations.__func__ is type(cache)._new_generations  # type: ignore[attr-defined]
 
 
+def test_the_near_stores_capabilities_follow_what_the_store_under_it_learns(caches):
+    """The guards read the capabilities on every call, so the near store makes its own once, and
+    again whenever the wrapped store's change (as Redis's do when it learns ``keeps_ttl`` at its
+    first timed lease); what is set on the near store is set on the store under it."""
+    store = near(caches())
+    first = store.capabilities
+    assert store.capabilities is first  # made once, not on every read
+    learnt = store.inner.capabilities._replace(keeps_ttl=not first.keeps_ttl)
+    store.inner.capabilities = learnt  # what RedisStore._learn_keeps_ttl does
+    assert store.capabilities == learnt._replace(near=True)
+    store.capabilities = first
+    assert store.inner.capabilities == first._replace(near=False)
+    assert store.capabilities == first
+
+
 def test_a_near_cache_needs_a_shared_store():
     with pytest.raises(ValueError, match="shared store"):
         IdentityCache(near_cache=True)
