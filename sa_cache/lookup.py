@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Final, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 from sqlalchemy import event
 from sqlalchemy.orm import InstanceState
@@ -57,6 +57,18 @@ Sleep = Callable[[float], None]
 #: ``rule(kind, context)`` decides, at a read's first miss, (what the load will read, may it cache
 #: an absence); the session supplies it, since the answer depends on its transaction.
 FillRule = Callable[[CachedKind, Any], tuple[Freshness, bool]]
+
+
+class ReadAlong(NamedTuple):
+    """Keys of ``kind`` read along with another key in its round trip, at ``observed_at``
+    (:meth:`Lookups.read_one_along`): their stored bytes and opened payloads by key, under the
+    kind's ``generation`` as that round trip read it. Nothing in it is an answer until
+    :meth:`Lookups.read_along` settles the keys a lookup needs."""
+
+    kind: CachedKind
+    generation: bytes
+    entries: dict[str, tuple[bytes | None, bytes | None]]
+    observed_at: float
 
 
 class Settings(Protocol):
@@ -113,6 +125,22 @@ class Lookups:
         if read is None:
             return [None] * len(wanted)
         (generation,), stored, payloads = read
+        return self._settle(kind, generation, wanted, stored, payloads, now, fill_rule, context)
+
+    def _settle(
+        self,
+        kind: CachedKind,
+        generation: bytes,
+        wanted: Sequence[tuple[str, tuple[Any, ...], Any]],
+        stored: Sequence[bytes | None],
+        payloads: Sequence[bytes | None],
+        now: float,
+        fill_rule: FillRule,
+        context: Any,
+    ) -> list[Answer | None]:
+        """The answers of ``wanted`` from what one round trip read at ``now`` (``stored`` and
+        ``payloads``, under ``generation``): each counted as a hit or a miss, each miss
+        remembered for its load as :meth:`read` describes."""
         may_fill: Freshness | None = None  # decided at the first miss: hits need none of this
         negative_ok = False
         answers: list[Answer | None] = []
@@ -210,6 +238,81 @@ class Lookups:
         if answer is None:
             answer = self.lease_or_wait(kind, pk, identity_key)
         return answer
+
+    def read_one_along(
+        self,
+        kind: CachedKind,
+        key: str,
+        pk: tuple[Any, ...],
+        identity_key: Any,
+        fill_rule: FillRule,
+        context: Any,
+        along_kind: CachedKind,
+        along: Sequence[tuple[str, tuple[Any, ...], Any]],
+    ) -> tuple[Answer | None, ReadAlong | None]:
+        """:meth:`read_one`, reading the keys ``along`` (of ``along_kind``: the rows a cached
+        collection is guessed to name) in the same round trip: the answer, and on a hit what
+        was read along, for :meth:`read_along` to answer from.
+
+        What is read along answers nothing here, counts neither as a hit nor as a miss and
+        leaves no observation: only the keys the answer turns out to need are settled, by
+        :meth:`read_along`, as a read of them would settle them. Where a miss is forecast (or
+        nothing is guessed), this is :meth:`read_one`: the lease is taken in the read's round
+        trip, and rows read along would most likely serve nothing."""
+        guarded = self.cache.guarded
+        if not along or (self.cache.lease_wait > 0 and guarded.expects_miss(kind, key)):
+            return self.read_one(kind, key, pk, identity_key, fill_rule, context), None
+        now = time.monotonic()
+        keys = [key, *(along_key for along_key, _, _ in along)]
+        read = guarded.read([kind, along_kind], keys)
+        answer = None
+        if read is not None:
+            (generation, along_generation), stored, payloads = read
+            only = [(key, pk, identity_key)]
+            settled = self._settle(
+                kind, generation, only, stored[:1], payloads[:1], now, fill_rule, context
+            )
+            answer = settled[0]
+        guarded.forecast.observed(kind, answer is None)
+        if answer is None:
+            return self.lease_or_wait(kind, pk, identity_key), None
+        assert read is not None
+        entries = dict(zip(keys[1:], zip(stored[1:], payloads[1:], strict=True), strict=True))
+        return answer, ReadAlong(along_kind, along_generation, entries, now)
+
+    def read_along(
+        self,
+        along: ReadAlong | None,
+        kind: CachedKind,
+        wanted: Sequence[tuple[str, tuple[Any, ...], Any]],
+        fill_rule: FillRule,
+        context: Any = None,
+    ) -> list[Answer | None]:
+        """:meth:`read`, answering the keys ``along`` holds from it (read by this same lookup's
+        earlier round trip, :meth:`read_one_along`) and reading only the others, in one more
+        round trip if there are any. Each key is counted and remembered exactly as
+        :meth:`read` would, as of the round trip that read it."""
+        if along is None or along.kind is not kind:
+            return self.read(kind, wanted, fill_rule, context)
+        entries = along.entries
+        held = [item for item in wanted if item[0] in entries]
+        if not held:
+            return self.read(kind, wanted, fill_rule, context)
+        answers = iter(
+            self._settle(
+                kind,
+                along.generation,
+                held,
+                [entries[key][0] for key, _, _ in held],
+                [entries[key][1] for key, _, _ in held],
+                along.observed_at,
+                fill_rule,
+                context,
+            )
+        )
+        rest = [item for item in wanted if item[0] not in entries]
+        others = iter(self.read(kind, rest, fill_rule, context) if rest else ())
+        return [next(answers) if key in entries else next(others) for key, _, _ in wanted]
 
     def _read_leased(
         self,
