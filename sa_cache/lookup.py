@@ -227,17 +227,7 @@ class Lookups:
         trips for a miss with its fill). Where a miss is forecast (:mod:`sa_cache.forecast`),
         the lease is taken in the read's own round trip instead (two), and a hit read that way
         releases it (two)."""
-        guarded = self.cache.guarded
-        if self.cache.lease_wait > 0 and guarded.expects_miss(kind, key):
-            answered, answer = self._read_leased(kind, key, pk, identity_key, fill_rule, context)
-            if answered:
-                guarded.forecast.observed(kind, answer is None)
-                return answer
-        answer = self.read(kind, [(key, pk, identity_key)], fill_rule, context)[0]
-        guarded.forecast.observed(kind, answer is None)
-        if answer is None:
-            answer = self.lease_or_wait(kind, pk, identity_key)
-        return answer
+        return self.read_one_along(kind, key, pk, identity_key, fill_rule, context)[0]
 
     def read_one_along(
         self,
@@ -246,9 +236,9 @@ class Lookups:
         pk: tuple[Any, ...],
         identity_key: Any,
         fill_rule: FillRule,
-        context: Any,
-        along_kind: CachedKind,
-        along: Sequence[tuple[str, tuple[Any, ...], Any]],
+        context: Any = None,
+        along_kind: CachedKind | None = None,
+        along: Sequence[tuple[str, tuple[Any, ...], Any]] = (),
     ) -> tuple[Answer | None, ReadAlong | None]:
         """:meth:`read_one`, reading the keys ``along`` (of ``along_kind``: the rows a cached
         collection is guessed to name) in the same round trip: the answer, and on a hit what
@@ -256,29 +246,37 @@ class Lookups:
 
         What is read along answers nothing here, counts neither as a hit nor as a miss and
         leaves no observation: only the keys the answer turns out to need are settled, by
-        :meth:`read_along`, as a read of them would settle them. Where a miss is forecast (or
-        nothing is guessed), this is :meth:`read_one`: the lease is taken in the read's round
-        trip, and rows read along would most likely serve nothing."""
+        :meth:`read_along`, as a read of them would settle them. Where a miss is forecast,
+        nothing is read along: the lease is taken in the read's round trip, and rows read
+        along would most likely serve nothing."""
         guarded = self.cache.guarded
-        if not along or (self.cache.lease_wait > 0 and guarded.expects_miss(kind, key)):
-            return self.read_one(kind, key, pk, identity_key, fill_rule, context), None
-        now = time.monotonic()
-        keys = [key, *(along_key for along_key, _, _ in along)]
-        read = guarded.read([kind, along_kind], keys)
-        answer = None
-        if read is not None:
-            (generation, along_generation), stored, payloads = read
-            only = [(key, pk, identity_key)]
-            settled = self._settle(
-                kind, generation, only, stored[:1], payloads[:1], now, fill_rule, context
-            )
-            answer = settled[0]
+        if self.cache.lease_wait > 0 and guarded.expects_miss(kind, key):
+            answered, answer = self._read_leased(kind, key, pk, identity_key, fill_rule, context)
+            if answered:
+                guarded.forecast.observed(kind, answer is None)
+                return answer, None
+        read_along = None
+        if along_kind is None or not along:
+            answer = self.read(kind, [(key, pk, identity_key)], fill_rule, context)[0]
+        else:
+            now = time.monotonic()
+            keys = [key, *(along_key for along_key, _, _ in along)]
+            read = guarded.read([kind, along_kind], keys)
+            answer = None
+            if read is not None:
+                (generation, along_generation), stored, payloads = read
+                only = [(key, pk, identity_key)]
+                settled = self._settle(
+                    kind, generation, only, stored[:1], payloads[:1], now, fill_rule, context
+                )
+                answer = settled[0]
+                read_rows = zip(stored[1:], payloads[1:], strict=True)
+                entries = dict(zip(keys[1:], read_rows, strict=True))
+                read_along = ReadAlong(along_kind, along_generation, entries, now)
         guarded.forecast.observed(kind, answer is None)
         if answer is None:
             return self.lease_or_wait(kind, pk, identity_key), None
-        assert read is not None
-        entries = dict(zip(keys[1:], zip(stored[1:], payloads[1:], strict=True), strict=True))
-        return answer, ReadAlong(along_kind, along_generation, entries, now)
+        return answer, read_along
 
     def read_along(
         self,

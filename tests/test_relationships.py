@@ -254,6 +254,37 @@ def test_the_members_last_seen_choose_which_rows_are_read_never_what_is_answered
 
 
 @pytest.mark.usefixtures("rel")
+def test_a_collection_this_process_evicted_reads_with_its_lease_not_its_guess(
+    Session: sessionmaker[CachingSession],  # noqa: N803
+    plain: sessionmaker[PlainSession],
+    sql: SQLCounter,
+    redis_counter: RedisCounter,
+    db: str,
+) -> None:
+    """A miss is forecast (sa_cache.forecast): its read takes the lease in its round trip, rows
+    read along would serve nothing; the fill remembers the members for the next read."""
+    seed(Session)
+    with Session() as s:
+        s.add(Role(id=3, name="guest"))
+        s.commit()
+    settle(Session, roles_of(1), sql)
+    with Session() as s:
+        changed = add_role_3(s)
+        s.commit()  # this process writes the list's tombstone
+    assert changed
+    expected = outcome(plain, roles_of(1))
+    leased_miss = {"MGET": 1, "SET": 1, "EVALSHA": 2} | ({"TIME": 1} if db == "mariadb" else {})
+    with Session() as s:
+        member = s.get(Member, 1)
+        with expect_sql(sql, selects=1), expect_commands(redis_counter, leased_miss, round_trips=2):
+            assert names(member.roles) == expected
+    with Session() as s:
+        member = s.get(Member, 1)
+        with expect_sql(sql, 0), expect_commands(redis_counter, {"MGET": 1}, round_trips=1):
+            assert names(member.roles) == expected
+
+
+@pytest.mark.usefixtures("rel")
 def test_rows_read_along_for_a_collection_that_then_misses_are_neither_counted_nor_filled(
     Session: sessionmaker[CachingSession],  # noqa: N803
     plain: sessionmaker[PlainSession],
