@@ -60,13 +60,13 @@ FillRule = Callable[[CachedKind, Any], tuple[Freshness, bool]]
 
 
 class ReadAlong(NamedTuple):
-    """Keys of ``kind`` read along with another key in its round trip, at ``observed_at``
-    (:meth:`Lookups.read_one_along`): their stored bytes and opened payloads by key, under the
-    kind's ``generation`` as that round trip read it. Nothing in it is an answer until
-    :meth:`Lookups.read_along` settles the keys a lookup needs."""
+    """Keys read along with a lookup's own keys in its round trip, at ``observed_at``
+    (:meth:`Lookups.read_kinds_along`): their stored bytes and opened payloads by key, and the
+    ``generations`` of their kinds as that round trip read them. Nothing in it is an answer
+    until :meth:`Lookups.read_kinds` (or :meth:`Lookups.read_along`) settles the keys a lookup
+    turns out to need."""
 
-    kind: CachedKind
-    generation: bytes
+    generations: dict[CachedKind, bytes]
     entries: dict[str, tuple[bytes | None, bytes | None]]
     observed_at: float
 
@@ -180,22 +180,102 @@ class Lookups:
         wanted: Sequence[tuple[str, tuple[Any, ...], Any]],
         fill_rule: FillRule,
         context: Any = None,
+        along: ReadAlong | None = None,
     ) -> list[Answer | None]:
         """As :meth:`read`, for keys of several kinds (``kinds[i]`` is the kind of
         ``wanted[i]``), still in one round trip: a hit completing its eager relationships reads
         every collection of a level, then every row they name, this way. A miss is remembered
         as :meth:`read` remembers it, for the load that follows (SQLAlchemy's lazy loader or a
-        refresh) to fill."""
+        refresh) to fill.
+
+        With ``along`` (keys this lookup's earlier round trip read along), the keys it holds
+        are answered from it, counted and remembered as of that round trip, and only the
+        others are read (none: no round trip)."""
+        if along is None:
+            return self.read_kinds_along(kinds, wanted, fill_rule, context)[0]
+        entries, generations = along.entries, along.generations
+        held = [
+            i
+            for i, (kind, (key, _, _)) in enumerate(zip(kinds, wanted, strict=True))
+            if key in entries and kind in generations
+        ]
+        if not held:
+            return self.read_kinds_along(kinds, wanted, fill_rule, context)[0]
+        answers: list[Answer | None] = [None] * len(wanted)
+        settled = self._settle_kinds(
+            [kinds[i] for i in held],
+            generations,
+            [wanted[i] for i in held],
+            [entries[wanted[i][0]][0] for i in held],
+            [entries[wanted[i][0]][1] for i in held],
+            along.observed_at,
+            fill_rule,
+            context,
+        )
+        for i, answer in zip(held, settled, strict=True):
+            answers[i] = answer
+        rest = sorted(set(range(len(wanted))).difference(held))
+        if rest:
+            others = self.read_kinds_along(
+                [kinds[i] for i in rest], [wanted[i] for i in rest], fill_rule, context
+            )[0]
+            for i, answer in zip(rest, others, strict=True):
+                answers[i] = answer
+        return answers
+
+    def read_kinds_along(
+        self,
+        kinds: Sequence[CachedKind],
+        wanted: Sequence[tuple[str, tuple[Any, ...], Any]],
+        fill_rule: FillRule,
+        context: Any = None,
+        along_kinds: Sequence[CachedKind] = (),
+        along: Sequence[tuple[str, tuple[Any, ...], Any]] = (),
+    ) -> tuple[list[Answer | None], ReadAlong | None]:
+        """:meth:`read_kinds`, reading the keys ``along`` (``along_kinds[i]`` the kind of
+        ``along[i]``: rows a lookup expects to need next, such as the members a collection is
+        guessed to name) in the same round trip: the answers, and what was read along (None
+        if nothing was, or the store failed).
+
+        What is read along answers nothing here, counts neither as a hit nor as a miss and
+        leaves no observation: only the keys the lookup turns out to need are settled, by
+        :meth:`read_kinds` with ``along``, as a read of them would settle them."""
         now = time.monotonic()
-        distinct = list(dict.fromkeys(kinds))
-        read = self.cache.guarded.read(distinct, [key for key, _, _ in wanted])
+        distinct = list(dict.fromkeys([*kinds, *along_kinds]))
+        keys = [key for key, _, _ in wanted]
+        if along:
+            keys += [key for key, _, _ in along]
+        read = self.cache.guarded.read(distinct, keys)
         if read is None:
-            return [None] * len(wanted)
+            return [None] * len(wanted), None
         generations = dict(zip(distinct, read[0], strict=True))
+        (_, stored, payloads), count = read, len(wanted)
+        answers = self._settle_kinds(
+            kinds, generations, wanted, stored[:count], payloads[:count], now, fill_rule, context
+        )
+        if not along:
+            return answers, None
+        read_rows = zip(stored[count:], payloads[count:], strict=True)
+        entries = dict(zip(keys[count:], read_rows, strict=True))
+        return answers, ReadAlong(generations, entries, now)
+
+    def _settle_kinds(
+        self,
+        kinds: Sequence[CachedKind],
+        generations: dict[CachedKind, bytes],
+        wanted: Sequence[tuple[str, tuple[Any, ...], Any]],
+        stored: Sequence[bytes | None],
+        payloads: Sequence[bytes | None],
+        now: float,
+        fill_rule: FillRule,
+        context: Any,
+    ) -> list[Answer | None]:
+        """:meth:`_settle` for keys of several kinds (``kinds[i]`` the kind of ``wanted[i]``,
+        under its generation in ``generations``)."""
         rules: dict[CachedKind, tuple[Freshness, bool]] = {}
         answers: list[Answer | None] = []
         for kind, (key, pk, identity_key), raw, payload in zip(
-            kinds, wanted, read[1], read[2], strict=True
+            kinds, wanted, stored, payloads, strict=True
         ):
             generation = generations[kind]
             answer = classify(kind, generation, payload, pk)
@@ -259,20 +339,15 @@ class Lookups:
         if along_kind is None or not along:
             answer = self.read(kind, [(key, pk, identity_key)], fill_rule, context)[0]
         else:
-            now = time.monotonic()
-            keys = [key, *(along_key for along_key, _, _ in along)]
-            read = guarded.read([kind, along_kind], keys)
-            answer = None
-            if read is not None:
-                (generation, along_generation), stored, payloads = read
-                only = [(key, pk, identity_key)]
-                settled = self._settle(
-                    kind, generation, only, stored[:1], payloads[:1], now, fill_rule, context
-                )
-                answer = settled[0]
-                read_rows = zip(stored[1:], payloads[1:], strict=True)
-                entries = dict(zip(keys[1:], read_rows, strict=True))
-                read_along = ReadAlong(along_kind, along_generation, entries, now)
+            answers, read_along = self.read_kinds_along(
+                [kind],
+                [(key, pk, identity_key)],
+                fill_rule,
+                context,
+                [along_kind] * len(along),
+                along,
+            )
+            answer = answers[0]
         guarded.forecast.observed(kind, answer is None)
         if answer is None:
             return self.lease_or_wait(kind, pk, identity_key), None
@@ -286,31 +361,12 @@ class Lookups:
         fill_rule: FillRule,
         context: Any = None,
     ) -> list[Answer | None]:
-        """:meth:`read`, answering the keys ``along`` holds from it (read by this same lookup's
-        earlier round trip, :meth:`read_one_along`) and reading only the others, in one more
-        round trip if there are any. Each key is counted and remembered exactly as
-        :meth:`read` would, as of the round trip that read it."""
-        if along is None or along.kind is not kind:
+        """:meth:`read` of keys of one kind, answering those ``along`` holds from it (read by
+        this same lookup's earlier round trip, :meth:`read_one_along`) as
+        :meth:`read_kinds` does."""
+        if along is None:
             return self.read(kind, wanted, fill_rule, context)
-        entries = along.entries
-        held = [item for item in wanted if item[0] in entries]
-        if not held:
-            return self.read(kind, wanted, fill_rule, context)
-        answers = iter(
-            self._settle(
-                kind,
-                along.generation,
-                held,
-                [entries[key][0] for key, _, _ in held],
-                [entries[key][1] for key, _, _ in held],
-                along.observed_at,
-                fill_rule,
-                context,
-            )
-        )
-        rest = [item for item in wanted if item[0] not in entries]
-        others = iter(self.read(kind, rest, fill_rule, context) if rest else ())
-        return [next(answers) if key in entries else next(others) for key, _, _ in wanted]
+        return self.read_kinds([kind] * len(wanted), wanted, fill_rule, context, along)
 
     def _read_leased(
         self,

@@ -21,7 +21,7 @@ from sa_cache import CachingSession, IdentityCache, codec
 from sa_cache.errors import CacheError, NotRegistered
 from sa_cache.relationships import CollectionEntry, uncacheable
 
-from .conftest import CacheFactory
+from .conftest import CacheFactory, another_process
 from .counting import RedisCounter, SQLCounter, expect_commands, expect_sql
 from .entries import entry_kind, raw_entry
 from .models_relationships import (
@@ -149,16 +149,6 @@ def test_a_warm_request_reads_roles_and_abilities_with_no_sql(
     assert after["Role.abilities"]["hits"] == before["Role.abilities"]["hits"] + 2
 
 
-def another_process(cache: IdentityCache) -> IdentityCache:
-    """Another process's cache on the same store and prefix: its commits evict what this
-    process reads without this process's miss forecast knowing (so this process's next read of
-    an evicted collection is a plain read, with its guess of the members' rows)."""
-    other = IdentityCache(cache.region, prefix=cache.prefix, exit_flush_timeout=0)
-    for model in CACHED:
-        other.register(model)
-    return other
-
-
 @pytest.mark.usefixtures("rel")
 def test_a_warm_collection_and_its_rows_are_read_in_one_round_trip_once_the_process_saw_it(
     Session: sessionmaker[CachingSession],  # noqa: N803
@@ -176,7 +166,7 @@ def test_a_warm_collection_and_its_rows_are_read_in_one_round_trip_once_the_proc
         with expect_sql(sql, 0), expect_commands(redis_counter, {"MGET": 1}, round_trips=1):
             assert names(member.roles) == expected
     # a process that never saw the collection reads its list, then the rows it names; then one
-    fresh = sessionmaker(engine, class_=CachingSession, cache=another_process(cache))
+    fresh = sessionmaker(engine, class_=CachingSession, cache=another_process(cache, CACHED))
     for round_trips in (2, 1):
         with fresh() as s:
             member = s.get(Member, 1)
@@ -245,11 +235,12 @@ def test_the_members_last_seen_choose_which_rows_are_read_never_what_is_answered
     assert outcome(Session, read) == outcome(plain, read)
     kind = cache.registry.relationship_kind(roles.property)
     assert kind is not None and kind.guesses.guess((1,)) == [(r[0],) for r in outcome(plain, read)]
-    other = sessionmaker(engine, class_=CachingSession, cache=another_process(cache))
+    other = sessionmaker(engine, class_=CachingSession, cache=another_process(cache, CACHED))
     with other() as s:  # committed elsewhere, after this process's guess was made
         changed = write(s)
         s.commit()
     assert changed is not None
+    settle(other, read, sql)  # and cached again there: this process's guess is now wrong
     assert agree(plain, Session, read) == outcome(plain, read)
 
 
@@ -297,7 +288,7 @@ def test_rows_read_along_for_a_collection_that_then_misses_are_neither_counted_n
         s.add(Role(id=3, name="guest"))
         s.commit()
     settle(Session, roles_of(1), sql)
-    other = sessionmaker(engine, class_=CachingSession, cache=another_process(cache))
+    other = sessionmaker(engine, class_=CachingSession, cache=another_process(cache, CACHED))
     with other() as s:  # the list and role 1's row evicted elsewhere
         changed = add_role_3(s), rename_role_1(s)
         s.commit()
