@@ -12,8 +12,10 @@ loaded, holding the same objects, with the same ``load_path``, or later lazy loa
 :func:`plan` says, per mapper, which relationships those are and how each is served (memoised
 in :attr:`sa_cache.registry.Registry.eager_plans`, cleared by every registration). :func:`complete`
 serves them level by level: one store read for the collections of every instance of a level,
-one for the rows of all their members and many-to-one targets; the instances placed become the
-next level. Whatever the cache cannot answer exactly (a collection or row it lacks, a member in
+together with the rows of the members this process last saw in them and of the many-to-one
+targets (a guess of keys, never an answer: :class:`~sa_cache.relationships.MemberGuesses`), and
+one more for the rows of members not guessed, if any; the instances placed become the next
+level. Whatever the cache cannot answer exactly (a collection or row it lacks, a member in
 the session with expired attributes, a relationship it does not cache) is loaded by SQLAlchemy
 itself, one attribute at a time: the looked-up row's ``joined`` ones in one refresh with the
 row's SQL expressions (a first hit costs no more SQL than its miss), the others by the lazy

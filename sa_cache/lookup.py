@@ -11,7 +11,11 @@ The sequence for one key, as :mod:`sa_cache.session` drives it:
 
 1. :meth:`Lookups.read`: one round trip for the keys and their kind's generation; hits and known
    absences are answered, each miss is remembered as an :class:`~sa_cache.protocol.Observation`
-   if the session may fill it (the session decides that: it depends on the transaction);
+   if the session may fill it (the session decides that: it depends on the transaction). A
+   read may carry keys it expects to need next (a collection's members' rows,
+   :meth:`Lookups.read_one_along`, :meth:`Lookups.read_kinds_along`): they answer nothing, count
+   nothing and are remembered nowhere until a later step of the same lookup needs them
+   (:class:`ReadAlong`);
 2. :meth:`Lookups.lease_or_wait`: for a single-key miss, take the key's lease (re-reading the key
    in the same round trip, and in a snapshot transaction the store's clock) or wait for the
    caller holding it to fill it. The waiting is injected (``sleep``), so an asyncio path can

@@ -2,8 +2,10 @@
 targets' primary keys, in load order.
 
 A collection is never a copy of its rows: a hit names the targets, and their rows come from the
-row cache (:mod:`sa_cache.rows`) in one more read, so a change to a target's columns needs no
-eviction here. What this kind must evict is a change of *membership* (or of order):
+row cache (:mod:`sa_cache.rows`), so a change to a target's columns needs no eviction here. The
+rows are read in the list's own round trip where this process guesses them
+(:class:`MemberGuesses`: the members the list had when last seen here), in one more read
+otherwise. What this kind must evict is a change of *membership* (or of order):
 
 - one-to-many (the target's foreign key names the parent's primary key): any insert, update or
   delete of a target evicts the collections of the parents its old and new foreign-key values
