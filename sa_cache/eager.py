@@ -12,8 +12,10 @@ loaded, holding the same objects, with the same ``load_path``, or later lazy loa
 :func:`plan` says, per mapper, which relationships those are and how each is served (memoised
 in :attr:`sa_cache.registry.Registry.eager_plans`, cleared by every registration). :func:`complete`
 serves them level by level: one store read for the collections of every instance of a level,
-one for the rows of all their members and many-to-one targets; the instances placed become the
-next level. Whatever the cache cannot answer exactly (a collection or row it lacks, a member in
+together with the rows of the members this process last saw in them and of the many-to-one
+targets (a guess of keys, never an answer: :class:`~sa_cache.relationships.MemberGuesses`), and
+one more for the rows of members not guessed, if any; the instances placed become the next
+level. Whatever the cache cannot answer exactly (a collection or row it lacks, a member in
 the session with expired attributes, a relationship it does not cache) is loaded by SQLAlchemy
 itself, one attribute at a time: the looked-up row's ``joined`` ones in one refresh with the
 row's SQL expressions (a first hit costs no more SQL than its miss), the others by the lazy
@@ -181,6 +183,7 @@ def _fill_refreshed(lookups: Lookups, deferred: list[_Todo]) -> None:
             members.append(target)
         else:
             lookups.loaded((kind, pk), members)
+            kind.guesses.remember(pk, members)
 
 
 def _serve(
@@ -220,13 +223,20 @@ def _serve(
                     continue
         fallback.append(item)
 
+    session = todo[0].state.session if todo else None
+    identity_map = None if session is None else session.identity_map
     members: dict[_Todo, list[tuple[Any, ...]]] = {}
+    along = None
     if collections:
         kinds: list[CachedKind] = [item.step.collection for item, _, _ in collections]  # type: ignore[misc]
-        lists = lookups.read_kinds(
+        along_kinds, along_rows = _rows_along(lookups, collections, references, identity_map)
+        lists, along = lookups.read_kinds_along(
             kinds,
             [(key, pk, (kind, pk)) for kind, (_, key, pk) in zip(kinds, collections, strict=True)],
             fill_rule,
+            None,
+            along_kinds,
+            along_rows,
         )
         for (item, _, _), answer in zip(collections, lists, strict=True):
             if type(answer) is Hit:
@@ -234,9 +244,8 @@ def _serve(
             else:
                 fallback.append(item)
 
-    # every member and target: from the session, or from the row cache in one read
-    session = todo[0].state.session if todo else None
-    identity_map = None if session is None else session.identity_map
+    # every member and target: from the session, or from the row cache (what the collections'
+    # round trip read along, and the rest in one read)
     wanted: dict[tuple[Mapper[Any], tuple[Any, ...]], Any] = {}
     rows: list[tuple[CachedModel, Mapper[Any], tuple[Any, ...], Any, str]] = []
     blocked: set[tuple[Mapper[Any], tuple[Any, ...]]] = set()
@@ -276,6 +285,8 @@ def _serve(
             [model for model, *_ in rows],
             [(key, pk, identity_key) for *_, pk, identity_key, key in rows],
             fill_rule,
+            None,
+            along,
         )
         for (_, mapper, pk, _, _), answer in zip(rows, read, strict=True):
             if type(answer) is Hit and answer.shape.mapper.isa(mapper):
@@ -326,6 +337,44 @@ def _serve(
         else:
             _orm.load_along(item.state, item.step.prop, item.path)
     return brought, deferred
+
+
+def _rows_along(
+    lookups: Lookups,
+    collections: list[tuple[_Todo, str, tuple[Any, ...]]],
+    references: list[tuple[_Todo, tuple[Any, ...] | None]],
+    identity_map: Any,
+) -> tuple[list[CachedKind], list[tuple[str, tuple[Any, ...], Any]]]:
+    """The rows to read in the round trip of a level's collections: those of the members this
+    process last saw in each (:class:`~sa_cache.relationships.MemberGuesses`: a guess of which
+    keys the level needs, never an answer) and the targets of its many-to-ones, which the
+    session lacks and the transaction did not write."""
+    written = lookups.changes.keys
+    kinds: list[CachedKind] = []
+    rows: list[tuple[str, tuple[Any, ...], Any]] = []
+    seen: set[str] = set()
+
+    def add(model: CachedModel, mapper: Mapper[Any], pk: tuple[Any, ...]) -> None:
+        identity_key = mapper.identity_key_from_primary_key(pk)
+        if identity_map is not None and identity_key in identity_map:
+            return
+        key = model.keys.row_key(pk)
+        if key in written or key in seen:
+            return
+        seen.add(key)
+        kinds.append(model)
+        rows.append((key, pk, identity_key))
+
+    for item, _, pk in collections:
+        kind = item.step.collection
+        assert kind is not None
+        for member in kind.guesses.guess(pk) or ():
+            add(kind.target, item.step.prop.mapper, member)
+    for item, target in references:
+        if target is not None:
+            assert item.step.row is not None
+            add(item.step.row, item.step.prop.mapper, target)
+    return kinds, rows
 
 
 def _collection_readable(

@@ -11,7 +11,11 @@ The sequence for one key, as :mod:`sa_cache.session` drives it:
 
 1. :meth:`Lookups.read`: one round trip for the keys and their kind's generation; hits and known
    absences are answered, each miss is remembered as an :class:`~sa_cache.protocol.Observation`
-   if the session may fill it (the session decides that: it depends on the transaction);
+   if the session may fill it (the session decides that: it depends on the transaction). A
+   read may carry keys it expects to need next (a collection's members' rows,
+   :meth:`Lookups.read_one_along`, :meth:`Lookups.read_kinds_along`): they answer nothing, count
+   nothing and are remembered nowhere until a later step of the same lookup needs them
+   (:class:`ReadAlong`);
 2. :meth:`Lookups.lease_or_wait`: for a single-key miss, take the key's lease (re-reading the key
    in the same round trip, and in a snapshot transaction the store's clock) or wait for the
    caller holding it to fill it. The waiting is injected (``sleep``), so an asyncio path can
@@ -28,7 +32,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Final, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 from sqlalchemy import event
 from sqlalchemy.orm import InstanceState
@@ -57,6 +61,18 @@ Sleep = Callable[[float], None]
 #: ``rule(kind, context)`` decides, at a read's first miss, (what the load will read, may it cache
 #: an absence); the session supplies it, since the answer depends on its transaction.
 FillRule = Callable[[CachedKind, Any], tuple[Freshness, bool]]
+
+
+class ReadAlong(NamedTuple):
+    """Keys read along with a lookup's own keys in its round trip, at ``observed_at``
+    (:meth:`Lookups.read_kinds_along`): their stored bytes and opened payloads by key, and the
+    ``generations`` of their kinds as that round trip read them. Nothing in it is an answer
+    until :meth:`Lookups.read_kinds` (or :meth:`Lookups.read_along`) settles the keys a lookup
+    turns out to need."""
+
+    generations: dict[CachedKind, bytes]
+    entries: dict[str, tuple[bytes | None, bytes | None]]
+    observed_at: float
 
 
 class Settings(Protocol):
@@ -113,6 +129,22 @@ class Lookups:
         if read is None:
             return [None] * len(wanted)
         (generation,), stored, payloads = read
+        return self._settle(kind, generation, wanted, stored, payloads, now, fill_rule, context)
+
+    def _settle(
+        self,
+        kind: CachedKind,
+        generation: bytes,
+        wanted: Sequence[tuple[str, tuple[Any, ...], Any]],
+        stored: Sequence[bytes | None],
+        payloads: Sequence[bytes | None],
+        now: float,
+        fill_rule: FillRule,
+        context: Any,
+    ) -> list[Answer | None]:
+        """The answers of ``wanted`` from what one round trip read at ``now`` (``stored`` and
+        ``payloads``, under ``generation``): each counted as a hit or a miss, each miss
+        remembered for its load as :meth:`read` describes."""
         may_fill: Freshness | None = None  # decided at the first miss: hits need none of this
         negative_ok = False
         answers: list[Answer | None] = []
@@ -194,22 +226,102 @@ class Lookups:
         wanted: Sequence[tuple[str, tuple[Any, ...], Any]],
         fill_rule: FillRule,
         context: Any = None,
+        along: ReadAlong | None = None,
     ) -> list[Answer | None]:
         """As :meth:`read`, for keys of several kinds (``kinds[i]`` is the kind of
         ``wanted[i]``), still in one round trip: a hit completing its eager relationships reads
         every collection of a level, then every row they name, this way. A miss is remembered
         as :meth:`read` remembers it, for the load that follows (SQLAlchemy's lazy loader or a
-        refresh) to fill."""
+        refresh) to fill.
+
+        With ``along`` (keys this lookup's earlier round trip read along), the keys it holds
+        are answered from it, counted and remembered as of that round trip, and only the
+        others are read (none: no round trip)."""
+        if along is None:
+            return self.read_kinds_along(kinds, wanted, fill_rule, context)[0]
+        entries, generations = along.entries, along.generations
+        held = [
+            i
+            for i, (kind, (key, _, _)) in enumerate(zip(kinds, wanted, strict=True))
+            if key in entries and kind in generations
+        ]
+        if not held:
+            return self.read_kinds_along(kinds, wanted, fill_rule, context)[0]
+        answers: list[Answer | None] = [None] * len(wanted)
+        settled = self._settle_kinds(
+            [kinds[i] for i in held],
+            generations,
+            [wanted[i] for i in held],
+            [entries[wanted[i][0]][0] for i in held],
+            [entries[wanted[i][0]][1] for i in held],
+            along.observed_at,
+            fill_rule,
+            context,
+        )
+        for i, answer in zip(held, settled, strict=True):
+            answers[i] = answer
+        rest = sorted(set(range(len(wanted))).difference(held))
+        if rest:
+            others = self.read_kinds_along(
+                [kinds[i] for i in rest], [wanted[i] for i in rest], fill_rule, context
+            )[0]
+            for i, answer in zip(rest, others, strict=True):
+                answers[i] = answer
+        return answers
+
+    def read_kinds_along(
+        self,
+        kinds: Sequence[CachedKind],
+        wanted: Sequence[tuple[str, tuple[Any, ...], Any]],
+        fill_rule: FillRule,
+        context: Any = None,
+        along_kinds: Sequence[CachedKind] = (),
+        along: Sequence[tuple[str, tuple[Any, ...], Any]] = (),
+    ) -> tuple[list[Answer | None], ReadAlong | None]:
+        """:meth:`read_kinds`, reading the keys ``along`` (``along_kinds[i]`` the kind of
+        ``along[i]``: rows a lookup expects to need next, such as the members a collection is
+        guessed to name) in the same round trip: the answers, and what was read along (None
+        if nothing was, or the store failed).
+
+        What is read along answers nothing here, counts neither as a hit nor as a miss and
+        leaves no observation: only the keys the lookup turns out to need are settled, by
+        :meth:`read_kinds` with ``along``, as a read of them would settle them."""
         now = time.monotonic()
-        distinct = list(dict.fromkeys(kinds))
-        read = self.cache.guarded.read(distinct, [key for key, _, _ in wanted])
+        distinct = list(dict.fromkeys([*kinds, *along_kinds]))
+        keys = [key for key, _, _ in wanted]
+        if along:
+            keys += [key for key, _, _ in along]
+        read = self.cache.guarded.read(distinct, keys)
         if read is None:
-            return [None] * len(wanted)
+            return [None] * len(wanted), None
         generations = dict(zip(distinct, read[0], strict=True))
+        (_, stored, payloads), count = read, len(wanted)
+        answers = self._settle_kinds(
+            kinds, generations, wanted, stored[:count], payloads[:count], now, fill_rule, context
+        )
+        if not along:
+            return answers, None
+        read_rows = zip(stored[count:], payloads[count:], strict=True)
+        entries = dict(zip(keys[count:], read_rows, strict=True))
+        return answers, ReadAlong(generations, entries, now)
+
+    def _settle_kinds(
+        self,
+        kinds: Sequence[CachedKind],
+        generations: dict[CachedKind, bytes],
+        wanted: Sequence[tuple[str, tuple[Any, ...], Any]],
+        stored: Sequence[bytes | None],
+        payloads: Sequence[bytes | None],
+        now: float,
+        fill_rule: FillRule,
+        context: Any,
+    ) -> list[Answer | None]:
+        """:meth:`_settle` for keys of several kinds (``kinds[i]`` the kind of ``wanted[i]``,
+        under its generation in ``generations``)."""
         rules: dict[CachedKind, tuple[Freshness, bool]] = {}
         answers: list[Answer | None] = []
         for kind, (key, pk, identity_key), raw, payload in zip(
-            kinds, wanted, read[1], read[2], strict=True
+            kinds, wanted, stored, payloads, strict=True
         ):
             generation = generations[kind]
             answer = classify(kind, generation, payload, pk)
@@ -237,17 +349,66 @@ class Lookups:
         trips for a miss with its fill). Where a miss is forecast (:mod:`sa_cache.forecast`),
         the lease is taken in the read's own round trip instead (two), and a hit read that way
         releases it (two)."""
+        return self.read_one_along(kind, key, pk, identity_key, fill_rule, context)[0]
+
+    def read_one_along(
+        self,
+        kind: CachedKind,
+        key: str,
+        pk: tuple[Any, ...],
+        identity_key: Any,
+        fill_rule: FillRule,
+        context: Any = None,
+        along_kind: CachedKind | None = None,
+        along: Sequence[tuple[str, tuple[Any, ...], Any]] = (),
+    ) -> tuple[Answer | None, ReadAlong | None]:
+        """:meth:`read_one`, reading the keys ``along`` (of ``along_kind``: the rows a cached
+        collection is guessed to name) in the same round trip: the answer, and on a hit what
+        was read along, for :meth:`read_along` to answer from.
+
+        What is read along answers nothing here, counts neither as a hit nor as a miss and
+        leaves no observation: only the keys the answer turns out to need are settled, by
+        :meth:`read_along`, as a read of them would settle them. Where a miss is forecast,
+        nothing is read along: the lease is taken in the read's round trip, and rows read
+        along would most likely serve nothing."""
         guarded = self.cache.guarded
         if self.cache.lease_wait > 0 and guarded.expects_miss(kind, key):
             answered, answer = self._read_leased(kind, key, pk, identity_key, fill_rule, context)
             if answered:
                 guarded.forecast.observed(kind, answer is None)
-                return answer
-        answer = self._read_single(kind, key, pk, identity_key, fill_rule, context)
+                return answer, None
+        read_along = None
+        if along_kind is None or not along:
+            answer = self._read_single(kind, key, pk, identity_key, fill_rule, context)
+        else:
+            answers, read_along = self.read_kinds_along(
+                [kind],
+                [(key, pk, identity_key)],
+                fill_rule,
+                context,
+                [along_kind] * len(along),
+                along,
+            )
+            answer = answers[0]
         guarded.forecast.observed(kind, answer is None)
         if answer is None:
-            answer = self.lease_or_wait(kind, pk, identity_key)
-        return answer
+            return self.lease_or_wait(kind, pk, identity_key), None
+        return answer, read_along
+
+    def read_along(
+        self,
+        along: ReadAlong | None,
+        kind: CachedKind,
+        wanted: Sequence[tuple[str, tuple[Any, ...], Any]],
+        fill_rule: FillRule,
+        context: Any = None,
+    ) -> list[Answer | None]:
+        """:meth:`read` of keys of one kind, answering those ``along`` holds from it (read by
+        this same lookup's earlier round trip, :meth:`read_one_along`) as
+        :meth:`read_kinds` does."""
+        if along is None:
+            return self.read(kind, wanted, fill_rule, context)
+        return self.read_kinds([kind] * len(wanted), wanted, fill_rule, context, along)
 
     def _read_leased(
         self,

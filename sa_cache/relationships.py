@@ -2,8 +2,10 @@
 targets' primary keys, in load order.
 
 A collection is never a copy of its rows: a hit names the targets, and their rows come from the
-row cache (:mod:`sa_cache.rows`) in one more read, so a change to a target's columns needs no
-eviction here. What this kind must evict is a change of *membership* (or of order):
+row cache (:mod:`sa_cache.rows`), so a change to a target's columns needs no eviction here. The
+rows are read in the list's own round trip where this process guesses them
+(:class:`MemberGuesses`: the members the list had when last seen here), in one more read
+otherwise. What this kind must evict is a change of *membership* (or of order):
 
 - one-to-many (the target's foreign key names the parent's primary key): any insert, update or
   delete of a target evicts the collections of the parents its old and new foreign-key values
@@ -44,6 +46,11 @@ from .stats import ModelStats
 COLLECTION: Final = 8
 #: Bounds the collections cached by default (``IdentityCache(max_collection=...)``).
 DEFAULT_MAX_COLLECTION: Final = 1000
+#: The collections of one relationship whose members a process remembers as its guess of the
+#: next read's rows (:class:`MemberGuesses`), and the longest list remembered: a longer one
+#: would read that many rows for nothing when its guess is wrong, to save one round trip.
+GUESSED_COLLECTIONS: Final = 2048
+GUESSED_MEMBERS: Final = 64
 
 _MISSING: Final = object()
 #: The strategies whose collections are cached: loaded lazily, or with their parent.
@@ -59,6 +66,40 @@ class CollectionEntry(NamedTuple):
     schema_hash: bytes
     generation: bytes
     targets: list[Any]
+
+
+class MemberGuesses:
+    """The members each collection of one relationship had when this process last read it as a
+    hit, keyed by the parent's primary key: a guess of which rows the next read of that
+    collection will need, so it can read them in the collection's own round trip.
+
+    A guess only chooses keys to read, never an answer: every answer comes from the entries read
+    in the load's own round trip (docs/protocol.md, "Relationship collections"). So a wrong or
+    old guess costs a few keys read for nothing, never freshness. Bounded (the least recently
+    remembered are forgotten first); shared by the sessions of one cache without a lock: under
+    the GIL a race loses a guess at worst."""
+
+    __slots__ = ("_members",)
+
+    def __init__(self) -> None:
+        self._members: dict[tuple[Any, ...], list[tuple[Any, ...]]] = {}
+
+    def guess(self, pk: tuple[Any, ...]) -> list[tuple[Any, ...]] | None:
+        """The members the collection of parent ``pk`` last had here, or None."""
+        return self._members.get(pk)
+
+    def remember(self, pk: tuple[Any, ...], members: list[tuple[Any, ...]]) -> None:
+        """The collection of parent ``pk`` holds ``members`` (a hit read them, or a load)."""
+        known = self._members
+        known.pop(pk, None)  # re-inserted last: the oldest are forgotten first
+        if not members or len(members) > GUESSED_MEMBERS:
+            return
+        known[pk] = members
+        while len(known) > GUESSED_COLLECTIONS:
+            try:
+                del known[next(iter(known))]
+            except (KeyError, RuntimeError, StopIteration):  # another thread got there first
+                break
 
 
 def uncacheable(prop: RelationshipProperty[Any]) -> str | None:
@@ -137,6 +178,8 @@ class CachedRelationship(CachedKind):
         self.ttl = ttl
         self.max_length = max_length
         self.stats = ModelStats()
+        #: which rows this process expects each collection's next read to need
+        self.guesses = MemberGuesses()
         table: Any = prop.parent.local_table
         self.keys = KeySpace.named(prefix, f"rel:{table.name}.{self.name}")
         self.secondary: Table | None = prop.secondary  # type: ignore[assignment]
@@ -199,6 +242,7 @@ class CachedRelationship(CachedKind):
                 if pk is None:
                     return REJECTED
                 pks.append(pk)
+            self.guesses.remember(ident, pks)
             return Hit(None, pks)
         if kind is codec.Tombstone:
             return None

@@ -26,7 +26,7 @@ from . import _orm, collations, connections, eager, isolation, tracking
 from .cache import IdentityCache
 from .keys import coercer_for, normalise
 from .kinds import ABSENT, Answer, Hit
-from .lookup import Lookups
+from .lookup import Lookups, ReadAlong
 from .protocol import Freshness
 from .relationships import CachedRelationship
 from .rows import CachedModel
@@ -344,11 +344,11 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         # fill fresh); the get under way, if this load runs inside one, keeps its own
         outer = lookups.current
         try:
-            answer = lookups.read_one(kind, key, pk, waiting, self._fill_rule, target)
+            answer, along = self._read_collection(kind, key, pk, waiting)
         finally:
             lookups.current = outer
         if type(answer) is Hit:
-            found = self._hydrate(kind, answer.value, _orm.lazy_load_children_path(state))
+            found = self._hydrate(kind, answer.value, _orm.lazy_load_children_path(state), along)
             # a target the row cache lacks: the SELECT, whose load fills it
             return None if found is None else _orm.instances_result(found)
         if waiting not in lookups.pending:
@@ -364,6 +364,7 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
                     return frozen()
                 pks.append(target_pk)
             lookups.loaded(waiting, pks)
+            kind.guesses.remember(pk, pks)  # the rows its next read will most likely need
             return frozen()
         finally:
             observation = lookups.pending.pop(waiting, None)
@@ -533,12 +534,29 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
             if observation is not None:
                 lookups.write_back([], observation)
 
-    def _hydrate(
-        self, kind: CachedRelationship, pks: list[tuple[Any, ...]], path: Any
-    ) -> list[Any] | None:
-        """The instances of a cached collection: those in the identity map as they are, the
-        others from the row cache in one read and placed as a load places them; None if any is
-        not there (or not loaded, or of another class), so the SELECT answers instead."""
+    def _read_collection(
+        self, kind: CachedRelationship, key: str, pk: tuple[Any, ...], waiting: Any
+    ) -> tuple[Answer | None, ReadAlong | None]:
+        """The collection's entry, with the rows of the members this process last saw in it
+        (those the session lacks) read in the same round trip: the guess only chooses which
+        keys to read; the entry read names the members, and :meth:`_hydrate` answers from
+        what was read along only for those it names."""
+        lookups = self._sa_cache
+        assert lookups is not None
+        guess = kind.guesses.guess(pk)
+        plan = None if guess is None else self._rows_to_read(kind, guess)
+        along = () if plan is None else plan[1]
+        return lookups.read_one_along(
+            kind, key, pk, waiting, self._fill_rule, kind.prop.mapper, kind.target, along
+        )
+
+    def _rows_to_read(
+        self, kind: CachedRelationship, pks: list[tuple[Any, ...]]
+    ) -> tuple[list[Any], list[tuple[str, tuple[Any, ...], Any]], list[int]] | None:
+        """For members ``pks`` of a cached collection: the instances the identity map holds (a
+        None where a row must be read), the rows to read (key, pk, identity key) and their
+        places; None if a load would not take the session's instance as it is (expired, of
+        another class) or the transaction wrote a row: then the SELECT answers."""
         lookups = self._sa_cache
         assert lookups is not None
         mapper, model = kind.prop.mapper, kind.target
@@ -559,9 +577,29 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
             places.append(len(found))
             found.append(None)
             wanted.append((key, pk, identity_key))
+        return found, wanted, places
+
+    def _hydrate(
+        self,
+        kind: CachedRelationship,
+        pks: list[tuple[Any, ...]],
+        path: Any,
+        along: ReadAlong | None = None,
+    ) -> list[Any] | None:
+        """The instances of a cached collection: those in the identity map as they are, the
+        others from the row cache (those ``along`` holds from the collection's own round trip,
+        the rest in one more read) and placed as a load places them; None if any is not there
+        (or not loaded, or of another class), so the SELECT answers instead."""
+        lookups = self._sa_cache
+        assert lookups is not None
+        plan = self._rows_to_read(kind, pks)
+        if plan is None:
+            return None
+        found, wanted, places = plan
         if not wanted:
             return found
-        answers = lookups.read(model, wanted, self._fill_rule, mapper)
+        mapper = kind.prop.mapper
+        answers = lookups.read_along(along, kind.target, wanted, self._fill_rule, mapper)
         if any(type(answer) is not Hit for answer in answers):
             return None
         placed = []

@@ -182,6 +182,17 @@ def new_cache(backend: str, counter: RedisCounter, **options: Any) -> IdentityCa
     return register_all(cache)
 
 
+def another_process(cache: IdentityCache, models: Any) -> IdentityCache:
+    """Another process's cache on ``cache``'s store and prefix, with ``models`` registered: its
+    commits evict what ``cache`` reads without ``cache``'s own miss forecast knowing (so
+    ``cache``'s next read of an evicted key is a plain read, as after another process's
+    commit)."""
+    other = IdentityCache(cache.region, prefix=cache.prefix, exit_flush_timeout=0)
+    for model in models:
+        other.register(model)
+    return other
+
+
 CacheFactory = Callable[..., IdentityCache]
 
 

@@ -172,6 +172,15 @@ def counting_connection_class(
     return CountingConnection
 
 
+def count_client(counter: RedisCounter, client: redis.Redis) -> None:
+    """Count ``client``'s commands and round trips from now on (an application's own client,
+    made where no connection class could be passed): its pool makes counting connections, and
+    forgets those it made already."""
+    pool = client.connection_pool
+    pool.connection_class = counting_connection_class(counter, pool.connection_class)
+    pool.reset()
+
+
 def counted_redis_region(
     counter: RedisCounter, url: str, *, socket_timeout: float = 1.0, **region: Any
 ) -> Any:

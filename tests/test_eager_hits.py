@@ -20,10 +20,12 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session as PlainSession
 from sqlalchemy.orm import selectinload, sessionmaker
 
-from sa_cache import CachingSession, IdentityCache
+from sa_cache import CachingSession, IdentityCache, codec
 from sa_cache.eager import plan
 
+from .conftest import another_process
 from .counting import RedisCounter, SQLCounter, expect_commands, expect_sql
+from .entries import entry_kind
 from .models_eager import (
     CACHED,
     Ability,
@@ -149,7 +151,7 @@ def seed(Session: Any) -> None:  # noqa: N803
 
 
 @pytest.mark.usefixtures("eager")
-def test_a_warm_get_loads_two_selectin_levels_from_the_cache_in_five_round_trips(
+def test_a_warm_get_loads_two_selectin_levels_from_the_cache_in_three_round_trips(
     Session: sessionmaker[CachingSession],  # noqa: N803
     plain: sessionmaker[PlainSession],
     cache: IdentityCache,
@@ -160,11 +162,13 @@ def test_a_warm_get_loads_two_selectin_levels_from_the_cache_in_five_round_trips
     expected = agree(plain, Session, get(User, 1))
     settle(Session, get(User, 1), sql)
     before = cache.stats()["models"]
-    # the user; the roles' collection, their rows; both roles' abilities' collections, their rows
+    # the user; the roles' collection with their rows; both roles' abilities' collections with
+    # their rows (a level's collections and the rows of the members this process last saw in
+    # them are read together)
     with (
         Session() as s,
         expect_sql(sql, 0),
-        expect_commands(redis_counter, {"MGET": 5}, round_trips=5),
+        expect_commands(redis_counter, {"MGET": 3}, round_trips=3),
     ):
         user = s.get(User, 1)
         assert graph(user) == expected
@@ -186,14 +190,87 @@ def test_joined_subquery_immediate_and_a_joined_many_to_one_load_from_the_cache(
     expected = agree(plain, Session, get(Board, 1))
     assert ("Post", (2,), [], ["Board", "posts", "Post"], 0, [("author", [])]) in expected
     settle(Session, get(Board, 1), sql)
-    # the board; its three collections, their rows; the author; the author's roles' collection,
-    # their rows; the roles' abilities' collections, their rows
+    # the board; its three collections with their rows; the author; the author's roles'
+    # collection with their rows; the roles' abilities' collections with their rows
     with (
         Session() as s,
         expect_sql(sql, 0),
-        expect_commands(redis_counter, {"MGET": 8}, round_trips=8),
+        expect_commands(redis_counter, {"MGET": 5}, round_trips=5),
     ):
         assert graph(s.get(Board, 1)) == expected
+
+
+def add_role_1_to_user_2(s: Any) -> Any:
+    user = s.get(User, 2)
+    user.roles.append(s.get(Role, 1))
+    return user
+
+
+def remove_role_1_from_user_1(s: Any) -> Any:
+    user = s.get(User, 1)
+    user.roles = [r for r in user.roles if r.id != 1]
+    return user
+
+
+def rename_ability_3(s: Any) -> Any:
+    ability = s.get(Ability, 3)
+    ability.name = "renamed"
+    return ability
+
+
+#: what another process commits after this one's guesses were made, and the get it changes
+GUESS_CHANGES = {
+    "a member added": (add_role_1_to_user_2, get(User, 2)),
+    "a member removed": (remove_role_1_from_user_1, get(User, 1)),
+    "a member's row changed": (rename_ability_3, get(User, 1)),
+}
+
+
+@pytest.mark.usefixtures("eager")
+@pytest.mark.parametrize("change", list(GUESS_CHANGES))
+def test_the_members_last_seen_choose_which_rows_a_level_reads_never_what_it_answers(
+    Session: sessionmaker[CachingSession],  # noqa: N803
+    plain: sessionmaker[PlainSession],
+    engine: Engine,
+    cache: IdentityCache,
+    sql: SQLCounter,
+    change: str,
+) -> None:
+    write, read = GUESS_CHANGES[change]
+    seed(Session)
+    for warm in (get(User, 1), get(User, 2)):
+        settle(Session, warm, sql)
+    other = sessionmaker(engine, class_=CachingSession, cache=another_process(cache, CACHED))
+    with other() as s:  # committed elsewhere, after this process's guesses were made
+        changed = write(s)
+        s.commit()
+    assert changed is not None
+    settle(other, read, sql)  # and cached again there: this process's guesses are now wrong
+    assert agree(plain, Session, read) == outcome(plain, read)
+
+
+@pytest.mark.usefixtures("eager")
+def test_rows_a_level_read_along_for_a_collection_that_then_misses_are_not_filled_by_its_load(
+    Session: sessionmaker[CachingSession],  # noqa: N803
+    plain: sessionmaker[PlainSession],
+    engine: Engine,
+    cache: IdentityCache,
+    sql: SQLCounter,
+) -> None:
+    seed(Session)
+    settle(Session, get(User, 2), sql)  # this process's guess of user 2's roles: role 2
+    other = sessionmaker(engine, class_=CachingSession, cache=another_process(cache, CACHED))
+    with other() as s:  # the list and role 2's row evicted elsewhere
+        changed = add_role_1_to_user_2(s), s.get(Role, 2)
+        changed[1].name = "renamed"
+        s.commit()
+    expected = outcome(plain, get(User, 2))
+    with Session() as s:
+        assert graph(s.get(User, 2)) == expected  # the list missed: SQLAlchemy loads it
+        assert s._sa_cache is not None and s._sa_cache.pending == {}
+    # role 2's row was read along (a tombstone) for nothing: the load that followed does not
+    # fill it (only rows a read needed are filled), exactly as without the guess
+    assert entry_kind(cache, Role, 2) is codec.Tombstone
 
 
 @pytest.mark.usefixtures("eager")

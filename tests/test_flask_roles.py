@@ -22,7 +22,7 @@ from benchmarks import roles_app
 from benchmarks.env import delete_prefix
 
 from .conftest import MARIADB_SERVER, PG_SERVER, REDIS_URL, RUN_ID
-from .counting import counting_sql, expect_sql
+from .counting import RedisCounter, count_client, counting_sql, expect_commands, expect_sql
 from .databases import create_database, drop_database
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,6 +124,35 @@ def test_a_warm_roles_and_abilities_request_uses_no_database_connection(apps):
     assert response.headers["X-SQL-Statements"] == "0"
     assert response.headers["X-Pool-Checkouts"] == "0"
     assert response.headers["X-Transactions"] == "0"
+
+
+@pytest.mark.parametrize("backend", ["redis"], indirect=True)
+def test_a_warm_request_costs_two_round_trips_and_one_per_role(apps):
+    """The user; the user's roles with their rows; each role's abilities with their rows (the
+    rows this process last saw in a collection are read in the collection's round trip)."""
+    cached, plain = apps
+    users = range(1, USERS + 1)
+    clients = {user: logged_in(cached, user) for user in users}
+    expected = {user: abilities(logged_in(plain, user)) for user in users}
+    with counting_sql(engine_of(cached)) as sql:
+        for _ in range(WARM_PASSES):
+            sql.reset()
+            for user in users:
+                assert abilities(clients[user]) == expected[user]
+            if sql.count == 0:
+                break
+    backend = cached.extensions["sa_cache"].cache.region.actual_backend
+    counter = RedisCounter()
+    for client in {id(c): c for c in (backend.writer_client, backend.reader_client)}.values():
+        count_client(counter, client)
+    abilities(clients[1])  # the counted connection's handshake
+    seen = set()
+    for user in users:
+        roles = len(expected[user]["roles"])
+        seen.add(roles)
+        with expect_commands(counter, {"MGET": 2 + roles}, round_trips=2 + roles):
+            assert abilities(clients[user]) == expected[user]
+    assert 2 in seen  # the benchmark's two-role request: 4 round trips (7 before)
 
 
 @pytest.mark.parametrize("db", ["sqlite"], indirect=True)

@@ -21,9 +21,9 @@ from sa_cache import CachingSession, IdentityCache, codec
 from sa_cache.errors import CacheError, NotRegistered
 from sa_cache.relationships import CollectionEntry, uncacheable
 
-from .conftest import CacheFactory
+from .conftest import CacheFactory, another_process
 from .counting import RedisCounter, SQLCounter, expect_commands, expect_sql
-from .entries import raw_entry
+from .entries import entry_kind, raw_entry
 from .models_relationships import (
     CACHED,
     Ability,
@@ -137,16 +137,176 @@ def test_a_warm_request_reads_roles_and_abilities_with_no_sql(
     assert expected == [("admin", ["read", "write"]), ("staff", ["a"])]  # in order
     settle(Session, roles_and_abilities, sql)
     before = cache.stats()["models"]
-    # the member: 1 round trip; each collection: 1 for its keys, 1 for its rows' values
+    # the member: 1 round trip; each collection: 1, its list and its rows' values read together
     with (
         Session() as s,
         expect_sql(sql, 0),
-        expect_commands(redis_counter, {"MGET": 7}, round_trips=7),
+        expect_commands(redis_counter, {"MGET": 4}, round_trips=4),
     ):
         assert roles_and_abilities(s) == expected
     after = cache.stats()["models"]
     assert after["Member.roles"]["hits"] == before["Member.roles"]["hits"] + 1
     assert after["Role.abilities"]["hits"] == before["Role.abilities"]["hits"] + 2
+
+
+@pytest.mark.usefixtures("rel")
+def test_a_warm_collection_and_its_rows_are_read_in_one_round_trip_once_the_process_saw_it(
+    Session: sessionmaker[CachingSession],  # noqa: N803
+    plain: sessionmaker[PlainSession],
+    engine: Engine,
+    cache: IdentityCache,
+    sql: SQLCounter,
+    redis_counter: RedisCounter,
+) -> None:
+    seed(Session)
+    settle(Session, roles_of(1), sql)
+    expected = outcome(plain, roles_of(1))
+    with Session() as s:
+        member = s.get(Member, 1)
+        with expect_sql(sql, 0), expect_commands(redis_counter, {"MGET": 1}, round_trips=1):
+            assert names(member.roles) == expected
+    # a process that never saw the collection reads its list, then the rows it names; then one
+    fresh = sessionmaker(engine, class_=CachingSession, cache=another_process(cache, CACHED))
+    for round_trips in (2, 1):
+        with fresh() as s:
+            member = s.get(Member, 1)
+            with expect_sql(sql, 0), expect_commands(redis_counter, round_trips=round_trips):
+                assert names(member.roles) == expected
+
+
+# each returns what it changed: the session holds its instances weakly until the commit
+
+
+def add_role_3(s: Any) -> Any:
+    member = s.get(Member, 1)
+    member.roles.append(s.get(Role, 3))
+    return member
+
+
+def remove_role_1(s: Any) -> Any:
+    member = s.get(Member, 1)
+    member.roles.remove(s.get(Role, 1))
+    return member
+
+
+def replace_roles(s: Any) -> Any:
+    member = s.get(Member, 1)
+    member.roles = [s.get(Role, 3)]
+    return member
+
+
+def rename_role_1(s: Any) -> Any:
+    role = s.get(Role, 1)
+    role.name = "renamed"
+    return role
+
+
+def roles_named(read: Callable[[Any], Any]) -> Read:
+    return lambda s: [(role.id, role.name) for role in read(s)]
+
+
+#: Member.roles names its members (a membership change evicts the list); Ability.roles is
+#: unordered, so a role's new name evicts only the role's row: the list still names it
+GUESS_CHANGES = {
+    "a member added": (add_role_3, Member.roles),
+    "a member removed": (remove_role_1, Member.roles),
+    "every member replaced": (replace_roles, Member.roles),
+    "a member's row changed": (rename_role_1, Ability.roles),
+}
+
+
+@pytest.mark.usefixtures("rel")
+@pytest.mark.parametrize("change", list(GUESS_CHANGES))
+def test_the_members_last_seen_choose_which_rows_are_read_never_what_is_answered(
+    Session: sessionmaker[CachingSession],  # noqa: N803
+    plain: sessionmaker[PlainSession],
+    engine: Engine,
+    cache: IdentityCache,
+    sql: SQLCounter,
+    change: str,
+) -> None:
+    write, roles = GUESS_CHANGES[change]
+    read = roles_named(lambda s: s.get(roles.class_, 1).roles)
+    seed(Session)
+    with Session() as s:
+        s.add(Role(id=3, name="guest"))
+        s.commit()
+    settle(Session, read, sql)
+    assert outcome(Session, read) == outcome(plain, read)
+    kind = cache.registry.relationship_kind(roles.property)
+    assert kind is not None and kind.guesses.guess((1,)) == [(r[0],) for r in outcome(plain, read)]
+    other = sessionmaker(engine, class_=CachingSession, cache=another_process(cache, CACHED))
+    with other() as s:  # committed elsewhere, after this process's guess was made
+        changed = write(s)
+        s.commit()
+    assert changed is not None
+    settle(other, read, sql)  # and cached again there: this process's guess is now wrong
+    assert agree(plain, Session, read) == outcome(plain, read)
+
+
+@pytest.mark.usefixtures("rel")
+def test_a_collection_this_process_evicted_reads_with_its_lease_not_its_guess(
+    Session: sessionmaker[CachingSession],  # noqa: N803
+    plain: sessionmaker[PlainSession],
+    sql: SQLCounter,
+    redis_counter: RedisCounter,
+    db: str,
+) -> None:
+    """A miss is forecast (sa_cache.forecast): its read takes the lease in its round trip, rows
+    read along would serve nothing; the fill remembers the members for the next read."""
+    seed(Session)
+    with Session() as s:
+        s.add(Role(id=3, name="guest"))
+        s.commit()
+    settle(Session, roles_of(1), sql)
+    with Session() as s:
+        changed = add_role_3(s)
+        s.commit()  # this process writes the list's tombstone
+    assert changed
+    expected = outcome(plain, roles_of(1))
+    leased_miss = {"MGET": 1, "SET": 1, "EVALSHA": 2} | ({"TIME": 1} if db == "mariadb" else {})
+    with Session() as s:
+        member = s.get(Member, 1)
+        with expect_sql(sql, selects=1), expect_commands(redis_counter, leased_miss, round_trips=2):
+            assert names(member.roles) == expected
+    with Session() as s:
+        member = s.get(Member, 1)
+        with expect_sql(sql, 0), expect_commands(redis_counter, {"MGET": 1}, round_trips=1):
+            assert names(member.roles) == expected
+
+
+@pytest.mark.usefixtures("rel")
+def test_rows_read_along_for_a_collection_that_then_misses_are_neither_counted_nor_filled(
+    Session: sessionmaker[CachingSession],  # noqa: N803
+    plain: sessionmaker[PlainSession],
+    engine: Engine,
+    cache: IdentityCache,
+    sql: SQLCounter,
+) -> None:
+    seed(Session)
+    with Session() as s:
+        s.add(Role(id=3, name="guest"))
+        s.commit()
+    settle(Session, roles_of(1), sql)
+    other = sessionmaker(engine, class_=CachingSession, cache=another_process(cache, CACHED))
+    with other() as s:  # the list and role 1's row evicted elsewhere
+        changed = add_role_3(s), rename_role_1(s)
+        s.commit()
+    assert changed
+    expected = outcome(plain, roles_of(1))
+    before = cache.stats()["models"]["Role"]
+    with Session() as s:
+        member = s.get(Member, 1)
+        with expect_sql(sql, selects=1):  # the list missed: its SELECT, which loads role 1
+            assert names(member.roles) == expected
+        assert s._sa_cache is not None and s._sa_cache.pending == {}
+    # role 1's row was read along (a tombstone) for nothing: not a miss, and the collection's
+    # SELECT does not fill it (it fills only rows a read needed), exactly as without the guess
+    assert cache.stats()["models"]["Role"] == before
+    assert entry_kind(cache, Role, 1) is codec.Tombstone
+    with Session() as s:  # a later lookup of the row misses and fills it as ever
+        assert s.get(Role, 1).name == "renamed"
+    assert entry_kind(cache, Role, 1) is codec.RowEntry
 
 
 @pytest.mark.usefixtures("rel")
