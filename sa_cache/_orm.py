@@ -60,6 +60,16 @@ changes one fails there first, by name.
     :func:`lazy_load_children_path` reads a lazy load's ``loader_strategy_path``;
     :func:`primary_key_attrs_of_target` reads ``LazyLoader.use_get``; :func:`set_loaded` is
     ``set_committed_value``.
+15. A lazy collection load answered before SQLAlchemy builds its SELECT:
+    :func:`answer_lazy_loads_first` replaces a relationship's class-level loader callable
+    (``AttributeImpl.callable_``, the strategy's ``_LazyLoader._load_for_state``; ``LazyLoader``
+    in 2.0) on every class that maps it, by one that asks the session first
+    (``cache_lazy_collection``) and calls the original otherwise. ``AttributeImpl`` consults
+    ``InstanceState.callables`` (the per-instance loaders of loader options,
+    ``_LoadLazyAttribute``; ``LoadLazyAttribute`` in 2.0) before it, so those loads never reach
+    it; :func:`load_along` calls the strategy directly, past it. The strategy's
+    ``_raise_always``, ``_raise_on_sql`` and ``_bind_to_col`` (the parent columns its SELECT
+    reads) say which loads it may answer.
 """
 
 from __future__ import annotations
@@ -67,7 +77,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from inspect import signature
-from typing import Any, Final, NamedTuple, TypeVar, cast
+from typing import Any, Final, NamedTuple, Protocol, TypeVar, cast
 
 from sqlalchemy import and_, inspect, select
 from sqlalchemy import exc as sa_exc
@@ -82,6 +92,8 @@ from sqlalchemy.orm import (
     RelationshipProperty,
     Session,
 )
+from sqlalchemy.orm import exc as orm_exc
+from sqlalchemy.orm import strategies as _strategies
 from sqlalchemy.orm.attributes import init_state_collection, instance_state, set_committed_value
 from sqlalchemy.orm.base import ATTR_WAS_SET, LoaderCallableStatus, PassiveFlag
 from sqlalchemy.orm.context import FromStatement
@@ -295,6 +307,13 @@ def runs_in_outside_transaction(session: Session) -> bool:
     # joined without a savepoint (not the session's to commit), or with one
     # (``join_transaction_mode="create_savepoint"``: the session's root is a savepoint)
     return not entry[2] or not entry[1]._is_root
+
+
+def session_execution_options(session: Any) -> Any:
+    """The session's own execution options (``Session.execution_options``, from SQLAlchemy
+    2.1; none in 2.0): merged into every statement's, ``populate_existing`` and ``autoflush``
+    among them."""
+    return getattr(session, "execution_options", None) or EMPTY_DICT
 
 
 def session_populates_existing(session: Any) -> bool:
@@ -624,6 +643,103 @@ def instances_result(objects: list[Any]) -> Result[Any]:
 def target_correlates_to_parent(prop: RelationshipProperty[Any]) -> bool:
     """Whether a relationship's target (a LATERAL subquery) is selected joined to its parent."""
     return bool(getattr(prop, "_target_correlates_to_parent", False))
+
+
+#: SQLAlchemy's lazy loader strategy: ``_LazyLoader`` from 2.1, ``LazyLoader`` in 2.0
+_LAZY_LOADER: Final[type[Any]] = (
+    vars(_strategies).get("_LazyLoader") or vars(_strategies)["LazyLoader"]
+)
+#: the passive flags of a plain attribute access (``PASSIVE_OFF``) and those that change nothing
+#: about what its load selects (``NO_AUTOFLUSH`` is honoured by the session; ``NO_RAISE`` only
+#: matters to ``lazy="raise"``, never answered)
+_PLAIN_ACCESS: Final = PassiveFlag.PASSIVE_OFF
+_FLAGS_ANSWERED: Final = PassiveFlag.NO_AUTOFLUSH | PassiveFlag.NO_RAISE
+
+
+class LazyCollectionAnswer(Protocol):
+    """A session's ``cache_lazy_collection``: the loaded collection from the cache, or what
+    ``load`` (SQLAlchemy's own loader, unchanged) returns."""
+
+    def __call__(
+        self,
+        state: InstanceState[Any],
+        prop: RelationshipProperty[Any],
+        autoflushes: bool,
+        load: Callable[[], Any],
+    ) -> Any: ...
+
+
+def answer_lazy_loads_first(prop: RelationshipProperty[Any]) -> None:
+    """Let a session answer ``prop``'s lazy collection loads before SQLAlchemy builds their
+    SELECT: its loader callable (``AttributeImpl.callable_``) on every class mapping it asks
+    the session's ``cache_lazy_collection`` first, for a plain load of a persistent parent only
+    (a plain attribute access, the relationship not set yet, the parent's columns its SELECT
+    reads loaded and unchanged: otherwise SQLAlchemy would refresh them, or read their new
+    values, first). Any other session, or any other load, gets the original loader unchanged.
+    Idempotent; a no-op for ``uselist=False`` (its loader takes the first row, warning of
+    more), ``raise``/``raise_on_sql`` strategies, and classes mapped after the call (their
+    loads reach the cache through ``do_orm_execute`` as before)."""
+    if not prop.uselist:
+        return
+    for mapper in prop.parent.self_and_descendants:
+        if mapper._props.get(prop.key) is not prop:
+            continue
+        impl: Any = mapper.class_manager[prop.key].impl
+        loader = impl.callable_
+        strategy = getattr(loader, "__self__", None)
+        if (
+            getattr(loader, "__func__", None) is not _LAZY_LOADER._load_for_state
+            or not isinstance(strategy, _LAZY_LOADER)
+            or strategy._raise_always
+            or strategy._raise_on_sql
+        ):
+            continue  # answered already, or not SQLAlchemy's own lazy loader
+        try:
+            read = tuple(
+                mapper.get_property_by_column(column).key
+                for column in strategy._bind_to_col.values()
+            )
+        except orm_exc.UnmappedColumnError:  # an unmapped parent column: SQLAlchemy loads
+            continue
+        impl.callable_ = _cache_first(loader, prop, read)
+
+
+def _cache_first(
+    loader: Callable[[InstanceState[Any], PassiveFlag], Any],
+    prop: RelationshipProperty[Any],
+    read: tuple[str, ...],
+) -> Callable[[InstanceState[Any], PassiveFlag], Any]:
+    key = prop.key
+
+    def load_cached_first(state: InstanceState[Any], passive: PassiveFlag) -> Any:
+        answer: LazyCollectionAnswer | None = getattr(state.session, "cache_lazy_collection", None)
+        if (
+            answer is None
+            or passive & ~_FLAGS_ANSWERED != _PLAIN_ACCESS
+            or key in state.dict
+            or state.key is None
+        ):
+            return loader(state, passive)
+        values, changed = state.dict, state.committed_state
+        for name in read:
+            if name not in values or name in changed:
+                return loader(state, passive)
+        return answer(
+            state,
+            prop,
+            not passive & PassiveFlag.NO_AUTOFLUSH,
+            lambda: loader(state, passive),
+        )
+
+    load_cached_first._sa_cache_original = loader  # type: ignore[attr-defined]
+    return load_cached_first
+
+
+def lazy_collection_path(state: InstanceState[Any], prop: RelationshipProperty[Any]) -> Any:
+    """The load path of the rows a lazy load of ``prop`` from ``state`` brings in, as
+    ``LazyLoader._emit_lazyload`` builds it for a parent without load options (the parent's
+    mapper path, the relationship) and :func:`lazy_load_children_path` reads it."""
+    return state.mapper._path_registry[prop][prop.mapper]
 
 
 # -- unique-column lookups ------------------------------------------------------------------------

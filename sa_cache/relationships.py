@@ -215,6 +215,9 @@ class CachedRelationship(CachedKind):
             names.add(self.secondary.name.casefold())
         #: the tables (by name) whose bulk or Core writes replace this kind's generation
         self.table_names = frozenset(names)
+        # from now on a caching session answers its lazy loads before SQLAlchemy builds their
+        # SELECT (sessions without this kind get SQLAlchemy's loader unchanged)
+        _orm.answer_lazy_loads_first(prop)
 
     def key_for_parent(self, pk: tuple[Any, ...]) -> str:
         return self.keys.row_key(pk)

@@ -18,7 +18,14 @@ from typing import Any, Final, TypeVar
 
 from sqlalchemy import inspect, select, tuple_
 from sqlalchemy.engine import Connection
-from sqlalchemy.orm import Mapper, ORMExecuteState, Query, RelationshipDirection, Session
+from sqlalchemy.orm import (
+    InstanceState,
+    Mapper,
+    ORMExecuteState,
+    Query,
+    RelationshipDirection,
+    Session,
+)
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.util import EMPTY_DICT
 
@@ -53,6 +60,9 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
 
     cache: IdentityCache | None
     _sa_cache: Lookups | None
+    #: a lazy load's parent state, kind and verdict (:meth:`_serve_lazy_collection`) read by
+    #: :meth:`cache_lazy_collection` while SQLAlchemy's loader runs its SELECT
+    _sa_cache_lazy_read: tuple[Any, CachedRelationship, Any] | None = None
     #: How a lookup waits for another caller's fill (see :mod:`sa_cache.lookup`): a sleep, or
     #: under ``AsyncSession`` an ``asyncio.sleep`` awaited, so the wait never blocks the loop.
     cache_sleep: Callable[[float], None] = staticmethod(_pause)
@@ -308,7 +318,8 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
     def cache_lazy_load(self, state: ORMExecuteState) -> Any:
         """A lazy load of a relationship (from ``do_orm_execute``): the collection from the cache
         (a result the lazy loader consumes as it would the SELECT's), or the SELECT's result
-        after caching the collection, or None: SQLAlchemy runs the SELECT untouched."""
+        after caching the collection, or None: SQLAlchemy runs the SELECT untouched. A load
+        :meth:`cache_lazy_collection` read the cache for already comes with its verdict."""
         lookups = self._sa_cache
         prop = _orm.lazy_loaded_relationship(state)
         if lookups is None or prop is None:
@@ -317,7 +328,12 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         if kind is None:
             return self._lazy_unique_load(state, prop)
         parent: Any = state.lazy_loaded_from
-        target = prop.mapper
+        read_first = self._sa_cache_lazy_read
+        if read_first is not None and read_first[0] is parent and read_first[1] is kind:
+            self._sa_cache_lazy_read = None
+            waiting = read_first[2]
+            return None if waiting is None else self._fill_lazy_collection(state, kind, waiting)
+        _orm.answer_lazy_loads_first(prop)  # a class mapped since the kind was made, too
         if (
             parent.key is None  # pending: its collection is not in the database
             or parent.key[2] is not None
@@ -327,9 +343,76 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         ):
             kind.stats.skipped += 1
             return None
-        if self._cacheable(target, None, state.execution_options) is None:
+        served = self._serve_lazy_collection(
+            kind,
+            parent,
+            _orm.lazy_load_children_path(state),
+            state.execution_options,
+            _orm.load_autoflushes(state),
+        )
+        if isinstance(served, list):
+            return _orm.instances_result(served)
+        return None if served is None else self._fill_lazy_collection(state, kind, served)
+
+    def cache_lazy_collection(
+        self,
+        parent: InstanceState[Any],
+        prop: Any,
+        autoflushes: bool,
+        load: Callable[[], Any],
+    ) -> Any:
+        """A lazy load of a cached collection asked before SQLAlchemy builds its SELECT (the
+        relationship's loader, :func:`sa_cache._orm.answer_lazy_loads_first`, for a plain
+        access of a persistent parent): the collection from the cache, or ``load()`` (SQLAlchemy's
+        loader: its SELECT reaches :meth:`cache_lazy_load`, told this read's verdict, so a miss
+        fills what this read observed). Where the SELECT's path decides from the statement
+        (options, criteria, another ``do_orm_execute`` listener, session execution options),
+        ``load()`` alone: that path decides as before."""
+        lookups = self._sa_cache
+        kind = None if lookups is None else lookups.cache.registry.relationship_kind(prop)
+        key = parent.key
+        if (
+            lookups is None
+            or kind is None
+            or key is None
+            or key[2] is not None
+            or parent.load_options
+            or _orm.session_execution_options(self)
+            or self._rewrites_statements()
+        ):
+            return load()
+        served = self._serve_lazy_collection(
+            kind, parent, _orm.lazy_collection_path(parent, prop), EMPTY_DICT, autoflushes
+        )
+        if isinstance(served, list):
+            return served
+        outer, self._sa_cache_lazy_read = self._sa_cache_lazy_read, (parent, kind, served)
+        try:
+            return load()
+        finally:
+            self._sa_cache_lazy_read = outer
+            observation = None if served is None else lookups.pending.pop(served, None)
+            if observation is not None:  # SQLAlchemy answered without its SELECT
+                lookups.write_back([], observation)  # releases its lease, if it holds one
+
+    def _serve_lazy_collection(
+        self,
+        kind: CachedRelationship,
+        parent: Any,
+        path: Any,
+        execution_options: Any,
+        autoflushes: bool,
+    ) -> list[Any] | tuple[CachedRelationship, tuple[Any, ...]] | None:
+        """The cache's answer to a lazy load of ``kind`` from ``parent`` that may use it as far
+        as its statement tells: the collection's members (a hit, placed with the load path
+        ``path``); or the miss whose observation (``(kind, pk)`` in ``lookups.pending``) waits
+        for the SELECT's load; or None: SQLAlchemy's SELECT answers, untouched."""
+        lookups = self._sa_cache
+        assert lookups is not None
+        target = kind.prop.mapper
+        if self._cacheable(target, None, execution_options) is None:
             return None  # the session's own rules, counted on the target's model
-        if _orm.load_autoflushes(state):
+        if autoflushes:
             _orm.autoflush(self)  # type: ignore[arg-type]
         changes = lookups.changes
         pk = kind.parent.normalise(parent.key[1])
@@ -348,11 +431,22 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         finally:
             lookups.current = outer
         if type(answer) is Hit:
-            found = self._hydrate(kind, answer.value, _orm.lazy_load_children_path(state), along)
             # a target the row cache lacks: the SELECT, whose load fills it
-            return None if found is None else _orm.instances_result(found)
+            return self._hydrate(kind, answer.value, path, along)
         if waiting not in lookups.pending:
             return None  # nothing to fill (the transaction wrote, an old snapshot...)
+        return waiting
+
+    def _fill_lazy_collection(
+        self,
+        state: ORMExecuteState,
+        kind: CachedRelationship,
+        waiting: tuple[CachedRelationship, tuple[Any, ...]],
+    ) -> Any:
+        """Run the lazy load's SELECT and fill the collection it found, as the miss observed
+        at ``waiting`` allows; its result for the lazy loader."""
+        lookups = self._sa_cache
+        assert lookups is not None
         try:
             frozen = state.invoke_statement().freeze()
             loaded = frozen().unique().scalars().all()
@@ -364,7 +458,7 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
                     return frozen()
                 pks.append(target_pk)
             lookups.loaded(waiting, pks)
-            kind.guesses.remember(pk, pks)  # the rows its next read will most likely need
+            kind.guesses.remember(waiting[1], pks)  # the rows its next read will most likely need
             return frozen()
         finally:
             observation = lookups.pending.pop(waiting, None)

@@ -618,3 +618,174 @@ def test_only_an_inner_joined_relationship_is_refreshed_with_its_row():
     assert not _orm.refreshed_with_row(Board.posts.property)  # joined, outer
     assert not _orm.refreshed_with_row(Post.author.property)
     assert _orm.eager_plan(inspect(Board), frozenset()).trigger == ("posts", "notes", "tags")
+
+
+def _lazy_first_models() -> Any:
+    """A parent with one-to-manys (lazy, raise, raise_on_sql and uselist=False forms to one
+    class, joined to another) and a subclass, on a mapping of its own: the loaders replaced
+    here are no one else's."""
+    from sqlalchemy import Column, ForeignKey, Integer, String
+    from sqlalchemy.orm import DeclarativeBase, relationship
+
+    class LazyBase(DeclarativeBase):
+        pass
+
+    class Kid(LazyBase):
+        __tablename__ = "pin_kids"
+        id = Column(Integer, primary_key=True)
+        parent_id = Column(ForeignKey("pin_parents.id"))
+
+    class Toy(LazyBase):
+        __tablename__ = "pin_toys"
+        id = Column(Integer, primary_key=True)
+        parent_id = Column(ForeignKey("pin_parents.id"))
+
+    class Parent(LazyBase):
+        __tablename__ = "pin_parents"
+        id = Column(Integer, primary_key=True)
+        kind = Column(String(10), default="parent")
+        kids = relationship(Kid, order_by=Kid.id)
+        raising = relationship(Kid, lazy="raise", viewonly=True)
+        raising_on_sql = relationship(Kid, lazy="raise_on_sql", viewonly=True)
+        joined = relationship(Toy, lazy="joined")
+        one = relationship(Kid, uselist=False, viewonly=True)
+        __mapper_args__ = {"polymorphic_on": kind, "polymorphic_identity": "parent"}
+
+    class Child(Parent):
+        __mapper_args__ = {"polymorphic_identity": "child"}
+
+    engine = create_engine("sqlite://")
+    LazyBase.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add_all([Parent(id=1, kids=[Kid(id=1), Kid(id=2)]), Child(id=2, kids=[Kid(id=3)])])
+        s.commit()
+    return engine, Parent, Child, Kid
+
+
+class AnsweringSession(Session):
+    """Answers a replaced loader with ``answer`` (None: SQLAlchemy's loader), recording how
+    it was asked."""
+
+    answer: list[Any] | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.asked: list[tuple[Any, ...]] = []
+
+    def cache_lazy_collection(self, state: Any, prop: Any, autoflushes: bool, load: Any) -> Any:
+        self.asked.append((state, prop, autoflushes))
+        return load() if self.answer is None else self.answer
+
+
+def test_a_lazy_relationships_class_level_loader_is_its_strategys_load_for_state():
+    """``AttributeImpl.callable_`` is ``_LazyLoader._load_for_state`` bound to the strategy for
+    lazy and eager relationships alike; the strategy says ``raise``/``raise_on_sql`` and which
+    parent columns its SELECT reads (``_bind_to_col``)."""
+    _, Parent, Child, Kid = _lazy_first_models()
+    for mapper in (inspect(Parent), inspect(Child)):
+        for key, raises in [
+            ("kids", (False, False)),
+            ("raising", (True, False)),
+            ("raising_on_sql", (False, True)),
+            ("joined", (False, False)),
+            ("one", (False, False)),
+        ]:
+            loader = mapper.class_manager[key].impl.callable_
+            assert loader.__func__ is _orm._LAZY_LOADER._load_for_state
+            strategy = loader.__self__
+            assert isinstance(strategy, _orm._LAZY_LOADER)
+            assert (strategy._raise_always, strategy._raise_on_sql) == raises
+            assert list(strategy._bind_to_col.values()) == [Parent.__table__.c.id]
+    assert Child.kids.impl is not Parent.kids.impl, "each class mapping it has its own loader"
+
+
+def test_a_replaced_loader_answers_a_plain_access_as_the_lazy_loader_does():
+    """The replacement is asked with ``PASSIVE_OFF`` on a plain access; what it returns is set
+    as the loaded collection (committed: no history); a session's ``no_autoflush`` is the
+    session's to honour (``autoflushes`` says what the load's passive flags allow)."""
+    engine, Parent, Child, Kid = _lazy_first_models()
+    prop = Parent.kids.property
+    _orm.answer_lazy_loads_first(prop)
+    _orm.answer_lazy_loads_first(prop)  # idempotent
+    for mapper in (inspect(Parent), inspect(Child)):
+        replaced = mapper.class_manager["kids"].impl.callable_
+        assert replaced._sa_cache_original.__func__ is _orm._LAZY_LOADER._load_for_state
+    _orm.answer_lazy_loads_first(Parent.raising.property)
+    _orm.answer_lazy_loads_first(Parent.one.property)
+    for key in ("raising", "one"):  # never replaced
+        assert inspect(Parent).class_manager[key].impl.callable_.__func__ is (
+            _orm._LAZY_LOADER._load_for_state
+        )
+    with AnsweringSession(engine) as s:
+        parent = s.get(Parent, 1)
+        stand_in = s.get(Kid, 3)
+        s.answer = [stand_in]
+        assert parent.kids == [stand_in]
+        assert s.asked == [(inspect(parent), prop, True)]
+        history = inspect(parent).attrs.kids.history
+        assert (history.added, history.unchanged, history.deleted) == ((), [stand_in], ())
+        assert not s.dirty
+        child = s.get(Child, 2)
+        s.answer = None
+        with s.no_autoflush:  # the session's own setting: still asked, autoflushes=True
+            assert [k.id for k in child.kids] == [3]
+        assert s.asked[-1] == (inspect(child), prop, True)
+        assert "kids" in inspect(child).dict
+
+
+def test_loads_a_replaced_loader_must_leave_to_sqlalchemy_never_reach_it():
+    """Per-instance loaders (``lazyload`` with criteria: ``_LoadLazyAttribute``,
+    ``LoadLazyAttribute`` in 2.0, in ``InstanceState.callables``) are called before the class
+    one; history reads pass flags other than ``PASSIVE_OFF``; an expired primary key must be
+    refreshed first; a pending parent has no collection in the database."""
+    from sqlalchemy.orm import lazyload
+
+    engine, Parent, Child, Kid = _lazy_first_models()
+    _orm.answer_lazy_loads_first(Parent.kids.property)
+    with AnsweringSession(engine) as s:
+        s.answer = []
+        parent = s.scalars(
+            select(Parent).where(Parent.id == 1).options(lazyload(Parent.kids.and_(Kid.id > 1)))
+        ).unique().one()
+        per_instance = inspect(parent).callables["kids"]
+        assert type(per_instance).__name__ in ("_LoadLazyAttribute", "LoadLazyAttribute")
+        assert [k.id for k in parent.kids] == [2]
+        parent = s.get(Child, 2)
+        assert inspect(parent).attrs.kids.history == ((), (), ())  # PASSIVE_NO_INITIALIZE
+        s.expire(parent, ["id"])
+        assert [k.id for k in parent.kids] == [3]  # refreshed, then SQLAlchemy's SELECT
+        pending = Parent(id=5)
+        s.add(pending)
+        assert pending.kids == []
+        assert s.asked == []
+
+
+def test_the_load_path_of_a_lazy_collections_members_is_the_parents_mapper_path():
+    """:func:`_orm.lazy_collection_path` is what a ``do_orm_execute`` listener reads from the
+    lazy load's statement (:func:`_orm.lazy_load_children_path`), from a subclass too."""
+    engine, Parent, Child, Kid = _lazy_first_models()
+    seen: list[Any] = []
+    with Session(engine) as s:
+        event.listen(
+            s,
+            "do_orm_execute",
+            lambda state: seen.append(_orm.lazy_load_children_path(state))
+            if _orm.lazy_loaded_relationship(state) is Parent.kids.property
+            else None,
+        )
+        for pk in (1, 2):
+            parent = s.get(Parent, pk)
+            kids = parent.kids
+            expected = _orm.lazy_collection_path(inspect(parent), Parent.kids.property)
+            assert seen.pop() == expected
+            assert inspect(kids[0]).load_path == expected
+
+
+def test_session_execution_options_are_empty_before_2_1():
+    engine = create_engine("sqlite://")
+    assert _orm.session_execution_options(Session(engine)) == {}
+    if "execution_options" in vars(Session):
+        options = {"populate_existing": True}
+        assert _orm.session_execution_options(Session(engine, execution_options=options)) == (
+            options
+        )
