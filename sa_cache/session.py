@@ -133,13 +133,18 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         primary_key_identity: Any,
         identity_token: Any,
         execution_options: Any,
-        options: bool,
+        options: tuple[Any, ...],
         autoflush: bool,
     ) -> Any:
         model = self._cacheable(mapper, identity_token, execution_options)
         if model is None:
             return None
-        if options or self._rewrites_statements():
+        context = None
+        if options:
+            parent = self._sa_cache_lazy_from
+            root = mapper if parent is None else _orm.options_root(parent)
+            context = None if root is None else _orm.load_context(options, root)
+        if options and context is None or self._rewrites_statements():
             model.stats.skipped += 1  # SQLAlchemy's SELECT may differ from a primary-key load
             return None
         pk = model.normalise(primary_key_identity)
@@ -161,7 +166,7 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         identity_key = mapper.identity_key_from_primary_key(pk, identity_token)
         self._begin_savepoint_as_the_load_would(mapper)
         answer = lookups.read_one(model, key, pk, identity_key, self._fill_rule, mapper)
-        return None if answer is None else self._place(answer, mapper, identity_key)
+        return None if answer is None else self._place(answer, mapper, identity_key, context)
 
     def _rewrites_statements(self) -> bool:
         """Whether a ``do_orm_execute`` listener other than sa_cache's own is installed: it may
@@ -193,27 +198,37 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         return freshness, model.may_cache_absence(mapper, bind.dialect)
 
     def _place(
-        self, answer: Answer, mapper: Mapper[Any], identity_key: Any, complete: bool = True
+        self,
+        answer: Answer,
+        mapper: Mapper[Any],
+        identity_key: Any,
+        context: _orm.LoadContext | None = None,
+        complete: bool = True,
     ) -> Any:
         """The session's answer for a cache hit: the instance, or :data:`_orm.KNOWN_ABSENT`.
         ``complete``: load what a load of it would have loaded with it (its load path: a
-        ``get``'s, or a lazy many-to-one load's)."""
+        ``get``'s, or a lazy many-to-one load's), with the loader options of ``context``."""
         if not complete:
             return self._place_row(answer, mapper, identity_key)
         path = _orm.root_path(mapper)
         parent = self._sa_cache_lazy_from
         if parent is not None and type(answer) is Hit:
-            path = _orm.lazy_load_path(parent, mapper)
-            if (
-                path is None
-                and _orm.eager_plan(answer.shape.mapper, answer.shape.expire_on_hit).trigger
+            path = _orm.lazy_load_path(parent, mapper, along_load_path=context is not None)
+            if path is None and (
+                context is not None
+                or _orm.eager_plan(answer.shape.mapper, answer.shape.expire_on_hit).trigger
             ):
                 return None  # its eager loads depend on a path not known: SQLAlchemy loads it
         lookups = self._sa_cache
         assert lookups is not None
-        if type(answer) is not Hit or not eager.plan(lookups.cache.registry, answer.shape.mapper):
-            return self._place_row(answer, mapper, identity_key, path)
-        instance = self._place_row(answer, mapper, identity_key, path, refresh=False)
+        options = () if context is None else context.options
+        if type(answer) is not Hit or not eager.plan(
+            lookups.cache.registry, answer.shape.mapper, context, path
+        ):
+            return self._place_row(answer, mapper, identity_key, path, options=options)
+        instance = self._place_row(
+            answer, mapper, identity_key, path, refresh=False, options=options
+        )
         if instance is _orm.KNOWN_ABSENT:
             return instance
         if not eager.complete(
@@ -223,6 +238,7 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
             self._eager_fill_rule,
             self._may_read,
             self._refresh_hit,
+            context,
         ):
             return _orm.KNOWN_ABSENT
         return instance
@@ -234,9 +250,11 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         identity_key: Any,
         path: Any = None,
         refresh: bool = True,
+        options: tuple[Any, ...] = (),
     ) -> Any:
         """A hit placed with its SQL expressions refreshed, its eager relationships not loaded
-        yet (:meth:`_complete_eager`), with ``path`` (default: a ``get``'s) as its load path."""
+        yet (:meth:`_complete_eager`), with ``path`` (default: a ``get``'s) as its load path and
+        ``options`` as its load options."""
         if type(answer) is not Hit:
             return _orm.KNOWN_ABSENT
         shape = answer.shape
@@ -250,6 +268,8 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
             shape.expire_on_hit,
         )
         _orm.set_load_path(instance_state(instance), path or _orm.root_path(mapper))
+        if options:
+            _orm.set_load_options(instance_state(instance), options)
         plan = _orm.eager_plan(shape.mapper, shape.expire_on_hit)
         if (
             refresh
@@ -263,14 +283,24 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
             return _orm.KNOWN_ABSENT
         return instance
 
-    def _complete_eager(self, placed: list[tuple[Any, Any]]) -> None:
+    def _complete_eager(
+        self, placed: list[tuple[Any, Any]], context: _orm.LoadContext | None = None
+    ) -> None:
         """Load the eager relationships of instances just placed from the cache (with their
-        load paths), from the cache where it holds them: see :mod:`sa_cache.eager`."""
+        load paths, and the loader options of ``context``), from the cache where it holds
+        them: see :mod:`sa_cache.eager`."""
         lookups = self._sa_cache
         assert lookups is not None
         registry = lookups.cache.registry
-        if any(eager.plan(registry, instance_state(i).mapper) for i, _ in placed):
-            eager.complete(lookups, placed, self._place_row, self._eager_fill_rule, self._may_read)
+        if any(eager.plan(registry, instance_state(i).mapper, context, p) for i, p in placed):
+            eager.complete(
+                lookups,
+                placed,
+                self._place_row,
+                self._eager_fill_rule,
+                self._may_read,
+                context=context,
+            )
 
     def _refresh_hit(self, instance: Any, relationships: list[str]) -> bool:
         """Load what a ``get``'s SELECT loads with the row and the cache did not answer: its SQL
@@ -318,11 +348,15 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
             return self._lazy_unique_load(state, prop)
         parent: Any = state.lazy_loaded_from
         target = prop.mapper
+        options = tuple(parent.load_options)
+        path = _orm.lazy_load_children_path(state)
+        # the parent's options travel to the load, applied along its path from where it starts
+        context = _orm.load_context(options, _orm.path_mappers(path)[0]) if options else None
         if (
             parent.key is None  # pending: its collection is not in the database
             or parent.key[2] is not None
-            or parent.load_options  # loader options travel to the load: a list cannot honour them
-            or not _orm.plain_lazy_load(state)
+            or (options and context is None)  # options a list cannot honour
+            or not _orm.plain_lazy_load(state, options)
             or self._rewrites_statements()
         ):
             kind.stats.skipped += 1
@@ -348,7 +382,7 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         finally:
             lookups.current = outer
         if type(answer) is Hit:
-            found = self._hydrate(kind, answer.value, _orm.lazy_load_children_path(state))
+            found = self._hydrate(kind, answer.value, path, context)
             # a target the row cache lacks: the SELECT, whose load fills it
             return None if found is None else _orm.instances_result(found)
         if waiting not in lookups.pending:
@@ -534,11 +568,16 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
                 lookups.write_back([], observation)
 
     def _hydrate(
-        self, kind: CachedRelationship, pks: list[tuple[Any, ...]], path: Any
+        self,
+        kind: CachedRelationship,
+        pks: list[tuple[Any, ...]],
+        path: Any,
+        context: _orm.LoadContext | None = None,
     ) -> list[Any] | None:
         """The instances of a cached collection: those in the identity map as they are, the
-        others from the row cache in one read and placed as a load places them; None if any is
-        not there (or not loaded, or of another class), so the SELECT answers instead."""
+        others from the row cache in one read and placed as a load (with the loader options of
+        ``context``) places them; None if any is not there (or not loaded, or of another class),
+        so the SELECT answers instead."""
         lookups = self._sa_cache
         assert lookups is not None
         mapper, model = kind.prop.mapper, kind.target
@@ -566,12 +605,13 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
             return None
         placed = []
         for (_, _, identity_key), answer, place in zip(wanted, answers, places, strict=True):
-            instance = self._place_row(answer, mapper, identity_key, path)  # type: ignore[arg-type]
+            options = () if context is None else context.options
+            instance = self._place_row(answer, mapper, identity_key, path, options=options)  # type: ignore[arg-type]
             if instance is _orm.KNOWN_ABSENT:
                 return None
             found[place] = instance
             placed.append((instance, path))
-        self._complete_eager(placed)
+        self._complete_eager(placed, context)
         return found
 
     def loaded_nothing(self, mapper: Mapper[Any], primary_key_identity: Any) -> None:
