@@ -947,7 +947,8 @@ def set_instance_lazy_loader(
     ``InstanceState.callables``, by ``InstanceState._instance_level_callable_processor``), so
     a later access loads (or raises) as after that load."""
     loader: Any = prop._get_strategy((("lazy", strategy),))
-    make: Any = strategies._LoadLazyAttribute
+    private = hasattr(strategies, "_LoadLazyAttribute")  # ``LoadLazyAttribute`` in 2.0
+    make: Any = getattr(strategies, "_LoadLazyAttribute" if private else "LoadLazyAttribute")
     callable_ = make(prop.key, loader, element, strategies._NO_EXTRA_CRITERIA)
     set_callable: Any = InstanceState._instance_level_callable_processor(
         state.manager, callable_, prop.key
