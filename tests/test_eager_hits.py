@@ -363,51 +363,6 @@ def test_a_membership_change_committed_during_a_hits_refresh_is_never_hidden_by_
 
 
 @pytest.mark.usefixtures("eager")
-def test_a_collection_read_before_the_snapshot_began_is_not_filled_from_it_later(
-    Session: sessionmaker[CachingSession],  # noqa: N803
-    plain: sessionmaker[PlainSession],
-    cache: IdentityCache,
-    engine: Engine,
-    sql: SQLCounter,
-    db: str,
-) -> None:
-    """MariaDB's REPEATABLE READ: an eager level reads role 1's and role 2's abilities before
-    any SQL; role 1's SELECT (a member row the cache lacks) then begins the snapshot, and a
-    writer adds an ability to role 2 and commits. Role 2's load reads the snapshot: the miss
-    the level observed before the snapshot began must not fill it (the checker's stale
-    ``Parent.tags`` on MariaDB, with loader options)."""
-    if db != "mariadb":
-        pytest.skip("a snapshot that began before the writer's commit: REPEATABLE READ")
-    seed(Session)
-    read = get(LazyUser, 1, options=ROLES_AND_ABILITIES)
-    settle(Session, read, sql)
-    cache.evict(LazyAbility, 1)  # role 1's abilities go to the database, first
-    cache.evict_collection(LazyRole, "abilities", 2)  # role 2's: a miss at the level's read
-    changed: list[bool] = []
-
-    def commit_a_change(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if changed or "eager_lazy_abilities" not in statement:
-            return
-        changed.append(True)
-        with Session() as other:
-            role = other.get(LazyRole, 2)
-            role.abilities.append(other.get(LazyAbility, 1))
-            other.commit()
-
-    event.listen(engine, "after_cursor_execute", commit_a_change)
-    try:
-        with Session() as s:
-            user = s.get(LazyUser, 1, options=ROLES_AND_ABILITIES)
-            assert [a.id for a in user.roles[1].abilities] == [3]  # the snapshot's membership
-    finally:
-        event.remove(engine, "after_cursor_execute", commit_a_change)
-    assert changed
-    with Session() as s:
-        assert [a.id for a in s.get(LazyRole, 2).abilities] == [1, 3]
-    agree(plain, Session, read)
-
-
-@pytest.mark.usefixtures("eager")
 def test_a_transactions_own_core_write_to_a_link_table_is_read_from_the_database(
     Session: sessionmaker[CachingSession],  # noqa: N803
     plain: sessionmaker[PlainSession],
