@@ -21,7 +21,8 @@ changes one fails there first, by name.
    (``attributes.init_state_collection``, or None).
 5. ``Session._identity_lookup`` receives ``lazy_loaded_from`` (the state a lazy load started
    from, whose ``load_options`` travel to the load) and ``Session._get_impl`` the ``options`` of a
-   ``get``: a cached row cannot honour loader options, so such lookups skip the cache.
+   ``get``: a hit carries out the loader options :func:`load_context` resolves, and skips the
+   cache for the others.
 6. :func:`autoflush` is ``Session._autoflush``, the flush a lookup's SELECT runs first.
 7. :func:`complete_like_a_load` loads what a load fills in beyond the columns with
    ``Session.refresh`` with attribute names (SQL expressions, and the ``joined`` relationships
@@ -70,6 +71,16 @@ changes one fails there first, by name.
     it; :func:`load_along` calls the strategy directly, past it. The strategy's
     ``_raise_always``, ``_raise_on_sql`` and ``_bind_to_col`` (the parent columns its SELECT
     reads) say which loads it may answer.
+16. Loader options of a hit: :func:`load_context` resolves options with the compile state of
+    ``Query(mapper).options(...)`` (``Query._compile_state``: its ``attributes`` hold each load
+    element under ``("loader", natural path)``, where the strategies look them up), reading
+    ``Load.context`` / ``additional_source_entities`` and the elements' ``strategy``,
+    ``local_opts``, ``_extra_criteria``, ``_of_type`` and ``path``, keyed by
+    ``_generate_cache_key``; :func:`set_instance_lazy_loader` is what
+    ``LazyLoader.create_row_processor`` does for a strategy that is not the class's
+    (``is_class_level``: ``_LoadLazyAttribute`` through
+    ``InstanceState._instance_level_callable_processor``); :func:`set_not_loaded` is what
+    ``NoLoader`` does; :func:`set_load_options` records ``InstanceState.load_options``.
 """
 
 from __future__ import annotations
@@ -91,9 +102,10 @@ from sqlalchemy.orm import (
     RelationshipDirection,
     RelationshipProperty,
     Session,
+    strategies,
+    strategy_options,
 )
 from sqlalchemy.orm import exc as orm_exc
-from sqlalchemy.orm import strategies as _strategies
 from sqlalchemy.orm.attributes import init_state_collection, instance_state, set_committed_value
 from sqlalchemy.orm.base import ATTR_WAS_SET, LoaderCallableStatus, PassiveFlag
 from sqlalchemy.orm.context import FromStatement
@@ -129,8 +141,8 @@ class IdentityLookupHooks:
     _sa_cache_last_absent: Any = None
     #: the normalised primary key the cache was asked for during the current ``get``
     _sa_cache_lookup_pk: Any = None
-    #: whether the ``get`` under way carries loader options
-    _sa_cache_get_options: bool = False
+    #: the loader options of the ``get`` under way
+    _sa_cache_get_options: tuple[Any, ...] = ()
     #: the state a lazy many-to-one load under way started from (None for a ``get``)
     _sa_cache_lazy_from: Any = None
 
@@ -140,14 +152,14 @@ class IdentityLookupHooks:
         primary_key_identity: Any,
         identity_token: Any,
         execution_options: Any,
-        options: bool,
+        options: tuple[Any, ...],
         autoflush: bool,
     ) -> Any:
         """What SQLAlchemy's own lookup would do next, as far as a cache must know it:
-        ``options``, whether loader options apply to the row (``get(..., options=[...])``, or
-        the options the parent of a lazy load was loaded with: a cached row cannot honour
-        them); ``autoflush``, whether the SELECT it would run next autoflushes first (not for a
-        lazy load from a pending object, nor with ``NO_AUTOFLUSH``)."""
+        ``options``, the loader options that apply to the row (``get(..., options=[...])``, or
+        the ``load_options`` the parent of a lazy load was loaded with); ``autoflush``, whether
+        the SELECT it would run next autoflushes first (not for a lazy load from a pending
+        object, nor with ``NO_AUTOFLUSH``)."""
         return None
 
     def loaded_nothing(self, mapper: Mapper[Any], primary_key_identity: Any) -> None:
@@ -180,7 +192,7 @@ class IdentityLookupHooks:
         if parent is None:
             options, autoflush = self._sa_cache_get_options, True
         else:
-            options, autoflush = bool(parent.load_options), parent.key is not None
+            options, autoflush = tuple(parent.load_options), parent.key is not None
         outer, self._sa_cache_lazy_from = self._sa_cache_lazy_from, parent
         try:
             answer = self.cache_lookup(
@@ -204,7 +216,7 @@ class IdentityLookupHooks:
         self._sa_cache_last_absent = None
         self._sa_cache_lookup_pk = None
         outer_options = self._sa_cache_get_options
-        self._sa_cache_get_options = bool(kw.get("options"))
+        self._sa_cache_get_options = tuple(kw.get("options") or ())
 
         def load_unless_known_absent(session: Any, statement: Any, pk: Any, **load_kw: Any) -> Any:
             if self._sa_cache_last_absent is not None:
@@ -433,10 +445,13 @@ def path_mappers(path: Any) -> list[Mapper[Any]]:
     return [entity.mapper for entity in path.path[::2]]
 
 
-def lazy_load_path(parent: InstanceState[Any], mapper: Mapper[Any]) -> Any:
+def lazy_load_path(
+    parent: InstanceState[Any], mapper: Mapper[Any], along_load_path: bool = False
+) -> Any:
     """The load path of the row a lazy many-to-one load from ``parent`` brings in
-    (``LazyLoader._emit_lazyload``: the parent's mapper path, the relationship, the target),
-    or None when more than one relationship of the parent could be the one loading."""
+    (``LazyLoader._emit_lazyload``: the parent's mapper path, or with ``along_load_path``, for
+    a parent loaded with options, its ``load_path``; the relationship; the target), or None
+    when more than one relationship of the parent could be the one loading."""
     found = [
         prop
         for prop in parent.mapper.relationships
@@ -444,7 +459,8 @@ def lazy_load_path(parent: InstanceState[Any], mapper: Mapper[Any]) -> Any:
     ]
     if len(found) != 1:
         return None
-    return parent.mapper._path_registry[found[0]][found[0].mapper]
+    start = parent.load_path if along_load_path else parent.mapper._path_registry
+    return start[found[0]][found[0].mapper]
 
 
 def load_along(
@@ -609,12 +625,18 @@ def lazy_loaded_relationship(state: ORMExecuteState) -> RelationshipProperty[Any
     return last if isinstance(last, RelationshipProperty) else None
 
 
-def plain_lazy_load(state: ORMExecuteState) -> bool:
-    """Whether a lazy load runs the relationship's own SELECT: no loader options or criteria
-    added to it (``Select._with_options``: the parent's ``load_options``,
-    ``with_loader_criteria``) and no ``populate_existing`` (``load_options._populate_existing``)."""
+def plain_lazy_load(state: ORMExecuteState, options: tuple[Any, ...] = ()) -> bool:
+    """Whether a lazy load runs the relationship's own SELECT with no loader options or
+    criteria added to it but ``options`` (``Select._with_options``: the parent's
+    ``load_options``, the ``with_loader_criteria`` of an option) and no ``populate_existing``
+    (``load_options._populate_existing``)."""
     statement: Any = state.statement
-    return not statement._with_options and not state.load_options._populate_existing
+    given = tuple(statement._with_options)
+    return (
+        len(given) == len(options)
+        and all(a is b for a, b in zip(given, options, strict=True))
+        and not state.load_options._populate_existing
+    )
 
 
 def load_autoflushes(state: ORMExecuteState) -> bool:
@@ -647,7 +669,7 @@ def target_correlates_to_parent(prop: RelationshipProperty[Any]) -> bool:
 
 #: SQLAlchemy's lazy loader strategy: ``_LazyLoader`` from 2.1, ``LazyLoader`` in 2.0
 _LAZY_LOADER: Final[type[Any]] = (
-    vars(_strategies).get("_LazyLoader") or vars(_strategies)["LazyLoader"]
+    vars(strategies).get("_LazyLoader") or vars(strategies)["LazyLoader"]
 )
 #: the passive flags of a plain attribute access (``PASSIVE_OFF``) and those that change nothing
 #: about what its load selects (``NO_AUTOFLUSH`` is honoured by the session; ``NO_RAISE`` only
@@ -893,3 +915,168 @@ def entity_result(objects: list[Any], keys: tuple[str, ...]) -> Result[Any]:
     result: IteratorResult[Any] = IteratorResult(metadata, rows, _source_supports_scalars=True)
     result._attributes = immutabledict({"filtered": True, "is_single_entity": True})
     return result
+
+
+# -- loader options of a hit (sa_cache.eager) ------------------------------------------------------
+
+#: the relationship strategies an option may set for a hit to be served from the cache
+_SERVED_STRATEGIES: Final = frozenset(
+    {"select", "joined", "selectin", "subquery", "immediate", "noload", "raise", "raise_on_sql"}
+)
+#: by (mapper, the options' cache keys): what :func:`load_context` resolved, None if unserved
+_contexts: dict[tuple[Mapper[Any], Any], LoadContext | None] = {}
+
+
+class LoadContext(NamedTuple):
+    """Loader options resolved as the compile state of a load resolves them.
+
+    :param key: the options' cache keys, by which plans are memoised
+    :param options: what a load records as ``InstanceState.load_options`` (the options that
+        propagate to later loads)
+    :param loaders: by the natural load path of a parent (``PathRegistry.natural_path``), the
+        options' load elements by relationship key: their ``strategy`` (None: the mapper's own,
+        as ``defaultload``) and the element a lazy loader set per instance is given
+    """
+
+    key: Any
+    options: tuple[Any, ...]
+    loaders: dict[tuple[Any, ...], dict[str, Any]]
+
+
+def load_context(options: Sequence[Any], mapper: Mapper[Any]) -> LoadContext | None:
+    """The :class:`LoadContext` of a load of ``mapper`` with ``options``, or None when an option
+    is one a hit cannot carry out exactly: anything but relationship loader chains
+    (``Load`` / ``selectinload(...)...`` of ``joined``, ``selectin``, ``subquery``,
+    ``immediate``, ``select``, ``noload``, ``raise``, ``defaultload``) without criteria
+    (``and_``), ``of_type``, wildcards, ``innerjoin`` or ``recursion_depth``, and no
+    ``subqueryload`` below the first level; and none that does not apply to ``mapper``
+    (SQLAlchemy's own load raises its error).
+
+    The options are resolved by SQLAlchemy itself: the compile state of ``Query(mapper)`` with
+    them (``Query._compile_state``) records each load element under ``("loader", natural
+    path)`` in ``attributes``, where the strategies of a load look them up
+    (``StrategizedProperty._get_context_loader``); elements are ``Load.context``'s
+    ``_AttributeStrategyLoad`` (``strategy``, ``local_opts``, ``_extra_criteria``,
+    ``_of_type``)."""
+    keys = []
+    for option in options:
+        if type(option) is not strategy_options.Load:
+            return None
+        key = option._generate_cache_key()
+        if key is None or key.bindparams:
+            return None
+        keys.append(key.key)
+    memo = (mapper, tuple(keys))
+    if memo in _contexts:
+        context = _contexts[memo]
+    else:
+        context = _contexts[memo] = _resolve(options, mapper, memo[1])
+    if context is None:
+        return None
+    # these very options, not the equal ones the resolution was memoised with
+    return context._replace(options=tuple(o for o in options if o.propagate_to_loaders))
+
+
+def _resolve(options: Sequence[Any], mapper: Mapper[Any], key: Any) -> LoadContext | None:
+    for option in options:
+        if option.additional_source_entities:
+            return None
+        for element in option.context:
+            if type(element) is not strategy_options._AttributeStrategyLoad:
+                return None
+            if element._extra_criteria or element._of_type is not None:
+                return None
+            if not element.propagate_to_loaders or any(element.local_opts.values()):
+                return None
+            props = element.path.path[1::2]  # (mapper, relationship, mapper, ...)
+            prop = props[-1] if props else None
+            if not isinstance(prop, RelationshipProperty) or refreshed_with_row(prop):
+                return None
+            strategy = element.strategy
+            if strategy is not None and (
+                len(strategy) != 1
+                or strategy[0][0] != "lazy"
+                or strategy[0][1] not in _SERVED_STRATEGIES
+            ):
+                return None
+    try:
+        attributes = Query(mapper).options(*options)._compile_state().attributes
+    except sa_exc.SQLAlchemyError:
+        return None
+    loaders: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for name, element in attributes.items():
+        if not (isinstance(name, tuple) and name and name[0] == "loader"):
+            continue
+        path = name[1]
+        prop = path[-1]
+        if not isinstance(prop, RelationshipProperty) or any(isinstance(e, str) for e in path):
+            return None  # a wildcard, a column option
+        if len(path) > 2 and option_strategy(element) == "subquery":
+            # below the first level: when the hit loads its parent's collection with the lazy
+            # loader, SQLAlchemy's subquery loader under it records load paths that start at
+            # the parent, where the load's start at the root
+            return None
+        loaders.setdefault(tuple(path[:-1]), {})[prop.key] = element
+    propagated = tuple(option for option in options if option.propagate_to_loaders)
+    return LoadContext(key, propagated, loaders)
+
+
+def options_root(state: InstanceState[Any]) -> Mapper[Any] | None:
+    """The mapper the load of ``state`` started at, which its ``load_options`` apply from (the
+    first element of its ``load_path``), or None if it has no load path."""
+    mappers = path_mappers(state.load_path)
+    return mappers[0] if mappers else None
+
+
+def natural_path(path: Any) -> tuple[Any, ...]:
+    """The path by which a load's options are looked up (``PathRegistry.natural_path``)."""
+    return tuple(path.natural_path)
+
+
+def option_strategy(element: Any) -> str | None:
+    """The strategy a load element sets (``("lazy", name)``), None for the mapper's own."""
+    strategy = element.strategy
+    return None if strategy is None else str(strategy[0][1])
+
+
+def default_strategy(prop: RelationshipProperty[Any]) -> str:
+    """The strategy a relationship's mapping sets, by name (``lazy=True`` is ``"select"``,
+    ``False`` ``"joined"``, None ``"noload"``)."""
+    lazy: Any = prop.lazy
+    names: dict[Any, str] = {True: "select", False: "joined", None: "noload"}
+    return names.get(lazy, str(lazy))
+
+
+def is_instance_level(prop: RelationshipProperty[Any], strategy: str) -> bool:
+    """Whether a load of an instance sets a lazy loader of its own for ``prop`` with
+    ``strategy`` (``select``, ``raise``, ``raise_on_sql``): one not the class's
+    (``LoaderStrategy.is_class_level``), as ``LazyLoader.create_row_processor`` does."""
+    loader: Any = prop._get_strategy((("lazy", strategy),))
+    return not loader.is_class_level
+
+
+def set_instance_lazy_loader(
+    state: InstanceState[Any], prop: RelationshipProperty[Any], strategy: str, element: Any
+) -> None:
+    """Give ``state`` the lazy loader of its own a load sets (``_LoadLazyAttribute`` in
+    ``InstanceState.callables``, by ``InstanceState._instance_level_callable_processor``), so
+    a later access loads (or raises) as after that load."""
+    loader: Any = prop._get_strategy((("lazy", strategy),))
+    private = hasattr(strategies, "_LoadLazyAttribute")  # ``LoadLazyAttribute`` in 2.0
+    make: Any = getattr(strategies, "_LoadLazyAttribute" if private else "LoadLazyAttribute")
+    callable_ = make(prop.key, loader, element, strategies._NO_EXTRA_CRITERIA)
+    set_callable: Any = InstanceState._instance_level_callable_processor(
+        state.manager, callable_, prop.key
+    )
+    set_callable(state, state.dict, None)
+
+
+def set_not_loaded(state: InstanceState[Any], prop: RelationshipProperty[Any]) -> None:
+    """Set ``prop`` as a ``noload`` load sets it (``NoLoader``): an empty collection, or None."""
+    set_committed_value(state.obj(), prop.key, [] if prop.uselist else None)
+
+
+def set_load_options(state: InstanceState[Any], options: tuple[Any, ...]) -> None:
+    """Record the options a load records (``InstanceState.load_options``, its propagated
+    ones): later lazy loads, and refreshes, of the instance apply them along its load path."""
+    state.load_options = options

@@ -40,6 +40,8 @@ from .rows import CachedModel
 
 #: The relationship strategies a load carries out with its row.
 EAGER_STRATEGIES: Final = frozenset({"joined", "selectin", "subquery", "immediate"})
+#: The lazy strategies an option may give an instance a loader of its own for.
+LAZY_STRATEGIES: Final = frozenset({"select", "raise", "raise_on_sql"})
 
 #: Whether the session's rules let a lookup of this class read the cache.
 MayRead = Callable[[Mapper[Any]], bool]
@@ -52,8 +54,13 @@ Place = Callable[[Any, Mapper[Any], Any, Any], Any]
 
 
 class Step(NamedTuple):
-    """One eager relationship of a mapper.
+    """One relationship of a mapper a load of its row sets, and how.
 
+    :param strategy: ``joined``, ``selectin``, ``subquery`` or ``immediate`` (loaded with the
+        row), ``noload`` (set empty), or ``select`` / ``raise`` / ``raise_on_sql`` (a lazy
+        loader of the instance's own, which an option sets)
+    :param element: the loader option's load element that set the strategy, if one did (then
+        SQLAlchemy does not stop at a cycle)
     :param collection: its cached collections (a collection read, then its members' rows)
     :param row: for a many-to-one whose target is loaded by primary key, the target's cached
         rows, and ``fk_attrs``, the parent's attributes holding that key in key order
@@ -64,14 +71,23 @@ class Step(NamedTuple):
     collection: CachedRelationship | None
     row: CachedModel | None
     fk_attrs: tuple[str, ...]
+    strategy: str
+    element: Any
+
+    @property
+    def eager(self) -> bool:
+        return self.strategy in EAGER_STRATEGIES
 
     def runs_at(self, path: Any, start: int) -> bool:
         """Whether a load that reached this row along ``path`` (its load path: the mappers and
         relationships from the row the first load started at) loads this relationship, by
-        SQLAlchemy's rule against cycles: a ``joined`` relationship looks at the mappers of its
-        own SELECT (from the ``start``-th on), the others at the whole path."""
+        SQLAlchemy's rule against cycles, which an option at the path lifts: a ``joined``
+        relationship looks at the mappers of its own SELECT (from the ``start``-th on), the
+        others at the whole path."""
+        if self.element is not None:
+            return True
         mappers = _orm.path_mappers(path)
-        if self.prop.lazy == "joined":
+        if self.strategy == "joined":
             mappers = mappers[start:]
         depth = self.prop.join_depth
         if depth:
@@ -82,17 +98,42 @@ class Step(NamedTuple):
     def start_after(self, path: Any, start: int) -> int:
         """Where the SELECT that loads this relationship's targets starts on their path: the
         same SELECT for ``joined``, their own for the others."""
-        return start if self.prop.lazy == "joined" else len(_orm.path_mappers(path))
+        return start if self.strategy == "joined" else len(_orm.path_mappers(path))
 
 
-def plan(registry: Registry, mapper: Mapper[Any]) -> tuple[Step, ...]:
-    """The eager relationships of ``mapper`` a hit completes (those ``Session.refresh`` loads
-    with the row's SQL expressions are left out: see :func:`sa_cache._orm.eager_plan`)."""
-    found = registry.eager_plans.get(mapper)
+def plan(
+    registry: Registry,
+    mapper: Mapper[Any],
+    context: _orm.LoadContext | None = None,
+    path: Any = None,
+) -> tuple[Step, ...]:
+    """The relationships of ``mapper`` a hit at ``path`` sets as a load with the loader options
+    of ``context`` would (those ``Session.refresh`` loads with the row's SQL expressions are
+    left out: see :func:`sa_cache._orm.eager_plan`). Memoised by mapper, and by mapper, options
+    and path where an option names one of its relationships there."""
+    loaders = None
+    if context is not None and path is not None:
+        loaders = context.loaders.get(_orm.natural_path(path))
+    memo: Any = mapper if not loaders else (mapper, context.key, _orm.natural_path(path))  # type: ignore[union-attr]
+    found = registry.eager_plans.get(memo)
     if found is None:
         steps = []
         for prop in mapper.relationships:
-            if prop.lazy not in EAGER_STRATEGIES or _orm.refreshed_with_row(prop):
+            element = None if loaders is None else loaders.get(prop.key)
+            strategy = None if element is None else _orm.option_strategy(element)
+            if strategy is None:
+                strategy = _orm.default_strategy(prop)
+            if strategy in EAGER_STRATEGIES:
+                if element is None and _orm.refreshed_with_row(prop):
+                    continue
+            elif strategy == "noload" or (
+                element is not None
+                and strategy in LAZY_STRATEGIES
+                and _orm.is_instance_level(prop, strategy)
+            ):
+                steps.append(Step(prop.key, prop, None, None, (), strategy, element))
+                continue
+            else:
                 continue
             collection = registry.relationship_kind(prop)
             row: CachedModel | None = None
@@ -100,9 +141,9 @@ def plan(registry: Registry, mapper: Mapper[Any]) -> tuple[Step, ...]:
             if collection is None and prop.direction is RelationshipDirection.MANYTOONE:
                 fk_attrs = _orm.primary_key_attrs_of_target(prop) or ()
                 row = registry.model_for(prop.mapper) if fk_attrs else None
-            steps.append(Step(prop.key, prop, collection, row, fk_attrs))
+            steps.append(Step(prop.key, prop, collection, row, fk_attrs, strategy, element))
         found = tuple(steps)
-        registry.eager_plans[mapper] = found
+        registry.eager_plans[memo] = found
     return found
 
 
@@ -120,10 +161,15 @@ def complete(
     fill_rule: FillRule,
     may_read: MayRead,
     refresh: Refresh | None = None,
+    context: _orm.LoadContext | None = None,
 ) -> bool:
     """Load the eager relationships of ``placed`` (instances a hit just put in the session,
-    each with its load path) and of every instance that brings in, as a load would have loaded
-    them, reading only the classes ``may_read`` allows (the session's rules).
+    each with its load path) and of every instance that brings in, as a load with the loader
+    options of ``context`` would have loaded them, reading only the classes ``may_read`` allows
+    (the session's rules). The instances it places get the options as their ``load_options``;
+    every instance it reaches gets the ``noload`` and per-instance lazy loaders of the options
+    where the attribute is not loaded, as a load sets them on the rows it creates and on the
+    unloaded attributes of those the session held already.
 
     With ``refresh``, ``placed`` are the rows a lookup asked for: their ``joined``
     relationships the cache cannot answer are loaded as a load loads them, with the row, by one
@@ -143,15 +189,20 @@ def complete(
             if id(state) in seen:
                 continue
             seen.add(id(state))
-            for step in plan(registry, state.mapper):
+            for step in plan(registry, state.mapper, context, path):
                 if step.key in state.dict:
                     continue
-                if step.runs_at(path, start):
+                if not step.eager:
+                    if step.strategy == "noload":
+                        _orm.set_not_loaded(state, step.prop)
+                    else:
+                        _orm.set_instance_lazy_loader(state, step.prop, step.strategy, step.element)
+                elif step.runs_at(path, start):
                     todo.append(_Todo(state, step, path, start))
-                elif step.prop.lazy == "immediate":  # as SQLAlchemy at a cycle: no SQL
+                elif step.strategy == "immediate":  # as SQLAlchemy at a cycle: no SQL
                     _orm.load_along(state, step.prop, path, from_session_only=True)
         defer = refresh is not None and first
-        level, deferred = _serve(lookups, todo, place, fill_rule, may_read, defer)
+        level, deferred = _serve(lookups, todo, place, fill_rule, may_read, defer, context)
         if defer:
             assert refresh is not None
             for instance, _ in placed:
@@ -193,6 +244,7 @@ def _serve(
     fill_rule: FillRule,
     may_read: MayRead,
     defer_joined: bool,
+    context: _orm.LoadContext | None,
 ) -> tuple[list[tuple[InstanceState[Any], Any, int]], list[_Todo]]:
     """Serve one level: the instances it brought into the session, each with its path, and
     (``defer_joined``) the ``joined`` relationships it left for the caller's refresh."""
@@ -204,7 +256,9 @@ def _serve(
         state, step = item.state, item.step
         if not may_read(step.prop.mapper):
             pass  # the session's rules send this class to the database
-        elif step.collection is not None and _collection_readable(lookups, step.collection, state):
+        elif step.collection is not None and _collection_readable(
+            lookups, step.collection, state, context
+        ):
             kind = step.collection
             pk = kind.parent.normalise(state.key[1])  # type: ignore[index]
             key = None if pk is None else kind.key_for_parent(pk)
@@ -310,6 +364,8 @@ def _serve(
                 if instance is _orm.KNOWN_ABSENT:  # gone meanwhile: its refresh found nothing
                     blocked.add((mapper, pk))
                     return None
+                if context is not None:
+                    _orm.set_load_options(instance_state(instance), context.options)
                 wanted[(mapper, pk)] = instance
             found.append(instance)
         return found
@@ -332,10 +388,17 @@ def _serve(
             _orm.set_loaded(item.state, item.step.key, None)
     deferred = []
     for item in fallback:  # SQLAlchemy's own loader: its SELECT fills the cache
-        if defer_joined and item.step.prop.lazy == "joined":
+        if defer_joined and item.step.strategy == "joined":
             deferred.append(item)  # loaded with its row, as a load loads it
         else:
-            _orm.load_along(item.state, item.step.prop, item.path)
+            _load_along(item, context)
+            # SQLAlchemy's lazy load runs no eager loads of the instances the session held
+            # (``_invoke_all_eagers``), which this load does: they are the next level too
+            value = item.state.dict.get(item.step.key)
+            found = list(value) if item.step.prop.uselist and value is not None else [value]
+            child = _orm.child_path(item.path, item.step.prop)
+            start = item.step.start_after(item.path, item.start)
+            brought.extend((instance_state(i), child, start) for i in found if i is not None)
     return brought, deferred
 
 
@@ -375,21 +438,51 @@ def _rows_along(
             assert item.step.row is not None
             add(item.step.row, item.step.prop.mapper, target)
     return kinds, rows
+def _load_along(item: _Todo, context: _orm.LoadContext | None) -> None:
+    """Load ``item`` with SQLAlchemy's lazy loader along the load's path, with the load's
+    options: those of the SELECT a ``joined``, ``selectin`` or ``subquery`` load runs, which an
+    instance the session held may not have been loaded with (an ``immediate`` load runs with
+    the instance's own, as SQLAlchemy's does)."""
+    state, prop = item.state, item.step.prop
+    options = () if context is None else context.options
+    own = state.load_options
+    if item.step.strategy == "immediate" or _same(own, options):
+        _orm.load_along(state, prop, item.path)
+        return
+    _orm.set_load_options(state, options)
+    try:
+        _orm.load_along(state, prop, item.path)
+    finally:
+        _orm.set_load_options(state, own)
 
 
 def _collection_readable(
-    lookups: Lookups, kind: CachedRelationship, state: InstanceState[Any]
+    lookups: Lookups,
+    kind: CachedRelationship,
+    state: InstanceState[Any],
+    context: _orm.LoadContext | None,
 ) -> bool:
     """Whether the cache may answer this parent's collection (as ``cache_lazy_load`` decides:
-    a persistent parent without loader options, nothing this transaction changed in bulk)."""
+    a persistent parent without loader options other than the load's, nothing this
+    transaction changed in bulk)."""
     bulk = lookups.changes.bulk_models
     return (
         state.key is not None
         and state.key[2] is None
-        and not state.load_options
+        and (
+            not state.load_options
+            or context is not None
+            and _same(state.load_options, context.options)
+        )
         and kind not in bulk
         and kind.target not in bulk
     )
+
+
+def _same(options: Any, others: tuple[Any, ...]) -> bool:
+    """Whether ``options`` are the very ``others``."""
+    given = tuple(options)
+    return len(given) == len(others) and all(a is b for a, b in zip(given, others, strict=True))
 
 
 _MISSING: Final = object()

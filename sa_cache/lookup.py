@@ -153,6 +153,7 @@ class Lookups:
             answer = classify(kind, generation, payload, pk)
             if answer is not None:
                 stats.hits += 1
+                self._supersede(identity_key)
                 answers.append(answer)
                 continue
             stats.misses += 1
@@ -183,6 +184,7 @@ class Lookups:
         answer = classify(kind, generation, payload, pk)
         if answer is not None:
             kind.stats.hits += 1
+            self._supersede(identity_key)
             return answer
         kind.stats.misses += 1
         may_fill, negative_ok = self._freshness_for(fill_rule, kind, context)
@@ -201,11 +203,24 @@ class Lookups:
         may_fill: Freshness,
         negative_ok: bool,
     ) -> None:
-        """Remember a miss for the load that follows to fill, where it may."""
+        """Remember a miss for the load that follows to fill, where it may; where it may not,
+        forget what an earlier read of the key remembered (:meth:`_supersede`)."""
         if may_fill is not Freshness.NEVER and may_fill_over(payload, generation):
             self.pending[identity_key] = Observation(
                 kind, key, raw, generation, now, negative_ok, freshness=may_fill
             )
+        else:
+            self._supersede(identity_key)
+
+    def _supersede(self, identity_key: Any) -> None:
+        """Forget an earlier miss's observation of a key read again (releasing its lease): its
+        freshness was judged then, and the transaction may have begun its snapshot since (an
+        eager level's read, then SQL). Left in place, a later load of the key would fill with
+        it (or a lease would take it for one that begins the snapshot) although the read that
+        came after said nothing may be filled."""
+        observation = self.pending.pop(identity_key, None)
+        if observation is not None and observation.lease is not None:
+            self.write_back([], observation)
 
     def _freshness_for(
         self, fill_rule: FillRule, kind: CachedKind, context: Any
@@ -328,6 +343,7 @@ class Lookups:
             answers.append(answer)
             if answer is not None:
                 kind.stats.hits += 1
+                self._supersede(identity_key)
                 continue
             kind.stats.misses += 1
             rule = rules.get(kind)
@@ -449,6 +465,7 @@ class Lookups:
                 return True, None
             (generation,), (stored,), (payload,) = read
         answer = classify(kind, generation, payload, pk)
+        self._supersede(identity_key)
         if answer is not None:
             if owned is not None:  # a hit after all: nobody needs the lease
                 guarded.fill([], [Release(lease_key(key), owned)])

@@ -60,8 +60,9 @@ class Registry:
         self._uniques: dict[Mapper[Any], dict[frozenset[Any], CachedUnique]] | None = None
         #: every unique kind ever made, by (mapper, columns): counters survive a re-registration
         self._made_uniques: dict[tuple[Mapper[Any], tuple[Any, ...]], CachedUnique] = {}
-        #: :func:`sa_cache.eager.plan`'s memo, by mapper (cleared by every registration)
-        self.eager_plans: dict[Mapper[Any], Any] = {}
+        #: :func:`sa_cache.eager.plan`'s memo, by mapper, or by mapper, loader options and
+        #: load path (cleared by every registration)
+        self.eager_plans: dict[Any, Any] = {}
         self._lock = threading.RLock()
 
     def __len__(self) -> int:

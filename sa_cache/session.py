@@ -143,13 +143,18 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         primary_key_identity: Any,
         identity_token: Any,
         execution_options: Any,
-        options: bool,
+        options: tuple[Any, ...],
         autoflush: bool,
     ) -> Any:
         model = self._cacheable(mapper, identity_token, execution_options)
         if model is None:
             return None
-        if options or self._rewrites_statements():
+        context = None
+        if options:
+            parent = self._sa_cache_lazy_from
+            root = mapper if parent is None else _orm.options_root(parent)
+            context = None if root is None else _orm.load_context(options, root)
+        if options and context is None or self._rewrites_statements():
             model.stats.skipped += 1  # SQLAlchemy's SELECT may differ from a primary-key load
             return None
         pk = model.normalise(primary_key_identity)
@@ -171,7 +176,7 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         identity_key = mapper.identity_key_from_primary_key(pk, identity_token)
         self._begin_savepoint_as_the_load_would(mapper)
         answer = lookups.read_one(model, key, pk, identity_key, self._fill_rule, mapper)
-        return None if answer is None else self._place(answer, mapper, identity_key)
+        return None if answer is None else self._place(answer, mapper, identity_key, context)
 
     def _rewrites_statements(self) -> bool:
         """Whether a ``do_orm_execute`` listener other than sa_cache's own is installed: it may
@@ -203,27 +208,37 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         return freshness, model.may_cache_absence(mapper, bind.dialect)
 
     def _place(
-        self, answer: Answer, mapper: Mapper[Any], identity_key: Any, complete: bool = True
+        self,
+        answer: Answer,
+        mapper: Mapper[Any],
+        identity_key: Any,
+        context: _orm.LoadContext | None = None,
+        complete: bool = True,
     ) -> Any:
         """The session's answer for a cache hit: the instance, or :data:`_orm.KNOWN_ABSENT`.
         ``complete``: load what a load of it would have loaded with it (its load path: a
-        ``get``'s, or a lazy many-to-one load's)."""
+        ``get``'s, or a lazy many-to-one load's), with the loader options of ``context``."""
         if not complete:
             return self._place_row(answer, mapper, identity_key)
         path = _orm.root_path(mapper)
         parent = self._sa_cache_lazy_from
         if parent is not None and type(answer) is Hit:
-            path = _orm.lazy_load_path(parent, mapper)
-            if (
-                path is None
-                and _orm.eager_plan(answer.shape.mapper, answer.shape.expire_on_hit).trigger
+            path = _orm.lazy_load_path(parent, mapper, along_load_path=context is not None)
+            if path is None and (
+                context is not None
+                or _orm.eager_plan(answer.shape.mapper, answer.shape.expire_on_hit).trigger
             ):
                 return None  # its eager loads depend on a path not known: SQLAlchemy loads it
         lookups = self._sa_cache
         assert lookups is not None
-        if type(answer) is not Hit or not eager.plan(lookups.cache.registry, answer.shape.mapper):
-            return self._place_row(answer, mapper, identity_key, path)
-        instance = self._place_row(answer, mapper, identity_key, path, refresh=False)
+        options = () if context is None else context.options
+        if type(answer) is not Hit or not eager.plan(
+            lookups.cache.registry, answer.shape.mapper, context, path
+        ):
+            return self._place_row(answer, mapper, identity_key, path, options=options)
+        instance = self._place_row(
+            answer, mapper, identity_key, path, refresh=False, options=options
+        )
         if instance is _orm.KNOWN_ABSENT:
             return instance
         if not eager.complete(
@@ -233,6 +248,7 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
             self._eager_fill_rule,
             self._may_read,
             self._refresh_hit,
+            context,
         ):
             return _orm.KNOWN_ABSENT
         return instance
@@ -244,9 +260,11 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         identity_key: Any,
         path: Any = None,
         refresh: bool = True,
+        options: tuple[Any, ...] = (),
     ) -> Any:
         """A hit placed with its SQL expressions refreshed, its eager relationships not loaded
-        yet (:meth:`_complete_eager`), with ``path`` (default: a ``get``'s) as its load path."""
+        yet (:meth:`_complete_eager`), with ``path`` (default: a ``get``'s) as its load path and
+        ``options`` as its load options."""
         if type(answer) is not Hit:
             return _orm.KNOWN_ABSENT
         shape = answer.shape
@@ -260,6 +278,8 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
             shape.expire_on_hit,
         )
         _orm.set_load_path(instance_state(instance), path or _orm.root_path(mapper))
+        if options:
+            _orm.set_load_options(instance_state(instance), options)
         plan = _orm.eager_plan(shape.mapper, shape.expire_on_hit)
         if (
             refresh
@@ -273,14 +293,24 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
             return _orm.KNOWN_ABSENT
         return instance
 
-    def _complete_eager(self, placed: list[tuple[Any, Any]]) -> None:
+    def _complete_eager(
+        self, placed: list[tuple[Any, Any]], context: _orm.LoadContext | None = None
+    ) -> None:
         """Load the eager relationships of instances just placed from the cache (with their
-        load paths), from the cache where it holds them: see :mod:`sa_cache.eager`."""
+        load paths, and the loader options of ``context``), from the cache where it holds
+        them: see :mod:`sa_cache.eager`."""
         lookups = self._sa_cache
         assert lookups is not None
         registry = lookups.cache.registry
-        if any(eager.plan(registry, instance_state(i).mapper) for i, _ in placed):
-            eager.complete(lookups, placed, self._place_row, self._eager_fill_rule, self._may_read)
+        if any(eager.plan(registry, instance_state(i).mapper, context, p) for i, p in placed):
+            eager.complete(
+                lookups,
+                placed,
+                self._place_row,
+                self._eager_fill_rule,
+                self._may_read,
+                context=context,
+            )
 
     def _refresh_hit(self, instance: Any, relationships: list[str]) -> bool:
         """Load what a ``get``'s SELECT loads with the row and the cache did not answer: its SQL
@@ -334,21 +364,21 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
             waiting = read_first[2]
             return None if waiting is None else self._fill_lazy_collection(state, kind, waiting)
         _orm.answer_lazy_loads_first(prop)  # a class mapped since the kind was made, too
+        options = tuple(parent.load_options)
+        path = _orm.lazy_load_children_path(state)
+        # the parent's options travel to the load, applied along its path from where it starts
+        context = _orm.load_context(options, _orm.path_mappers(path)[0]) if options else None
         if (
             parent.key is None  # pending: its collection is not in the database
             or parent.key[2] is not None
-            or parent.load_options  # loader options travel to the load: a list cannot honour them
-            or not _orm.plain_lazy_load(state)
+            or (options and context is None)  # options a list cannot honour
+            or not _orm.plain_lazy_load(state, options)
             or self._rewrites_statements()
         ):
             kind.stats.skipped += 1
             return None
         served = self._serve_lazy_collection(
-            kind,
-            parent,
-            _orm.lazy_load_children_path(state),
-            state.execution_options,
-            _orm.load_autoflushes(state),
+            kind, parent, path, state.execution_options, _orm.load_autoflushes(state), context
         )
         if isinstance(served, list):
             return _orm.instances_result(served)
@@ -402,11 +432,13 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         path: Any,
         execution_options: Any,
         autoflushes: bool,
+        context: _orm.LoadContext | None = None,
     ) -> list[Any] | tuple[CachedRelationship, tuple[Any, ...]] | None:
         """The cache's answer to a lazy load of ``kind`` from ``parent`` that may use it as far
         as its statement tells: the collection's members (a hit, placed with the load path
-        ``path``); or the miss whose observation (``(kind, pk)`` in ``lookups.pending``) waits
-        for the SELECT's load; or None: SQLAlchemy's SELECT answers, untouched."""
+        ``path`` and the parent's loader options, ``context``); or the miss whose observation
+        (``(kind, pk)`` in ``lookups.pending``) waits for the SELECT's load; or None:
+        SQLAlchemy's SELECT answers, untouched."""
         lookups = self._sa_cache
         assert lookups is not None
         target = kind.prop.mapper
@@ -432,7 +464,7 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
             lookups.current = outer
         if type(answer) is Hit:
             # a target the row cache lacks: the SELECT, whose load fills it
-            return self._hydrate(kind, answer.value, path, along)
+            return self._hydrate(kind, answer.value, path, along, context)
         if waiting not in lookups.pending:
             return None  # nothing to fill (the transaction wrote, an old snapshot...)
         return waiting
@@ -679,11 +711,13 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         pks: list[tuple[Any, ...]],
         path: Any,
         along: ReadAlong | None = None,
+        context: _orm.LoadContext | None = None,
     ) -> list[Any] | None:
         """The instances of a cached collection: those in the identity map as they are, the
         others from the row cache (those ``along`` holds from the collection's own round trip,
-        the rest in one more read) and placed as a load places them; None if any is not there
-        (or not loaded, or of another class), so the SELECT answers instead."""
+        the rest in one more read) and placed as a load (with the loader options of
+        ``context``) places them; None if any is not there (or not loaded, or of another
+        class), so the SELECT answers instead."""
         lookups = self._sa_cache
         assert lookups is not None
         plan = self._rows_to_read(kind, pks)
@@ -697,13 +731,14 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         if any(type(answer) is not Hit for answer in answers):
             return None
         placed = []
+        options = () if context is None else context.options
         for (_, _, identity_key), answer, place in zip(wanted, answers, places, strict=True):
-            instance = self._place_row(answer, mapper, identity_key, path)  # type: ignore[arg-type]
+            instance = self._place_row(answer, mapper, identity_key, path, options=options)  # type: ignore[arg-type]
             if instance is _orm.KNOWN_ABSENT:
                 return None
             found[place] = instance
             placed.append((instance, path))
-        self._complete_eager(placed)
+        self._complete_eager(placed, context)
         return found
 
     def loaded_nothing(self, mapper: Mapper[Any], primary_key_identity: Any) -> None:

@@ -5,7 +5,9 @@ with abilities (``selectin`` many-to-many, two levels); boards with ``joined`` p
 many-to-one, served by the row cache) whose roles load in turn; a role's ``joined`` creator
 (whose cycle rule looks at its own SELECT only); and a self-referential tree
 whose ``selectin`` children stop after ``join_depth`` levels; shelves and books related only by
-``noload``, which a load sets without SQL."""
+``noload``, which a load sets without SQL. The ``Lazy*`` classes are the users, roles and
+abilities again with every relationship lazy (the mapping's default): whatever they load with
+their row, loader options ask for."""
 
 from __future__ import annotations
 
@@ -118,7 +120,63 @@ class Shelf(EagerBase):
     books: Mapped[list[Book]] = relationship(order_by=Book.id, lazy="noload")
 
 
-CACHED = (Ability, Role, User, Post, Note, Tag, Board, Node, Book, Shelf)
+lazy_user_roles = Table(
+    "eager_lazy_user_roles",
+    EagerBase.metadata,
+    Column("user_id", ForeignKey("eager_lazy_users.id"), primary_key=True),
+    Column("role_id", ForeignKey("eager_lazy_roles.id"), primary_key=True),
+)
+
+lazy_role_abilities = Table(
+    "eager_lazy_role_abilities",
+    EagerBase.metadata,
+    Column("role_id", ForeignKey("eager_lazy_roles.id"), primary_key=True),
+    Column("ability_id", ForeignKey("eager_lazy_abilities.id"), primary_key=True),
+)
+
+
+class LazyAbility(EagerBase):
+    __tablename__ = "eager_lazy_abilities"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(50))
+
+
+class LazyRole(EagerBase):
+    __tablename__ = "eager_lazy_roles"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(50))
+    creator_id: Mapped[int | None] = mapped_column(ForeignKey("eager_lazy_users.id"))
+    creator: Mapped[LazyUser | None] = relationship(foreign_keys=[creator_id])
+    abilities: Mapped[list[LazyAbility]] = relationship(
+        secondary=lazy_role_abilities, order_by=LazyAbility.id
+    )
+    users: Mapped[list[LazyUser]] = relationship(
+        secondary=lazy_user_roles, order_by="LazyUser.id", viewonly=True
+    )
+
+
+class LazyUser(EagerBase):
+    __tablename__ = "eager_lazy_users"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(50))
+    roles: Mapped[list[LazyRole]] = relationship(secondary=lazy_user_roles, order_by=LazyRole.id)
+
+
+CACHED = (
+    Ability,
+    Role,
+    User,
+    Post,
+    Note,
+    Tag,
+    Board,
+    Node,
+    Book,
+    Shelf,
+    LazyAbility,
+    LazyRole,
+    LazyUser,
+)
 
 
 def ensure_tables(engine: Engine) -> None:

@@ -16,9 +16,23 @@ from typing import Any
 
 import pytest
 from sqlalchemy import event, insert, inspect
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
+from sqlalchemy.orm import (
+    Load,
+    defaultload,
+    immediateload,
+    joinedload,
+    lazyload,
+    load_only,
+    noload,
+    raiseload,
+    selectinload,
+    sessionmaker,
+    subqueryload,
+    with_loader_criteria,
+)
 from sqlalchemy.orm import Session as PlainSession
-from sqlalchemy.orm import selectinload, sessionmaker
 
 from sa_cache import CachingSession, IdentityCache, codec
 from sa_cache.eager import plan
@@ -31,6 +45,9 @@ from .models_eager import (
     Ability,
     Board,
     Book,
+    LazyAbility,
+    LazyRole,
+    LazyUser,
     Node,
     Note,
     Post,
@@ -65,6 +82,11 @@ def _path(state: Any) -> list[str]:
     ]
 
 
+def _cache_key(option: Any) -> Any:
+    key = option._generate_cache_key()
+    return None if key is None else key.key
+
+
 def graph(root: Any) -> list[Any]:
     """Everything a load left reachable from ``root`` without loading anything more."""
     if root is None:
@@ -86,9 +108,12 @@ def graph(root: Any) -> list[Any]:
         found[state.key] = (
             type(instance).__name__,
             state.identity,
-            sorted(state.unloaded),
+            # an attribute with a lazy loader of the instance's own (``raiseload``...) marked
+            sorted(f"{key}:own" if key in state.callables else key for key in state.unloaded),
             _path(state),
-            len(state.load_options),
+            # the options, by SQLAlchemy's own identity for them: a load records the equal
+            # options of the statement its compiled cache holds, which may be another's
+            tuple(_cache_key(o) for o in state.load_options),
             sorted(loaded.items()),
         )
     return sorted(found.values(), key=repr)
@@ -127,7 +152,8 @@ def seed(Session: Any) -> None:  # noqa: N803
     """Users 1 (roles 1, 2), 2 (role 2), 3 (none); role 1 (created by user 3) has abilities 1,
     2, role 2 ability 3;
     board 1 with posts 1 (by user 1), 2 (no author), notes 1, 2 and tag 1; board 2 empty; a
-    tree of nodes 1 > 2 > 3 > 4; shelf 1 with books 1, 2."""
+    tree of nodes 1 > 2 > 3 > 4; shelf 1 with books 1, 2; the same users, roles and abilities
+    as ``Lazy*``."""
     with Session() as s:
         a1, a2 = Ability(id=1, name="read"), Ability(id=2, name="write")
         a3 = Ability(id=3, name="a")
@@ -144,6 +170,14 @@ def seed(Session: Any) -> None:  # noqa: N803
         s.add(Shelf(id=1))
         s.flush()
         s.add_all([Book(id=1, shelf_id=1), Book(id=2, shelf_id=1)])
+        s.add(LazyUser(id=3, name="u3"))
+        s.flush()
+        la1, la2, la3 = (LazyAbility(id=i, name=f"a{i}") for i in (1, 2, 3))
+        lr1 = LazyRole(id=1, name="admin", abilities=[la1, la2], creator_id=3)
+        lr2 = LazyRole(id=2, name="staff", abilities=[la3])
+        s.add_all(
+            [LazyUser(id=1, name="u1", roles=[lr2, lr1]), LazyUser(id=2, roles=[lr2], name="u2")]
+        )
         s.commit()
 
 
@@ -188,7 +222,7 @@ def test_joined_subquery_immediate_and_a_joined_many_to_one_load_from_the_cache(
 ) -> None:
     seed(Session)
     expected = agree(plain, Session, get(Board, 1))
-    assert ("Post", (2,), [], ["Board", "posts", "Post"], 0, [("author", [])]) in expected
+    assert ("Post", (2,), [], ["Board", "posts", "Post"], (), [("author", [])]) in expected
     settle(Session, get(Board, 1), sql)
     # the board; its three collections with their rows; the author; the author's roles'
     # collection with their rows; the roles' abilities' collections with their rows
@@ -444,21 +478,6 @@ def test_query_get_completes_a_hit_as_session_get_does(
 
 
 @pytest.mark.usefixtures("eager")
-def test_loader_options_on_a_get_are_not_answered_from_the_cache(
-    Session: sessionmaker[CachingSession],  # noqa: N803
-    plain: sessionmaker[PlainSession],
-    cache: IdentityCache,
-    sql: SQLCounter,
-) -> None:
-    seed(Session)
-    settle(Session, get(User, 1), sql)
-    read = get(User, 1, options=[selectinload(User.roles).selectinload(Role.users)])
-    skipped = cache.stats()["models"]["User"]["skipped"]
-    assert agree(plain, Session, read) == outcome(plain, read)
-    assert cache.stats()["models"]["User"]["skipped"] == skipped + 2
-
-
-@pytest.mark.usefixtures("eager")
 def test_instances_already_in_the_session_are_taken_as_they_are(
     Session: sessionmaker[CachingSession],  # noqa: N803
     plain: sessionmaker[PlainSession],
@@ -487,3 +506,279 @@ def test_the_plan_of_a_mapper_names_how_each_eager_relationship_is_served(
     assert author.collection is None and author.row is not None
     assert author.fk_attrs == ("author_id",)
     assert plan(cache.registry, inspect(Ability)) == ()
+
+
+# -- loader options -------------------------------------------------------------------------------
+
+#: the roles-and-abilities request on lazy mappings, asked for by options
+ROLES_AND_ABILITIES = [selectinload(LazyUser.roles).selectinload(LazyRole.abilities)]
+
+#: option sets a hit carries out, each with the class and key it is given to
+SERVED: dict[str, tuple[Any, int, list[Any]]] = {
+    "selectinload chain": (LazyUser, 1, ROLES_AND_ABILITIES),
+    "Load(...).selectinload": (
+        LazyUser,
+        1,
+        [Load(LazyUser).selectinload(LazyUser.roles).selectinload(LazyRole.abilities)],
+    ),
+    "joinedload chain": (LazyUser, 1, [joinedload(LazyUser.roles).joinedload(LazyRole.abilities)]),
+    "subqueryload, then selectinload": (
+        LazyUser,
+        1,
+        [subqueryload(LazyUser.roles).selectinload(LazyRole.abilities)],
+    ),
+    "immediateload, then a joined many-to-one": (
+        LazyUser,
+        1,
+        [immediateload(LazyUser.roles).joinedload(LazyRole.creator)],
+    ),
+    "an option at a cycle loads it": (
+        LazyUser,
+        1,
+        [selectinload(LazyUser.roles).selectinload(LazyRole.users)],
+    ),
+    "two options, one under a defaultload": (
+        LazyUser,
+        1,
+        [selectinload(LazyUser.roles), defaultload(LazyUser.roles).selectinload(LazyRole.creator)],
+    ),
+    "lazyload over a mapped selectin": (User, 1, [lazyload(User.roles)]),
+    "noload over a mapped selectin": (User, 1, [noload(User.roles)]),
+    "raiseload under a mapped selectin": (
+        User,
+        1,
+        [defaultload(User.roles).raiseload(Role.abilities)],
+    ),
+    "raiseload(sql_only) at the root": (User, 1, [raiseload(User.roles, sql_only=True)]),
+    "an option at a mapped cycle": (User, 1, [selectinload(User.roles).selectinload(Role.users)]),
+    "options on a mapped joined collection": (
+        Board,
+        1,
+        [joinedload(Board.posts).selectinload(Post.author).noload(User.roles)],
+    ),
+}
+
+
+@pytest.mark.usefixtures("eager")
+@pytest.mark.parametrize("name", list(SERVED))
+def test_a_get_with_loader_options_is_answered_from_the_cache_as_its_load_would_be(
+    Session: sessionmaker[CachingSession],  # noqa: N803
+    plain: sessionmaker[PlainSession],
+    cache: IdentityCache,
+    sql: SQLCounter,
+    name: str,
+) -> None:
+    model, pk, options = SERVED[name]
+    seed(Session)
+    read = get(model, pk, options=options)
+    expected = agree(plain, Session, read)
+    settle(Session, read, sql)
+    before = cache.stats()["models"][model.__name__]
+    with Session() as s, expect_sql(sql, 0):
+        assert read(s) == expected
+    after = cache.stats()["models"][model.__name__]
+    assert after["skipped"] == before["skipped"]
+    assert after["hits"] > before["hits"]  # (a many-to-one's target of the class counts too)
+
+
+@pytest.mark.usefixtures("eager")
+def test_the_roles_and_abilities_chain_by_options_costs_what_the_mapped_selectin_chain_costs(
+    Session: sessionmaker[CachingSession],  # noqa: N803
+    plain: sessionmaker[PlainSession],
+    cache: IdentityCache,
+    sql: SQLCounter,
+    redis_counter: RedisCounter,
+) -> None:
+    seed(Session)
+    read = get(LazyUser, 1, options=ROLES_AND_ABILITIES)
+    expected = agree(plain, Session, read)
+    settle(Session, read, sql)
+    before = cache.stats()["models"]
+    # the user; the roles' collection, their rows; both roles' abilities' collections, their
+    # rows: as test_a_warm_get_loads_two_selectin_levels_from_the_cache_in_five_round_trips
+    with (
+        Session() as s,
+        expect_sql(sql, 0),
+        expect_commands(redis_counter, {"MGET": 5}, round_trips=5),
+    ):
+        user = s.get(LazyUser, 1, options=ROLES_AND_ABILITIES)
+        assert graph(user) == expected
+        assert inspect(user).load_options == tuple(ROLES_AND_ABILITIES)
+    after = cache.stats()["models"]
+    assert after["LazyUser.roles"]["hits"] == before["LazyUser.roles"]["hits"] + 1
+    assert after["LazyRole.abilities"]["hits"] == before["LazyRole.abilities"]["hits"] + 2
+
+
+@pytest.mark.usefixtures("eager")
+def test_query_options_get_is_answered_from_the_cache_as_session_get_with_options(
+    Session: sessionmaker[CachingSession],  # noqa: N803
+    plain: sessionmaker[PlainSession],
+    sql: SQLCounter,
+) -> None:
+    seed(Session)
+
+    def read(s: Any) -> Any:
+        return graph(s.query(LazyUser).options(*ROLES_AND_ABILITIES).get(1))
+
+    expected = agree(plain, Session, read)
+    settle(Session, read, sql)
+    with Session() as s, expect_sql(sql, 0):
+        assert read(s) == expected
+
+
+@pytest.mark.usefixtures("eager")
+def test_raiseload_and_noload_leave_a_hit_as_they_leave_a_load(
+    Session: sessionmaker[CachingSession],  # noqa: N803
+    plain: sessionmaker[PlainSession],
+    sql: SQLCounter,
+) -> None:
+    seed(Session)
+    options = [
+        selectinload(LazyUser.roles).raiseload(LazyRole.abilities),
+        defaultload(LazyUser.roles).noload(LazyRole.users),
+    ]
+
+    def read(s: Any) -> Any:
+        user = s.get(LazyUser, 1, options=options)
+        found = graph(user)
+        role = user.roles[0]
+        with pytest.raises(sa_exc.InvalidRequestError, match="abilities"):
+            role.abilities  # noqa: B018
+        return found, role.users, "users" in inspect(role).dict
+
+    expected = agree(plain, Session, read)
+    assert expected[1:] == ([], True)
+    settle(Session, read, sql)
+    with Session() as s, expect_sql(sql, 0):
+        assert read(s) == expected
+
+
+@pytest.mark.usefixtures("eager")
+def test_a_lazy_load_from_an_instance_loaded_with_options_follows_them_from_the_cache(
+    Session: sessionmaker[CachingSession],  # noqa: N803
+    plain: sessionmaker[PlainSession],
+    cache: IdentityCache,
+    sql: SQLCounter,
+    redis_counter: RedisCounter,
+) -> None:
+    seed(Session)
+    by_user = [defaultload(LazyUser.roles).selectinload(LazyRole.abilities)]
+    by_role = [defaultload(LazyRole.creator).selectinload(LazyUser.roles)]
+    from_user = [
+        selectinload(LazyUser.roles).defaultload(LazyRole.creator).selectinload(LazyUser.roles)
+    ]
+
+    def roles(s: Any) -> Any:
+        user = s.get(LazyUser, 1, options=by_user)
+        user.roles  # noqa: B018  a lazy collection load carrying the user's options
+        return graph(user)
+
+    def creator(s: Any) -> Any:
+        role = s.get(LazyRole, 1, options=by_role)
+        role.creator  # noqa: B018  a lazy many-to-one load carrying the role's options
+        return graph(role)
+
+    def deeper(s: Any) -> Any:
+        user = s.get(LazyUser, 1, options=from_user)
+        user.roles[0].creator  # noqa: B018  along the role's load path, from the user
+        return graph(user)
+
+    # the user; its roles' list, their rows; their abilities' lists, their rows | the role; its
+    # creator's row; the creator's (empty) roles' list | the user; its roles' list, their rows;
+    # the first role's creator's row; the creator's (empty) roles' list
+    round_trips = {roles: 5, creator: 3, deeper: 5}
+    for read in (roles, creator, deeper):
+        expected = agree(plain, Session, read)
+        settle(Session, read, sql)
+        before = cache.stats()["models"]
+        with (
+            Session() as s,
+            expect_sql(sql, 0),
+            expect_commands(
+                redis_counter, {"MGET": round_trips[read]}, round_trips=round_trips[read]
+            ),
+        ):
+            assert read(s) == expected
+        after = cache.stats()["models"]
+        for name in ("LazyUser.roles", "LazyUser", "LazyRole"):
+            assert after[name]["skipped"] == before[name]["skipped"]
+        # user 1's roles, by the lazy load or a selectin; the creator's (empty) roles
+        served = {roles: 1, creator: 1, deeper: 2}[read]
+        assert after["LazyUser.roles"]["hits"] == before["LazyUser.roles"]["hits"] + served
+
+
+#: options a hit cannot carry out: the load goes to the database, counted as skipped
+SKIPPED: dict[str, list[Any]] = {
+    "criteria": [selectinload(LazyUser.roles.and_(LazyRole.id > 1))],
+    "a wildcard": [selectinload("*")],
+    "load_only on a target": [selectinload(LazyUser.roles).load_only(LazyRole.name)],
+    "load_only at the root": [load_only(LazyUser.name)],
+    "innerjoin": [joinedload(LazyUser.roles, innerjoin=True)],
+    "subqueryload below the first level": [
+        defaultload(LazyUser.roles).subqueryload(LazyRole.abilities)
+    ],
+    "with_loader_criteria": [with_loader_criteria(LazyRole, LazyRole.id > 1)],
+}
+
+
+@pytest.mark.usefixtures("eager")
+@pytest.mark.parametrize("name", list(SKIPPED))
+def test_options_a_hit_cannot_carry_out_are_loaded_by_the_database_and_counted(
+    Session: sessionmaker[CachingSession],  # noqa: N803
+    plain: sessionmaker[PlainSession],
+    cache: IdentityCache,
+    sql: SQLCounter,
+    name: str,
+) -> None:
+    seed(Session)
+    settle(Session, get(LazyUser, 1), sql)
+    read = get(LazyUser, 1, options=SKIPPED[name])
+    skipped = cache.stats()["models"]["LazyUser"]["skipped"]
+    assert agree(plain, Session, read) == outcome(plain, read)
+    assert cache.stats()["models"]["LazyUser"]["skipped"] == skipped + 2
+
+
+@pytest.mark.usefixtures("eager")
+def test_noload_and_raiseload_reach_the_unloaded_attributes_of_instances_the_session_holds(
+    Session: sessionmaker[CachingSession],  # noqa: N803
+    plain: sessionmaker[PlainSession],
+    sql: SQLCounter,
+) -> None:
+    seed(Session)
+    options = [
+        selectinload(LazyUser.roles).noload(LazyRole.abilities),
+        defaultload(LazyUser.roles).raiseload(LazyRole.users),
+    ]
+
+    def read(s: Any) -> Any:
+        held = s.get(LazyRole, 2)  # its unloaded attributes get them too, as a load's do
+        held.creator  # noqa: B018  loaded: kept
+        return graph(s.get(LazyUser, 1, options=options)), graph(held)
+
+    expected = agree(plain, Session, read)
+    roles = {
+        i: (unloaded, rels) for name, i, unloaded, _, _, rels in expected[0] if name == "LazyRole"
+    }
+    assert roles[(1,)] == (["creator", "users:own"], [("abilities", [])])  # created
+    assert roles[(2,)] == (["users:own"], [("abilities", []), ("creator", [])])  # held
+    settle(Session, read, sql)
+    with Session() as s, expect_sql(sql, 0):
+        assert read(s) == expected
+
+
+@pytest.mark.usefixtures("eager")
+def test_a_held_instance_reached_by_a_hit_with_options_loads_its_children_with_them(
+    Session: sessionmaker[CachingSession],  # noqa: N803
+    plain: sessionmaker[PlainSession],
+    sql: SQLCounter,
+) -> None:
+    seed(Session)
+
+    def read(s: Any) -> Any:
+        held = s.get(LazyRole, 1)  # loaded without options
+        return graph(s.get(LazyUser, 1, options=ROLES_AND_ABILITIES)), graph(held)
+
+    expected = agree(plain, Session, read)
+    settle(Session, read, sql)
+    with Session() as s, expect_sql(sql, 0):
+        assert read(s) == expected

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from dogpile.cache import make_region
-from sqlalchemy import ForeignKey, Integer, String, create_engine, update
+from sqlalchemy import ForeignKey, Integer, String, create_engine, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
@@ -229,6 +229,34 @@ def test_a_later_miss_does_not_fill_after_an_eviction_that_committed_after_the_s
         assert post.author.name == "author"  # T's snapshot still has the old row
         assert fills(cache, "Account") == before
     assert type(entry_at(cache, key_of(cache, Account, 1))) is codec.Tombstone
+    with expect_sql(sql, selects=1), Session() as s:
+        assert s.get(Account, 1).name == "renamed"
+
+
+def test_a_key_read_again_in_the_snapshot_is_judged_by_that_read_not_by_an_earlier_miss(
+    Session, cache, sql
+):
+    """An eager level reads a row before the transaction's first SQL (its miss may begin the
+    snapshot) and SQLAlchemy loads something else first, without the store's clock: the
+    snapshot begins with no bound. A writer then commits the row. A later lookup of that row in
+    the snapshot may fill nothing; the earlier miss, still remembered, must not lend it its
+    freshness (its lease would take the store's time after the snapshot began for a lower
+    bound on its start, and fill the old row)."""
+    warm_up(Session, sql)
+    cache.evict(Account, 1)
+    settle()
+    with Session() as t:
+        model = cache.model_for(Account.__mapper__)
+        lookups = t._sa_cache
+        identity_key = Account.__mapper__.identity_key_from_primary_key((1,))
+        (missed,) = lookups.read_kinds(
+            [model], [(key_of(cache, Account, 1), (1,), identity_key)], t._eager_fill_rule
+        )
+        assert missed is None and identity_key in lookups.pending
+        t.execute(select(Post.id)).all()  # the snapshot begins: no lease, no bound
+        renamed_in_another_session(Session)
+        assert t.get(Account, 1).name == "author"  # the snapshot's row
+        assert lookups.snapshot_bound is None
     with expect_sql(sql, selects=1), Session() as s:
         assert s.get(Account, 1).name == "renamed"
 

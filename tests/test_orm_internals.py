@@ -141,6 +141,7 @@ def test_after_commit_fires_for_a_savepoint_release_inside_a_nested_transaction(
 def test_on_pysqlite_a_savepoint_before_the_first_write_commits_at_its_release(Sessions):
     seen = []
     with Sessions() as s:
+
         @event.listens_for(s, "after_commit")
         def committed(sess: Any) -> None:
             seen.append((sess.in_nested_transaction(), _orm.released_savepoint_committed(sess)))
@@ -521,12 +522,14 @@ def test_a_lazy_many_to_one_by_another_column_passes_the_parents_values_as_param
         (Invoice.account.property, None, True),  # the value is no bound value of the clause
         ((Account.__table__.c.email,), ("a@x",)),
     ]
+
+
 # -- eager relationships of a hit (sa_cache/eager.py) ----------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def EagerSessions() -> Any:  # noqa: N802
-    from .models_eager import Ability, EagerBase, Post, Role
+    from .models_eager import Ability, EagerBase, LazyAbility, LazyRole, LazyUser, Post, Role
     from .models_eager import User as EagerUser
 
     engine = create_engine("sqlite://")
@@ -536,6 +539,10 @@ def EagerSessions() -> Any:  # noqa: N802
         s.add(EagerUser(id=1, name="u", roles=[role]))
         s.flush()
         s.add(Post(id=1, author_id=1))
+        s.add(LazyUser(id=2, name="creator"))
+        s.flush()
+        lazy_role = LazyRole(id=1, name="r", creator_id=2, abilities=[LazyAbility(id=1, name="a")])
+        s.add(LazyUser(id=1, name="u", roles=[lazy_role]))
         s.commit()
     return sessionmaker(engine)
 
@@ -788,4 +795,176 @@ def test_session_execution_options_are_empty_before_2_1():
         options = {"populate_existing": True}
         assert _orm.session_execution_options(Session(engine, execution_options=options)) == (
             options
+        )
+
+
+# -- loader options of a hit (sa_cache/eager.py) ---------------------------------------------------
+
+
+def _reached(root: Any) -> list[Any]:
+    """The states a load left reachable from ``root`` through loaded relationships."""
+    found: dict[int, Any] = {}
+    held = []  # the instances, while their states are read
+    todo = [inspect(root)]
+    while todo:
+        state = todo.pop()
+        if id(state) in found:
+            continue
+        found[id(state)] = state
+        held.append(state.obj())
+        for rel in state.mapper.relationships:
+            value = state.dict.get(rel.key)
+            members = value if rel.uselist and value is not None else [value]
+            todo.extend(inspect(m) for m in members if m is not None)
+    return list(found.values())
+
+
+def _option_sets() -> list[tuple[Any, list[Any]]]:
+    from sqlalchemy.orm import (
+        Load,
+        defaultload,
+        lazyload,
+        noload,
+        selectinload,
+        subqueryload,
+    )
+
+    from .models_eager import LazyRole, LazyUser, Role
+    from .models_eager import User as EagerUser
+
+    return [
+        (LazyUser, [selectinload(LazyUser.roles).selectinload(LazyRole.abilities)]),
+        (LazyUser, [Load(LazyUser).joinedload(LazyUser.roles).selectinload(LazyRole.abilities)]),
+        (LazyUser, [subqueryload(LazyUser.roles).immediateload(LazyRole.creator)]),
+        (LazyUser, [selectinload(LazyUser.roles).selectinload(LazyRole.users)]),  # a cycle
+        (LazyUser, [selectinload(LazyUser.roles).raiseload(LazyRole.abilities)]),
+        (EagerUser, [lazyload(EagerUser.roles)]),
+        (EagerUser, [noload(EagerUser.roles)]),
+        (EagerUser, [defaultload(EagerUser.roles).raiseload(Role.abilities, sql_only=True)]),
+        (EagerUser, [selectinload(EagerUser.roles).selectinload(Role.users)]),
+    ]
+
+
+@pytest.mark.parametrize("index", range(9))
+def test_load_context_resolves_options_as_the_load_applies_them(EagerSessions, index):
+    """Per instance a real load with the options reached, per relationship: what the load
+    did is what the strategy :func:`_orm.load_context` resolves at its load path names."""
+    model, options = _option_sets()[index]
+    context = _orm.load_context(options, inspect(model))
+    assert context is not None
+    assert context.options == tuple(options)
+    applied = 0
+    with EagerSessions() as s:
+        root = s.get(model, 1, options=options)  # (held: the identity map holds it weakly)
+        for state in _reached(root):
+            assert state.load_options == tuple(options)
+            loaders = context.loaders.get(_orm.natural_path(state.load_path), {})
+            for rel in state.mapper.relationships:
+                element = loaders.get(rel.key)
+                if element is None:
+                    continue  # the mapping's own strategy, cycles and all
+                applied += 1
+                strategy = _orm.option_strategy(element) or _orm.default_strategy(rel)
+                if strategy in ("joined", "selectin", "subquery", "immediate"):
+                    assert rel.key in state.dict, (strategy, rel)
+                elif strategy == "noload":
+                    assert state.dict[rel.key] == ([] if rel.uselist else None)
+                elif _orm.is_instance_level(rel, strategy):
+                    assert state.callables[rel.key].strategy_key == (("lazy", strategy),)
+                    assert rel.key not in state.dict
+                else:
+                    assert rel.key not in state.dict and rel.key not in state.callables
+    assert applied == sum(len(by_key) for by_key in context.loaders.values())
+
+
+def test_load_context_refuses_what_a_hit_cannot_carry_out():
+    from sqlalchemy.orm import (
+        defaultload,
+        joinedload,
+        load_only,
+        selectin_polymorphic,
+        selectinload,
+        with_loader_criteria,
+    )
+
+    from .models_eager import Board, LazyRole, LazyUser
+
+    mapper = inspect(LazyUser)
+    for options in (
+        [selectinload(LazyUser.roles.and_(LazyRole.id > 1))],
+        [selectinload("*")],
+        [selectinload(LazyUser.roles).load_only(LazyRole.name)],
+        [load_only(LazyUser.name)],
+        [joinedload(LazyUser.roles, innerjoin=True)],
+        [with_loader_criteria(LazyRole, LazyRole.id > 1)],
+        [defaultload(LazyUser.roles).subqueryload(LazyRole.abilities)],
+        [selectinload(Board.posts)],  # not of this mapper: SQLAlchemy's load raises
+        [selectin_polymorphic(LazyUser, [])],
+    ):
+        assert _orm.load_context(options, mapper) is None, options
+
+
+def test_a_lazy_loader_of_an_instance_and_noload_are_set_as_a_load_sets_them(EagerSessions):
+    from sqlalchemy.orm import raiseload
+
+    from .models_eager import LazyRole, LazyUser
+
+    options = [raiseload(LazyUser.roles)]
+    with EagerSessions() as s:
+        held = [s.get(LazyUser, 1, options=options), s.get(LazyUser, 2)]
+        loaded, placed = (inspect(user) for user in held)
+        prop = LazyUser.roles.property
+        assert _orm.is_instance_level(prop, "raise") and not _orm.is_instance_level(prop, "select")
+        element = _orm.load_context(options, inspect(LazyUser)).loaders[(inspect(LazyUser),)]
+        _orm.set_instance_lazy_loader(placed, prop, "raise", element["roles"])
+        _orm.set_load_options(placed, tuple(options))
+        assert placed.callables["roles"].strategy_key == loaded.callables["roles"].strategy_key
+        assert placed.load_options == loaded.load_options
+        for state in (loaded, placed):
+            with pytest.raises(sqlalchemy.exc.InvalidRequestError, match="raise"):
+                state.obj().roles  # noqa: B018
+        held.append(s.get(LazyRole, 1))
+        role = inspect(held[-1])
+        _orm.set_not_loaded(role, LazyRole.abilities.property)
+        _orm.set_not_loaded(role, LazyRole.creator.property)
+        assert role.dict["abilities"] == [] and role.dict["creator"] is None
+        assert not role.modified
+
+
+def test_a_lazy_load_from_an_instance_loaded_with_options_carries_them_along_its_path(
+    EagerSessions,
+):
+    from sqlalchemy.orm import defaultload
+
+    from .models_eager import LazyRole, LazyUser
+
+    options = [defaultload(LazyUser.roles).defaultload(LazyRole.creator)]
+    seen = []
+    with EagerSessions() as s:
+
+        @event.listens_for(s, "do_orm_execute")
+        def record(state: Any) -> None:
+            if state.lazy_loaded_from is not None:
+                parent_options = tuple(state.lazy_loaded_from.load_options)
+                seen.append(
+                    (
+                        _orm.plain_lazy_load(state, parent_options),
+                        _orm.plain_lazy_load(state),
+                        _orm.lazy_load_children_path(state),
+                    )
+                )
+
+        user = s.get(LazyUser, 1, options=options)
+        role = user.roles[0]
+        user_state = inspect(user)
+        assert seen == [
+            (True, False, _orm.child_path(user_state.load_path, LazyUser.roles.property))
+        ]
+        role_state = inspect(role)
+        assert role_state.load_path == seen[0][2]
+        assert _orm.lazy_load_path(role_state, inspect(LazyUser), along_load_path=True) == (
+            _orm.child_path(role_state.load_path, LazyRole.creator.property)
+        )
+        assert inspect(role.creator).load_path == _orm.child_path(
+            role_state.load_path, LazyRole.creator.property
         )

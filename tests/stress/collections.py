@@ -6,9 +6,10 @@ Six parents, eight tags, a few dozen children:
 - ``Parent.children`` (one-to-many through ``Child.parent_id``), ``Parent.ordered_children`` (the
   same rows ordered by ``position``), ``Parent.tags`` and ``Tag.parents`` (many-to-many through a
   link table): lazily loaded, so answered from the cache when warm;
-- the same collections loaded by ``selectinload`` (``select()`` of several parents, and
-  ``get(Parent, pk, options=...)``): never answered from the cache, and a parent found in the row
-  cache must not skip its eager load;
+- the same collections loaded by ``selectinload``: by a ``select()`` of several parents (never
+  answered from the cache), and by ``get(Parent, pk, options=...)``, answered from the cache as
+  that load (a hit carries out the options) where it holds the parent, its collections and their
+  rows;
 - children by primary key (``get``) and by their unique ``name``
   (``select(Child).where(Child.name == ...)``, a lookup by a unique column:
   ``register(Child, unique=["name"])``).
