@@ -129,41 +129,10 @@ class Lookups:
         if read is None:
             return [None] * len(wanted)
         (generation,), stored, payloads = read
-        return self._settle(kind, generation, wanted, stored, payloads, now, fill_rule, context)
-
-    def _settle(
-        self,
-        kind: CachedKind,
-        generation: bytes,
-        wanted: Sequence[tuple[str, tuple[Any, ...], Any]],
-        stored: Sequence[bytes | None],
-        payloads: Sequence[bytes | None],
-        now: float,
-        fill_rule: FillRule,
-        context: Any,
-    ) -> list[Answer | None]:
-        """The answers of ``wanted`` from what one round trip read at ``now`` (``stored`` and
-        ``payloads``, under ``generation``): each counted as a hit or a miss, each miss
-        remembered for its load as :meth:`read` describes."""
-        may_fill: Freshness | None = None  # decided at the first miss: hits need none of this
-        negative_ok = False
-        answers: list[Answer | None] = []
-        stats = kind.stats
-        for (key, pk, identity_key), raw, payload in zip(wanted, stored, payloads, strict=True):
-            answer = classify(kind, generation, payload, pk)
-            if answer is not None:
-                stats.hits += 1
-                self._supersede(identity_key)
-                answers.append(answer)
-                continue
-            stats.misses += 1
-            if may_fill is None:
-                may_fill, negative_ok = self._freshness_for(fill_rule, kind, context)
-            self._observe(
-                kind, key, identity_key, raw, payload, generation, now, may_fill, negative_ok
-            )
-            answers.append(None)
-        return answers
+        kinds = [kind] * len(wanted)
+        return self._settle_kinds(
+            kinds, {kind: generation}, wanted, stored, payloads, now, fill_rule, context
+        )
 
     def _read_single(
         self,
@@ -331,8 +300,10 @@ class Lookups:
         fill_rule: FillRule,
         context: Any,
     ) -> list[Answer | None]:
-        """:meth:`_settle` for keys of several kinds (``kinds[i]`` the kind of ``wanted[i]``,
-        under its generation in ``generations``)."""
+        """The answers of ``wanted`` from what one round trip read at ``now`` (``stored`` and
+        ``payloads``; ``kinds[i]`` the kind of ``wanted[i]``, under its generation in
+        ``generations``): each counted as a hit or a miss, each miss remembered for its load as
+        :meth:`read` describes."""
         rules: dict[CachedKind, tuple[Freshness, bool]] = {}
         answers: list[Answer | None] = []
         for kind, (key, pk, identity_key), raw, payload in zip(

@@ -144,6 +144,15 @@ def settle(factory: Callable[[], Any], read: Read, sql: SQLCounter, runs: int = 
     raise AssertionError(f"still {sql.statements} after {runs} runs")
 
 
+def agree_warm(plain: Any, cached: Any, read: Read, sql: SQLCounter) -> Any:
+    """:func:`agree`, then :func:`settle`, then the warm answer again, with no SQL."""
+    expected = agree(plain, cached, read)
+    settle(cached, read, sql)
+    with cached() as s, expect_sql(sql, 0):
+        assert read(s) == expected
+    return expected
+
+
 def get(model: Any, pk: int, **kw: Any) -> Read:
     return lambda s: graph(s.get(model, pk, **kw))
 
@@ -471,10 +480,7 @@ def test_query_get_completes_a_hit_as_session_get_does(
     def read(s: Any) -> Any:
         return graph(s.query(Board).get(1))
 
-    expected = agree(plain, Session, read)
-    settle(Session, read, sql)
-    with Session() as s, expect_sql(sql, 0):
-        assert read(s) == expected
+    agree_warm(plain, Session, read, sql)
 
 
 @pytest.mark.usefixtures("eager")
@@ -620,10 +626,7 @@ def test_query_options_get_is_answered_from_the_cache_as_session_get_with_option
     def read(s: Any) -> Any:
         return graph(s.query(LazyUser).options(*ROLES_AND_ABILITIES).get(1))
 
-    expected = agree(plain, Session, read)
-    settle(Session, read, sql)
-    with Session() as s, expect_sql(sql, 0):
-        assert read(s) == expected
+    agree_warm(plain, Session, read, sql)
 
 
 @pytest.mark.usefixtures("eager")
@@ -646,11 +649,8 @@ def test_raiseload_and_noload_leave_a_hit_as_they_leave_a_load(
             role.abilities  # noqa: B018
         return found, role.users, "users" in inspect(role).dict
 
-    expected = agree(plain, Session, read)
+    expected = agree_warm(plain, Session, read, sql)
     assert expected[1:] == ([], True)
-    settle(Session, read, sql)
-    with Session() as s, expect_sql(sql, 0):
-        assert read(s) == expected
 
 
 @pytest.mark.usefixtures("eager")
@@ -779,7 +779,4 @@ def test_a_held_instance_reached_by_a_hit_with_options_loads_its_children_with_t
         held = s.get(LazyRole, 1)  # loaded without options
         return graph(s.get(LazyUser, 1, options=ROLES_AND_ABILITIES)), graph(held)
 
-    expected = agree(plain, Session, read)
-    settle(Session, read, sql)
-    with Session() as s, expect_sql(sql, 0):
-        assert read(s) == expected
+    agree_warm(plain, Session, read, sql)
