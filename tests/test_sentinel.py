@@ -236,6 +236,8 @@ READERS = 3
 ROWS = 200  # more than the writer rewrites during a breaker cooldown
 LOAD_SECONDS_BEFORE = 1.0
 SETTLE_LIMIT_SECONDS = 150.0  # a busy machine (the whole suite under CI) took over 60 s once
+#: how long a killed master brought back may wait for the sentinels to make it a replica
+REJOIN_WAIT = 45.0
 HITS_AFTER = 20
 
 
@@ -331,7 +333,7 @@ def test_a_master_killed_under_load_serves_nothing_stale(engine, settings):
     servers = RedisSentinelServers(*SETTINGS[settings]).start()
     old = servers.master_port()
     victim = servers.server_on(old)
-    restarted: list[bool] = []
+    restarted: list[float] = []
 
     def kill() -> None:
         victim.kill()
@@ -341,8 +343,17 @@ def test_a_master_killed_under_load_serves_nothing_stale(engine, settings):
             if servers.master_port() == old:
                 return False
             victim.start()
-            restarted.append(True)
-        return bool(_synced_replica(servers, old)())
+            restarted.append(time.monotonic())
+        synced = bool(_synced_replica(servers, old)())
+        if not synced and len(restarted) == 1 and time.monotonic() - restarted[0] > REJOIN_WAIT:
+            # the sentinels convert a returning master at their next look, which a busy machine
+            # delayed past this once (over 150 s): then do what they would, as ops would; the
+            # cache's part (nothing stale, no exception, hits resuming) is what is checked
+            new = servers.master_port()
+            victim.client().execute_command("REPLICAOF", "127.0.0.1", str(new))
+            restarted.append(time.monotonic())
+            print(f"\nthe sentinels had not converted the old master after {REJOIN_WAIT:.0f} s")
+        return synced
 
     try:
         _run_checked_load(engine, servers, kill, settled, f"master SIGKILLed ({settings})")
