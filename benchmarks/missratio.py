@@ -7,7 +7,10 @@ cache), the uncached path with a plain ``Session.get``, sa_cache's with a ``Cach
 checkout's miss runs interleaved too. Calls alternate in short batches and each is timed alone
 (see :func:`benchmarks.readshapes.interleave`); it prints the median call, the ratio to the
 uncached lookup (target: at most 1.5x) and the Redis round trips per miss, counted on the real
-connections (target: at most 2). The first misses of a run are read the three-round-trip way
+connections (target: at most 2). Beside them, the floor under any miss that fills with two round
+trips: the uncached lookup followed by two round trips of the same shapes (a lease with the
+read, a fill with the release) written raw on a connection held open, with no client code at all
+(:func:`floor_miss`). The first misses of a run are read the three-round-trip way
 until the kind's miss forecast turns (:mod:`sa_cache.forecast`): they are run before timing.
 """
 
@@ -21,6 +24,7 @@ from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
 
+import redis
 from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -28,7 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from tests.counting import RedisCounter
 from tests.databases import SERVERS, create_database, drop_database
 
-from .env import counted_region
+from .env import REDIS_URL, TIMEOUT, counted_region
 from .readshapes import fill_table, interleave, mapped_row
 
 ROWS = 10_000
@@ -55,6 +59,34 @@ def cached_miss(
     return miss, counter, cache
 
 
+def floor_miss(uncached: Callable[[], None], prefix: str) -> Callable[[], None]:
+    """The uncached lookup, then the two round trips a cold miss costs at least, of the shapes
+    sa_cache sends (``SET NX PX`` of a lease with an ``MGET`` of the generation and the row; a
+    ``SET PX`` of the row with a ``DEL`` of the lease), each written in one send on one held
+    connection and its replies read raw: what the miss would cost if the cache's own code and
+    redis-py's were free."""
+    client = redis.Redis.from_url(REDIS_URL, socket_timeout=TIMEOUT)
+    conn = client.connection_pool.get_connection()
+    row, lease, generation = f"{prefix}:row", f"{prefix}:row:lease", f"{prefix}:gen"
+    value = b"\x96" + b"v" * 230  # about the size of the benchmark row, msgpacked
+    read = conn.pack_commands(
+        [("SET", lease, b"t" * 8, "PX", 500, "NX"), ("MGET", generation, row)]
+    )
+    fill = conn.pack_commands([("SET", row, value, "PX", 60_000), ("DEL", lease)])
+
+    def exchange(packed: Any) -> None:
+        conn.send_packed_command(packed)
+        conn.read_response()
+        conn.read_response()
+
+    def miss() -> None:
+        uncached()
+        exchange(read)
+        exchange(fill)
+
+    return miss
+
+
 def main() -> None:
     import sa_cache
 
@@ -79,6 +111,11 @@ def main() -> None:
         shapes: dict[str, tuple[Callable[[], Any], int, float]] = {
             "uncached Session.get": (uncached, CALLS, 1.0),
             "sa_cache cold miss + fill": (after, CALLS, 1.0),
+            "floor: uncached + 2 raw round trips": (
+                floor_miss(uncached, "missratio_floor"),
+                CALLS,
+                1.0,
+            ),
         }
         counters = {"sa_cache cold miss + fill": after_count}
         caches = [after_cache]
@@ -105,7 +142,7 @@ def main() -> None:
             trips = "" if counter is None else f"{counter.round_trips / (ROUNDS * CALLS):.2f}"
             print(f"{name:40} {us:9.2f} {statistics.median(cpu[name]):9.2f} {trips:>12}")
         base = medians["uncached Session.get"]
-        for name in counters:
+        for name in [*counters, "floor: uncached + 2 raw round trips"]:
             print(f"{name + ' / uncached':40} {medians[name] / base:9.2f}x")
         for cache in caches:
             cache.flush()
