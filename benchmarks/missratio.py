@@ -1,5 +1,5 @@
 """A cold miss with its fill against the uncached lookup, on PostgreSQL, in one run:
-``python -m benchmarks.missratio [BEFORE]``.
+``python -m benchmarks.missratio [BEFORE] [--awake]`` (``--awake``: see :mod:`benchmarks.awake`).
 
 Each call reads, in a fresh session, a row no one has read before (so its key is absent: a cold
 cache), the uncached path with a plain ``Session.get``, sa_cache's with a ``CachingSession``
@@ -90,9 +90,11 @@ def floor_miss(uncached: Callable[[], None], prefix: str) -> Callable[[], None]:
 def main() -> None:
     import sa_cache
 
+    from . import awake
     from .interleaved import load
 
-    before = sys.argv[1] if len(sys.argv) > 1 else None
+    args, measured_in = awake.regime(sys.argv[1:])
+    before = args[0] if args else None
     url = create_database(SERVERS["postgresql"], DB_NAME)
     engine = create_engine(url)
     try:
@@ -134,7 +136,8 @@ def main() -> None:
                 fn()
         for counter in counters.values():
             counter.reset()
-        wall, cpu = interleave(shapes, ROUNDS)
+        with measured_in:
+            wall, cpu = interleave(shapes, ROUNDS)
         medians = {name: statistics.median(values) for name, values in wall.items()}
         print(f"{'':40} {'wall us':>9} {'cpu us':>9} {'round trips':>12}")
         for name, us in medians.items():

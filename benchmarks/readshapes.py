@@ -3,8 +3,10 @@ sa_cache stores for the row (the floor a Redis hit is held to), sa_cache's Redis
 session, and a lookup in a session already open), an identity-map hit, ``get_many`` of 1000
 rows per key, and the floor under a hit: the raw GET followed by a lookup that places the row's
 values with no cache work at all (:func:`placing_sessions`), in a fresh and in an open session.
-``python -m benchmarks.readshapes [BEFORE]``: with a checkout BEFORE (e.g. ``/work/main``), its
-hits and ``get_many`` run interleaved with this one's.
+``python -m benchmarks.readshapes [BEFORE] [--awake]``: with a checkout BEFORE (e.g.
+``/work/main``), its hits and ``get_many`` run interleaved with this one's; ``--awake``: with
+the machine's CPUs kept from halting (:mod:`benchmarks.awake`), the fast round trip of a busy
+machine.
 
 Short batches of every shape alternate round after round, so whatever else the machine does
 weighs on all alike. It prints each shape's median call (wall clock, each call timed alone) and
@@ -153,9 +155,11 @@ def interleave(
 def main() -> None:
     import sa_cache
 
+    from . import awake
     from .interleaved import load
 
-    before = sys.argv[1] if len(sys.argv) > 1 else None
+    args, measured_in = awake.regime(sys.argv[1:])
+    before = args[0] if args else None
     engine = create_engine("sqlite://")
     fill_table(engine, mapped_row(), ROWS)
     after = side(sa_cache, engine, "readshapes_after")
@@ -198,7 +202,8 @@ def main() -> None:
         shapes["before: sa_cache hit, fresh session"] = (old["hit"], 200, 1.0)
         shapes["before: sa_cache hit, open session"] = (old["lookup"], 200, 1.0)
         shapes["before: get_many(1000), per key"] = (old["many"], 2, 1000.0)
-    wall, cpu = interleave(shapes, ROUNDS)
+    with measured_in:
+        wall, cpu = interleave(shapes, ROUNDS)
     medians = {name: statistics.median(values) for name, values in wall.items()}
     cpu_medians = {name: statistics.median(values) for name, values in cpu.items()}
     print(f"{'':40} {'wall us':>9} {'cpu us':>9}")
