@@ -112,3 +112,38 @@ def test_the_roles_web_benchmark_runs_its_three_variants_in_a_quick_run(tmp_path
     assert (warm["sql_per_request"], warm["checkouts_per_request"],
             warm["transactions_per_request"]) == (0, 0, 0)  # fmt: skip
     assert "| sa_cache |" in report.read_text()
+
+
+def test_the_awake_regime_spins_only_while_measuring() -> None:
+    """``benchmarks.awake``: a round trip is measured, ``--awake`` is taken out of the
+    arguments and turns the spinner on, and the spinner is gone once the block ends."""
+    from benchmarks import awake
+
+    if not _redis_running():
+        pytest.fail("Redis is not running on 127.0.0.1:6379")
+    assert awake.round_trip_us(samples=20) > 0
+    args, measured_in = awake.regime(["/some/checkout", "--awake"])
+    assert args == ["/some/checkout"]
+    spinners_before = _spinners()
+    with measured_in:
+        assert len(_spinners()) == len(spinners_before) + 1
+    assert _spinners() == spinners_before
+    args, measured_in = awake.regime(["/some/checkout"])
+    assert args == ["/some/checkout"]
+    with measured_in:
+        assert _spinners() == spinners_before
+
+
+def _spinners() -> set[int]:
+    """The processes running :data:`benchmarks.awake.SPIN` (by /proc, so no tool is needed)."""
+    from benchmarks.awake import SPIN
+
+    found = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if SPIN.encode() in cmdline:
+            found.add(int(entry.name))
+    return found
