@@ -7,21 +7,27 @@ a skip on a developer's machine and a failure under ``CI=true``.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import redis
 from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
 
 from sa_cache import CachingSession, IdentityCache
+from sa_cache.near import NearStore
 
 from . import models, redis_cluster, redis_sentinel
 from .counting import RedisCounter, SQLCounter, counted_redis_region, counting_sql
 from .databases import create_database, drop_database, port_open
+from .redis_server import RedisServer, make_tls_files
 
 REDIS_URL = os.environ.get("SA_CACHE_TEST_REDIS") or "redis://127.0.0.1:6379/0"
 PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
@@ -55,6 +61,36 @@ def require_redis_cluster() -> redis_cluster.RedisClusterServers:
             pytest.fail(message)
         pytest.skip(message)
     return redis_cluster.shared()
+
+
+@pytest.fixture(scope="module")
+def tls_files() -> Iterator[str]:
+    """A folder of throwaway certificates (tests/redis_server.py ``make_tls_files``) for the
+    module's TLS servers; no ``openssl`` is a failure, never a skip."""
+    folder = tempfile.mkdtemp(prefix="sa_cache_tls_")
+    try:
+        make_tls_files(folder)
+    except FileNotFoundError:
+        pytest.fail("the openssl command line is needed to make a test certificate")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def start_tls_server(folder: str, *extra_args: str, tls_auth_clients: str = "no") -> RedisServer:
+    """A private redis-server listening for TLS only (``folder``: :func:`tls_files`); a build
+    without TLS is a skip on a developer's machine and a failure under ``CI=true``."""
+    require_service("redis", 6379)  # redis-server is installed
+    server = RedisServer(*extra_args, tls_dir=folder, tls_auth_clients=tls_auth_clients)
+    try:
+        return server.start()
+    except RuntimeError as exc:
+        server.stop()
+        if "TLS" not in str(exc) and "tls" not in str(exc):
+            raise
+        message = f"this redis-server build has no TLS support: {exc}"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
 
 
 # -- counters (tests/counting.py) ---------------------------------------------------------------
@@ -223,3 +259,30 @@ def cache(backend: str, cache_factory: CacheFactory) -> IdentityCache:
 @pytest.fixture
 def Session(engine: Engine, cache: IdentityCache) -> sessionmaker[CachingSession]:  # noqa: N802
     return sessionmaker(engine, class_=CachingSession, cache=cache)
+
+
+@pytest.fixture
+def caches() -> Iterator[Callable[..., IdentityCache]]:
+    """``caches(url=None, prefix=None, **options)``: a registered near cache (Redis at ``url``,
+    the tests' Redis by default) under ``prefix`` (a fresh one by default); every cache made is
+    closed and its keys removed afterwards (tests/test_near_cache.py, tests/test_tls.py)."""
+    made: list[IdentityCache] = []
+
+    def make(url: str | None = None, prefix: str | None = None, **options: Any) -> IdentityCache:
+        require_service("redis", 6379)
+        options.setdefault("exit_flush_timeout", 0)
+        options.setdefault("near_cache", True)
+        cache = IdentityCache(
+            url or REDIS_URL, prefix=prefix or f"{RUN_ID}_near_{uuid.uuid4().hex[:8]}", **options
+        )
+        made.append(register_all(cache))
+        return cache
+
+    yield make
+    for cache in made:
+        store = cache.store
+        if isinstance(store, NearStore):
+            store.close()
+            store = store.inner
+        with contextlib.suppress(redis.RedisError):  # a private server already gone
+            store.delete_prefix(cache.prefix + ":")

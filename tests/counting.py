@@ -184,15 +184,16 @@ def count_client(counter: RedisCounter, client: redis.Redis) -> None:
 def counted_redis_region(
     counter: RedisCounter, url: str, *, socket_timeout: float = 1.0, **region: Any
 ) -> Any:
-    """dogpile's Redis backend at ``url``, its connections counted by ``counter``;
-    ``region``: arguments of ``make_region`` (e.g. ``key_mangler``)."""
+    """dogpile's Redis backend at ``url``, its connections counted by ``counter`` (over TLS for
+    a ``rediss://`` URL); ``region``: arguments of ``make_region`` (e.g. ``key_mangler``)."""
+    base = redis.SSLConnection if url.startswith("rediss://") else redis.Connection
     return make_region(**region).configure(
         "dogpile.cache.redis",
         arguments={
             "url": url,
             "socket_timeout": socket_timeout,
             "socket_connect_timeout": socket_timeout,
-            "connection_kwargs": {"connection_class": counting_connection_class(counter)},
+            "connection_kwargs": {"connection_class": counting_connection_class(counter, base)},
         },
     )
 

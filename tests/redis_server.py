@@ -66,14 +66,18 @@ def redis_binary() -> str:
 
 class RedisServer:
     """``extra_args`` are passed to ``redis-server`` as they are (``--maxmemory``, ``--requirepass``
-    ...). With ``tls_dir`` (holding ``ca.crt``, ``server.crt``, ``server.key``) the server listens
-    for TLS only, on ``port``."""
+    ...). With ``tls_dir`` (made by :func:`make_tls_files`) the server listens for TLS only, on
+    ``port``, with ``server.crt``; ``tls_auth_clients`` ("no", "yes", "optional") says whether a
+    client must present a certificate signed by ``ca.crt``."""
 
-    def __init__(self, *extra_args: str, tls_dir: str | None = None) -> None:
+    def __init__(
+        self, *extra_args: str, tls_dir: str | None = None, tls_auth_clients: str = "no"
+    ) -> None:
         self.port = free_port()
         self.folder = tempfile.mkdtemp(prefix="sa_cache_redis_")
         self.extra_args = list(extra_args)
         self.tls_dir = tls_dir
+        self.tls_auth_clients = tls_auth_clients
         self.process: subprocess.Popen[bytes] | None = None
         self.paused = False
 
@@ -91,7 +95,8 @@ class RedisServer:
             command += ["--port", "0", "--tls-port", str(self.port)]
             command += ["--tls-cert-file", files["server.crt"]]
             command += ["--tls-key-file", os.path.join(self.tls_dir, "server.key")]
-            command += ["--tls-ca-cert-file", files["ca.crt"], "--tls-auth-clients", "no"]
+            command += ["--tls-ca-cert-file", files["ca.crt"]]
+            command += ["--tls-auth-clients", self.tls_auth_clients]
         return command + self.extra_args
 
     def start(self) -> RedisServer:
@@ -115,8 +120,20 @@ class RedisServer:
         except OSError:
             return ""
 
+    def tls_url(self, host: str = "127.0.0.1", **query: str) -> str:
+        """A ``rediss://`` URL of this TLS server; ``query``: redis-py's ``ssl_*`` options
+        (none: the CA of :func:`make_tls_files`, and its client certificate)."""
+        assert self.tls_dir is not None, "not a TLS server"
+        if not query:
+            query = tls_options(self.tls_dir)
+        options = "&".join(f"{name}={value}" for name, value in query.items())
+        return f"rediss://{host}:{self.port}/0" + (f"?{options}" if options else "")
+
     def client(self, **options: Any) -> redis.Redis:
-        """A client of its own (not the cache's), for injecting faults and looking inside."""
+        """A client of its own (not the cache's), for injecting faults and looking inside; over
+        TLS (trusting the test CA, with its client certificate) if the server is a TLS one."""
+        if self.tls_dir is not None:
+            options = {"ssl": True, **tls_options(self.tls_dir), **options}
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, **options)
 
     def kill(self) -> None:
@@ -150,9 +167,21 @@ class RedisServer:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def tls_options(folder: str) -> dict[str, str]:
+    """redis-py's options (``ssl_*``) of a client trusting the CA of :func:`make_tls_files` and
+    presenting its client certificate."""
+    return {
+        "ssl_ca_certs": os.path.join(folder, "ca.crt"),
+        "ssl_certfile": os.path.join(folder, "client.crt"),
+        "ssl_keyfile": os.path.join(folder, "client.key"),
+    }
+
+
 def make_tls_files(folder: str) -> None:
-    """A throwaway CA and a server certificate for 127.0.0.1 (``ca.crt``, ``server.crt``,
-    ``server.key`` in ``folder``), made with the ``openssl`` command line."""
+    """Throwaway certificates in ``folder``, made with the ``openssl`` command line: a CA
+    (``ca.crt``), a server certificate it signed for 127.0.0.1 and localhost (``server.crt``,
+    ``server.key``), a client certificate it signed (``client.crt``, ``client.key``), and another
+    CA that signed nothing here (``other-ca.crt``: what a client trusting the wrong CA has)."""
     binary = shutil.which("openssl")
     if binary is None:
         raise FileNotFoundError("openssl")
@@ -161,23 +190,18 @@ def make_tls_files(folder: str) -> None:
         subprocess.run([binary, *args], cwd=folder, check=True, capture_output=True, timeout=60)
 
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    run(
-        "req",
-        "-x509",
-        *ec,
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=sa_cache test CA",
-    )
-    run("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
-    with open(os.path.join(folder, "san.cnf"), "w") as handle:
-        handle.write("subjectAltName=IP:127.0.0.1\n")
-    run(
-        "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-        "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "san.cnf",
-    )  # fmt: skip
+    for ca, name in (("ca", "sa_cache test CA"), ("other-ca", "sa_cache other test CA")):
+        run("req", "-x509", *ec, "-keyout", f"{ca}.key", "-out", f"{ca}.crt", "-days", "2",
+            "-subj", f"/CN={name}")  # fmt: skip
+    extensions = {
+        "server": "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+        "client": "extendedKeyUsage=clientAuth\n",
+    }
+    for name, extension in extensions.items():
+        run("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        with open(os.path.join(folder, f"{name}.cnf"), "w") as handle:
+            handle.write(extension)
+        run(
+            "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.cnf",
+        )  # fmt: skip

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,10 +19,10 @@ from sqlalchemy.orm import sessionmaker
 
 from sa_cache import CachingSession, IdentityCache
 
-from .conftest import IN_CI, require_service
+from .conftest import require_service, start_tls_server
 from .counting import expect_sql
 from .models import User
-from .redis_server import RedisServer, free_port, make_tls_files
+from .redis_server import RedisServer, free_port
 
 PASSWORD = "pw-Zq7-hunter2"
 ALICE_PASSWORD = "al1ce-Xy9-secret"
@@ -40,26 +38,10 @@ def users(engine) -> None:
 
 
 @pytest.fixture(scope="module")
-def tls_server() -> Iterator[tuple[RedisServer, str]]:
-    require_service("redis", 6379)  # redis-server is installed
-    folder = tempfile.mkdtemp(prefix="sa_cache_tls_")
-    try:
-        make_tls_files(folder)
-    except FileNotFoundError:
-        pytest.fail("the openssl command line is needed to make a test certificate")
-    server = RedisServer(tls_dir=folder)
-    try:
-        server.start()
-    except RuntimeError as exc:
-        if "TLS" not in str(exc) and "tls" not in str(exc):
-            raise
-        message = f"this redis-server build has no TLS support: {exc}"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    yield server, folder
+def tls_server(tls_files: str) -> Iterator[tuple[RedisServer, str]]:
+    server = start_tls_server(tls_files)
+    yield server, tls_files
     server.stop()
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,9 @@ thing across real processes. Tests that kill or pause Redis start a private redi
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -27,7 +25,7 @@ from sa_cache import CachingSession, IdentityCache, NearCache
 from sa_cache.near import NearStore
 
 from . import redis_sentinel
-from .conftest import REDIS_URL, RUN_ID, register_all, require_redis_cluster, require_service
+from .conftest import require_redis_cluster, require_service
 from .counting import expect_commands, expect_sql
 from .models import User
 from .redis_sentinel import RedisSentinelServers
@@ -54,33 +52,6 @@ def connected(cache: IdentityCache) -> None:
     """Wait until the cache's tracking connections answered a ping sent from now on."""
     start = time.monotonic()
     wait_for(lambda: near(cache).invalidations.confirmed() > start, "a confirmed ping")
-
-
-@pytest.fixture
-def caches() -> Iterator[Callable[..., IdentityCache]]:
-    """``caches(url=None, prefix=None, **options)``: a registered near cache (Redis at ``url``,
-    the tests' Redis by default) under ``prefix`` (a fresh one by default); every cache made is
-    closed and its keys removed afterwards."""
-    made: list[IdentityCache] = []
-
-    def make(url: str | None = None, prefix: str | None = None, **options: Any) -> IdentityCache:
-        require_service("redis", 6379)
-        options.setdefault("exit_flush_timeout", 0)
-        options.setdefault("near_cache", True)
-        cache = IdentityCache(
-            url or REDIS_URL, prefix=prefix or f"{RUN_ID}_near_{uuid.uuid4().hex[:8]}", **options
-        )
-        made.append(register_all(cache))
-        return cache
-
-    yield make
-    for cache in made:
-        store = cache.store
-        if isinstance(store, NearStore):
-            store.close()
-            store = store.inner
-        with contextlib.suppress(redis.RedisError):  # a private server already gone
-            store.delete_prefix(cache.prefix + ":")
 
 
 @pytest.fixture

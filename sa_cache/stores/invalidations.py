@@ -181,32 +181,105 @@ class Link:
 
 def endpoints_of(store: Any) -> list[Endpoint]:
     """The masters of a Redis store: a Cluster client's primaries (as the client knows them), a
-    Sentinel pool's master (asked of the sentinels), or a plain client's server."""
+    Sentinel pool's master (asked of the sentinels), or a plain client's server; each spoken to
+    over TLS exactly when, and as, the store's own connections are."""
     client = store.client
     if hasattr(client, "get_primaries"):  # redis.cluster.RedisCluster
         options = client.get_connection_kwargs()
+        context = tls_context(options, options.get("connection_class"))
         return [
-            _endpoint(node.host, node.port, options)
+            _endpoint(node.host, node.port, options, context)
             for node in sorted(client.get_primaries(), key=lambda n: (n.host, n.port))
         ]
     pool = client.connection_pool
     options = pool.connection_kwargs
+    context = tls_context(options, pool.connection_class)
     if hasattr(pool, "get_master_address"):  # redis.sentinel.SentinelConnectionPool
         host, port = pool.get_master_address()
-        return [_endpoint(host, port, options)]
+        return [_endpoint(host, port, options, context)]
     if "path" in options:
         raise ValueError("a near cache needs a TCP Redis, not a unix socket")
-    return [_endpoint(options.get("host", "localhost"), options.get("port", 6379), options)]
+    host, port = options.get("host", "localhost"), options.get("port", 6379)
+    return [_endpoint(host, port, options, context)]
 
 
-def _endpoint(host: str, port: int, options: dict[str, Any]) -> Endpoint:
-    context = None
-    if options.get("ssl") or "ssl_ca_certs" in options:
-        context = ssl.create_default_context(cafile=options.get("ssl_ca_certs"))
-        if options.get("ssl_cert_reqs") in ("none", ssl.CERT_NONE):
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
+def _endpoint(
+    host: str, port: int, options: dict[str, Any], context: ssl.SSLContext | None
+) -> Endpoint:
     return Endpoint(host, int(port), options.get("username"), options.get("password"), context)
+
+
+#: redis-py's ``ssl_cert_reqs`` names
+_CERT_REQS: Final = {
+    "none": ssl.CERT_NONE,
+    "optional": ssl.CERT_OPTIONAL,
+    "required": ssl.CERT_REQUIRED,
+}
+
+
+#: contexts made by :func:`tls_context`, by the options they were made from
+_CONTEXTS: dict[tuple[Any, ...], ssl.SSLContext | None] = {}
+
+
+def tls_context(options: dict[str, Any], connection_class: Any = None) -> ssl.SSLContext | None:
+    """:func:`make_tls_context`, made once per set of options: the supervisor resolves the
+    masters every ``topology_interval`` and compares what it gets with what it connected to, so
+    the same options must give the same context (a new one would look like a change of master
+    and drop everything; making one also reads the system's CA store, about 17 ms)."""
+    key = (connection_class, repr(sorted((k, v) for k, v in options.items() if k[:3] == "ssl")))
+    context = _CONTEXTS.get(key)
+    if context is None and key not in _CONTEXTS:
+        context = make_tls_context(options, connection_class)
+        if len(_CONTEXTS) >= 64:  # options made on the fly: never grow without bound
+            _CONTEXTS.clear()
+        _CONTEXTS[key] = context
+    return context
+
+
+def make_tls_context(
+    options: dict[str, Any], connection_class: Any = None
+) -> ssl.SSLContext | None:
+    """The TLS settings of a store's connections, for a tracking connection: None if they speak
+    plain TCP. A ``rediss://`` URL says TLS by its connection class (redis-py's
+    ``SSLConnection``, or a Sentinel's), ``ssl=True`` by the option; either way the context
+    verifies (certificate, host name, CA files, client certificate, versions, ciphers) as
+    redis-py's ``SSLConnection`` does with the same ``ssl_*`` options: a tracking connection
+    trusts what the store's connections trust, never more. Options it cannot mirror (OCSP) are
+    refused: such a near cache never connects, so it never serves from memory."""
+    from redis.connection import SSLConnection
+
+    cls = connection_class
+    if not options.get("ssl") and not (isinstance(cls, type) and issubclass(cls, SSLConnection)):
+        return None
+    if options.get("ssl_validate_ocsp") or options.get("ssl_validate_ocsp_stapled"):
+        raise ValueError("a near cache's tracking connection cannot validate OCSP")
+    reqs = options.get("ssl_cert_reqs", "required")
+    if reqs is None:
+        reqs = ssl.CERT_NONE
+    elif isinstance(reqs, str):
+        reqs = _CERT_REQS.get(reqs, reqs)
+    if not isinstance(reqs, ssl.VerifyMode):
+        raise ValueError(f"invalid ssl_cert_reqs {reqs!r}")
+    context = ssl.create_default_context()
+    context.check_hostname = bool(options.get("ssl_check_hostname", True)) and reqs != ssl.CERT_NONE
+    context.verify_mode = reqs
+    for flag in options.get("ssl_include_verify_flags") or ():
+        context.verify_flags |= flag
+    for flag in options.get("ssl_exclude_verify_flags") or ():
+        context.verify_flags &= ~flag
+    certfile, keyfile = options.get("ssl_certfile"), options.get("ssl_keyfile")
+    if certfile or keyfile:
+        if not certfile:
+            raise ValueError("ssl_keyfile without ssl_certfile")
+        context.load_cert_chain(certfile, keyfile, options.get("ssl_password"))
+    cafile, capath, cadata = (options.get(f"ssl_ca_{n}") for n in ("certs", "path", "data"))
+    if cafile is not None or capath is not None or cadata is not None:
+        context.load_verify_locations(cafile=cafile, capath=capath, cadata=cadata)
+    if options.get("ssl_min_version") is not None:
+        context.minimum_version = options["ssl_min_version"]
+    if options.get("ssl_ciphers"):
+        context.set_ciphers(options["ssl_ciphers"])
+    return context
 
 
 class _Poller:
