@@ -342,7 +342,8 @@ class Invalidations:
         self._thread: threading.Thread | None = None
         self._confirmed = -1.0  # see confirmed(); read without the lock
         self._poller: _Poller | None = None  # the links' sockets, for drain()
-        self._tls = False
+        #: the links' TLS sockets: bytes they decrypted and kept are where ``poll`` cannot see
+        self._tls: tuple[ssl.SSLSocket, ...] = ()
         #: what went wrong last (for the health check and tests), None while connected
         self.last_error: str | None = "not connected yet"
         self.connects = 0
@@ -360,10 +361,10 @@ class Invalidations:
 
     def drain(self) -> None:
         """Apply the messages that have already arrived (readers call this before answering):
-        one ``poll`` system call when nothing has (a TLS link is always read: its decrypted
-        bytes may wait where ``poll`` cannot see them). Under the lock, so a message the
-        supervisor has taken off the socket but not applied yet is applied before this
-        returns."""
+        one ``poll`` system call when nothing has. A TLS link is also read when its SSL object
+        holds decrypted bytes (``pending()``, no system call): bytes taken off the socket that
+        ``poll`` can no longer see. Under the lock, so a message the supervisor has taken off the
+        socket but not applied yet is applied before this returns."""
         if self._pid != os.getpid():
             self._after_fork()
         thread = self._thread
@@ -372,7 +373,9 @@ class Invalidations:
         with self._lock:
             poller = self._poller
             try:
-                if poller is None or (not self._tls and not poller.poll(0)):
+                if poller is None or (
+                    not poller.poll(0) and not any(sock.pending() for sock in self._tls)
+                ):
                     return
                 self._read_links()
             except Exception as exc:  # whatever it is, nothing read since can be trusted
@@ -424,6 +427,7 @@ class Invalidations:
 
     def _close_poller(self) -> None:
         poller, self._poller = self._poller, None
+        self._tls = ()
         if poller is not None:
             poller.close()
 
@@ -464,7 +468,7 @@ class Invalidations:
             for link in links:
                 poller.register(link.sock)
             self._poller = poller
-            self._tls = any(link.endpoint.ssl is not None for link in links)
+            self._tls = tuple(link.sock for link in links if isinstance(link.sock, ssl.SSLSocket))
             self._update_confirmed()
             self.last_error = None
             self.connects += 1
