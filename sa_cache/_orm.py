@@ -216,7 +216,8 @@ class IdentityLookupHooks:
         self._sa_cache_last_absent = None
         self._sa_cache_lookup_pk = None
         outer_options = self._sa_cache_get_options
-        self._sa_cache_get_options = tuple(kw.get("options") or ())
+        options = kw.get("options")
+        self._sa_cache_get_options = tuple(options) if options else ()
 
         def load_unless_known_absent(session: Any, statement: Any, pk: Any, **load_kw: Any) -> Any:
             if self._sa_cache_last_absent is not None:
@@ -527,21 +528,29 @@ def place_in_session(
     identity_key: Any,
     values: dict[str, Any],
     expired: frozenset[str],
+    load_path: Any = None,
+    load_options: tuple[Any, ...] = (),
 ) -> Any:
-    """Make ``values`` a persistent instance of ``mapper`` in ``session``, as a load would."""
+    """Make ``values`` a persistent instance of ``mapper`` in ``session``, as a load would:
+    with ``load_path`` (default: a ``get``'s, :func:`root_path`) and ``load_options`` recorded
+    as a load records them (``InstanceState.load_path``, ``load_options``), before the events."""
     instance = mapper.class_manager.new_instance()
     state = instance_state(instance)
-    state.dict.update(values)
+    state_dict = state.dict
+    state_dict.update(values)
     for key, uselist in _noload_relationships(mapper):
         if uselist:
-            init_state_collection(state, state.dict, key)
+            init_state_collection(state, state_dict, key)
         else:
-            state.dict[key] = None
+            state_dict[key] = None
     if expired:
         state.expired_attributes.update(expired)
     state.key = identity_key
     state.identity_token = identity_key[2]
     state.session_id = session.hash_key
+    state.load_path = mapper._path_registry if load_path is None else load_path
+    if load_options:
+        state.load_options = load_options
     session.identity_map._add_unpresent(state, identity_key)
     if state.manager.dispatch.load:
         state.manager.dispatch.load(state, None)

@@ -153,7 +153,8 @@ class Lookups:
         answer = classify(kind, generation, payload, pk)
         if answer is not None:
             kind.stats.hits += 1
-            self._supersede(identity_key)
+            if self.pending:  # nothing to supersede on most hits: no call
+                self._supersede(identity_key)
             return answer
         kind.stats.misses += 1
         may_fill, negative_ok = self._freshness_for(fill_rule, kind, context)
@@ -335,8 +336,18 @@ class Lookups:
         """A single-key lookup: :meth:`read`, then on a miss :meth:`lease_or_wait` (three round
         trips for a miss with its fill). Where a miss is forecast (:mod:`sa_cache.forecast`),
         the lease is taken in the read's own round trip instead (two), and a hit read that way
-        releases it (two)."""
-        return self.read_one_along(kind, key, pk, identity_key, fill_rule, context)[0]
+        releases it (two). The hit path of every ``get``: one call down to the guarded read."""
+        guarded = self.cache.guarded
+        if self.cache.lease_wait > 0 and guarded.expects_miss(kind, key):
+            answered, answer = self._read_leased(kind, key, pk, identity_key, fill_rule, context)
+            if answered:
+                guarded.forecast.observed(kind, answer is None)
+                return answer
+        answer = self._read_single(kind, key, pk, identity_key, fill_rule, context)
+        guarded.forecast.observed(kind, answer is None)
+        if answer is None:
+            return self.lease_or_wait(kind, pk, identity_key)
+        return answer
 
     def read_one_along(
         self,
@@ -358,25 +369,23 @@ class Lookups:
         :meth:`read_along`, as a read of them would settle them. Where a miss is forecast,
         nothing is read along: the lease is taken in the read's round trip, and rows read
         along would most likely serve nothing."""
+        if along_kind is None or not along:
+            return self.read_one(kind, key, pk, identity_key, fill_rule, context), None
         guarded = self.cache.guarded
         if self.cache.lease_wait > 0 and guarded.expects_miss(kind, key):
             answered, answer = self._read_leased(kind, key, pk, identity_key, fill_rule, context)
             if answered:
                 guarded.forecast.observed(kind, answer is None)
                 return answer, None
-        read_along = None
-        if along_kind is None or not along:
-            answer = self._read_single(kind, key, pk, identity_key, fill_rule, context)
-        else:
-            answers, read_along = self.read_kinds_along(
-                [kind],
-                [(key, pk, identity_key)],
-                fill_rule,
-                context,
-                [along_kind] * len(along),
-                along,
-            )
-            answer = answers[0]
+        answers, read_along = self.read_kinds_along(
+            [kind],
+            [(key, pk, identity_key)],
+            fill_rule,
+            context,
+            [along_kind] * len(along),
+            along,
+        )
+        answer = answers[0]
         guarded.forecast.observed(kind, answer is None)
         if answer is None:
             return self.lease_or_wait(kind, pk, identity_key), None

@@ -94,9 +94,10 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
             return None
         if execution_options.get("populate_existing") or _orm.session_populates_existing(self):
             return None
-        if _orm.runs_in_outside_transaction(self) or (  # type: ignore[arg-type]
-            isinstance(self.bind, Connection)  # type: ignore[attr-defined]
-            and connections.written_by_others(self.bind, self)  # type: ignore[attr-defined]
+        bind = self.bind  # type: ignore[attr-defined]
+        if isinstance(bind, Connection) and (
+            _orm.runs_in_outside_transaction(self)  # type: ignore[arg-type]
+            or connections.written_by_others(bind, self)
         ):
             # its connection's transaction may have written (or read a snapshot) unseen: what
             # the cache holds and what the SELECT sees may differ either way
@@ -276,20 +277,13 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
             identity_key,
             answer.value,
             shape.expire_on_hit,
+            path or _orm.root_path(mapper),
+            options,
         )
-        _orm.set_load_path(instance_state(instance), path or _orm.root_path(mapper))
-        if options:
-            _orm.set_load_options(instance_state(instance), options)
+        if not refresh:
+            return instance
         plan = _orm.eager_plan(shape.mapper, shape.expire_on_hit)
-        if (
-            refresh
-            and plan.refresh
-            and not _orm.complete_like_a_load(
-                self,  # type: ignore[arg-type]
-                instance,
-                plan,
-            )
-        ):
+        if plan.refresh and not _orm.complete_like_a_load(self, instance, plan):  # type: ignore[arg-type]
             return _orm.KNOWN_ABSENT
         return instance
 
