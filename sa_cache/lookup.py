@@ -134,33 +134,6 @@ class Lookups:
             kinds, {kind: generation}, wanted, stored, payloads, now, fill_rule, context
         )
 
-    def _read_single(
-        self,
-        kind: CachedKind,
-        key: str,
-        pk: tuple[Any, ...],
-        identity_key: Any,
-        fill_rule: FillRule,
-        context: Any,
-    ) -> Answer | None:
-        """:meth:`read` of one key, the hit path of every ``get``: the same round trip and the
-        same decisions, without the lists."""
-        now = time.monotonic()
-        read = self.cache.guarded.read((kind,), (key,))
-        if read is None:
-            return None
-        (generation,), (raw,), (payload,) = read
-        answer = classify(kind, generation, payload, pk)
-        if answer is not None:
-            kind.stats.hits += 1
-            if self.pending:  # nothing to supersede on most hits: no call
-                self._supersede(identity_key)
-            return answer
-        kind.stats.misses += 1
-        may_fill, negative_ok = self._freshness_for(fill_rule, kind, context)
-        self._observe(kind, key, identity_key, raw, payload, generation, now, may_fill, negative_ok)
-        return None
-
     def _observe(
         self,
         kind: CachedKind,
@@ -343,11 +316,26 @@ class Lookups:
             if answered:
                 guarded.forecast.observed(kind, answer is None)
                 return answer
-        answer = self._read_single(kind, key, pk, identity_key, fill_rule, context)
-        guarded.forecast.observed(kind, answer is None)
-        if answer is None:
-            return self.lease_or_wait(kind, pk, identity_key)
-        return answer
+        # :meth:`read` of the one key, inline: the same round trip and the same decisions,
+        # without the lists
+        now = time.monotonic()
+        read = guarded.read((kind,), (key,))
+        if read is not None:
+            (generation,), (raw,), (payload,) = read
+            answer = classify(kind, generation, payload, pk)
+            if answer is not None:
+                kind.stats.hits += 1
+                if self.pending:  # nothing to supersede on most hits: no call
+                    self._supersede(identity_key)
+                guarded.forecast.observed(kind, False)
+                return answer
+            kind.stats.misses += 1
+            may_fill, negative_ok = self._freshness_for(fill_rule, kind, context)
+            self._observe(
+                kind, key, identity_key, raw, payload, generation, now, may_fill, negative_ok
+            )
+        guarded.forecast.observed(kind, True)
+        return self.lease_or_wait(kind, pk, identity_key)
 
     def read_one_along(
         self,

@@ -239,10 +239,8 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         if type(answer) is not Hit or not eager.plan(
             lookups.cache.registry, answer.shape.mapper, context, path
         ):
-            return self._place_row(answer, mapper, identity_key, path, options=options)
-        instance = self._place_row(
-            answer, mapper, identity_key, path, refresh=False, options=options
-        )
+            return self._place_row(answer, mapper, identity_key, path, True, options)
+        instance = self._place_row(answer, mapper, identity_key, path, False, options)
         if instance is _orm.KNOWN_ABSENT:
             return instance
         if not eager.complete(
