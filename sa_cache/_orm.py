@@ -88,6 +88,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from functools import partial
 from inspect import signature
 from typing import Any, Final, NamedTuple, Protocol, TypeVar, cast
 
@@ -220,25 +221,39 @@ class IdentityLookupHooks:
         options = kw.get("options")
         self._sa_cache_get_options = tuple(options) if options else ()
 
-        def load_unless_known_absent(session: Any, statement: Any, pk: Any, **load_kw: Any) -> Any:
-            if self._sa_cache_last_absent is not None:
-                self._sa_cache_last_absent = None
-                return None
-            if self._sa_cache_lookup_pk is not None:
-                # load what the cache was asked for, so a cold and a warm cache agree
-                pk = list(self._sa_cache_lookup_pk)
-            result = db_load_fn(session, statement, pk, **load_kw)
-            if result is None:
-                self.loaded_nothing(inspect(entity), pk)
-            return result
-
         try:
             return super()._get_impl(  # type: ignore[misc]
-                entity, primary_key_identity, load_unless_known_absent, **kw
+                entity,
+                primary_key_identity,
+                partial(_load_unless_known_absent, entity, db_load_fn),
+                **kw,
             )
         finally:
             self._sa_cache_get_options = outer_options
             self.lookup_done()
+
+
+def _load_unless_known_absent(
+    entity: Any,
+    db_load_fn: Callable[..., Any],
+    session: Any,
+    statement: Any,
+    pk: Any,
+    **load_kw: Any,
+) -> Any:
+    """The SELECT of a ``get`` the identity lookup missed (``db_load_fn``, called with the
+    session first), unless the cache knew the row absent; with the key the cache was asked for
+    (a ``partial``, not a closure: made on every ``get``)."""
+    if session._sa_cache_last_absent is not None:
+        session._sa_cache_last_absent = None
+        return None
+    if session._sa_cache_lookup_pk is not None:
+        # load what the cache was asked for, so a cold and a warm cache agree
+        pk = list(session._sa_cache_lookup_pk)
+    result = db_load_fn(session, statement, pk, **load_kw)
+    if result is None:
+        session.loaded_nothing(inspect(entity), pk)
+    return result
 
 
 def next_load_sees_fresh_snapshot(session: Session) -> bool:
