@@ -190,8 +190,9 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         return len(self.dispatch.do_orm_execute) > 1  # type: ignore[attr-defined]
 
     def lookup_done(self) -> None:
-        if self._sa_cache is not None:
-            self._sa_cache.done()
+        lookups = self._sa_cache
+        if lookups is not None and lookups.current is not None:  # a hit left nothing to end
+            lookups.done()
 
     def _fill_rule(self, model: Any, mapper: Mapper[Any]) -> tuple[Freshness, bool]:
         """What a miss's load will read, and whether it may cache an absence. Nothing may be
