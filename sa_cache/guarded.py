@@ -320,20 +320,25 @@ class GuardedStore:
     def _read(
         self, kinds: Sequence[CachedKind], keys: Sequence[str]
     ) -> tuple[list[bytes], list[bytes | None], list[bytes | None]]:
-        gen_keys = [kind.keys.generation_key for kind in kinds]
-        store_keys = [*gen_keys, *keys]
+        count = len(kinds)
+        if count == 1:  # a single-kind read (every ``get``): no comprehension
+            gen_keys = [kinds[0].keys.generation_key]
+        else:
+            gen_keys = [kind.keys.generation_key for kind in kinds]
+        store_keys = gen_keys + list(keys)
         if self._mangle is not None:  # the hit path of most applications skips this
             store_keys = [self._mangle(key) for key in store_keys]
-            gen_keys = store_keys[: len(kinds)]
+            gen_keys = store_keys[:count]
         values = self.store.get_many(store_keys)
-        generations: list[Any] = list(values[: len(kinds)])
+        generations: list[Any] = values[:count]
         if None in generations:  # a kind's first read: its generation is created first
+            generations = list(generations)
             for i, value in enumerate(generations):
                 if value is None:
                     generations[i] = self.store.init_generation(
                         gen_keys[i], codec.new_generation(), GENERATION_TTL
                     )
-        stored = values[len(kinds) :]
+        stored = values[count:]
         return generations, stored, stored if self._signer is None else self._open(keys, stored)
 
     def _read_domains(
@@ -382,7 +387,10 @@ class GuardedStore:
         """Whether a read of ``key`` should take its lease along (see
         :mod:`sa_cache.forecast`): never while the journal waits, which only :meth:`read`
         replays before reading."""
-        return self._journal_empty() and self.forecast.expects_miss(kind, key)
+        # the journal's emptiness (:meth:`_journal_empty`) inline: asked on every ``get``
+        if self._journal or self._journal_kinds:
+            return False
+        return self.forecast.expects_miss(kind, key)
 
     def acquire(
         self,

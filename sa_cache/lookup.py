@@ -134,32 +134,6 @@ class Lookups:
             kinds, {kind: generation}, wanted, stored, payloads, now, fill_rule, context
         )
 
-    def _read_single(
-        self,
-        kind: CachedKind,
-        key: str,
-        pk: tuple[Any, ...],
-        identity_key: Any,
-        fill_rule: FillRule,
-        context: Any,
-    ) -> Answer | None:
-        """:meth:`read` of one key, the hit path of every ``get``: the same round trip and the
-        same decisions, without the lists."""
-        now = time.monotonic()
-        read = self.cache.guarded.read((kind,), (key,))
-        if read is None:
-            return None
-        (generation,), (raw,), (payload,) = read
-        answer = classify(kind, generation, payload, pk)
-        if answer is not None:
-            kind.stats.hits += 1
-            self._supersede(identity_key)
-            return answer
-        kind.stats.misses += 1
-        may_fill, negative_ok = self._freshness_for(fill_rule, kind, context)
-        self._observe(kind, key, identity_key, raw, payload, generation, now, may_fill, negative_ok)
-        return None
-
     def _observe(
         self,
         kind: CachedKind,
@@ -335,8 +309,33 @@ class Lookups:
         """A single-key lookup: :meth:`read`, then on a miss :meth:`lease_or_wait` (three round
         trips for a miss with its fill). Where a miss is forecast (:mod:`sa_cache.forecast`),
         the lease is taken in the read's own round trip instead (two), and a hit read that way
-        releases it (two)."""
-        return self.read_one_along(kind, key, pk, identity_key, fill_rule, context)[0]
+        releases it (two). The hit path of every ``get``: one call down to the guarded read."""
+        guarded = self.cache.guarded
+        if self.cache.lease_wait > 0 and guarded.expects_miss(kind, key):
+            answered, answer = self._read_leased(kind, key, pk, identity_key, fill_rule, context)
+            if answered:
+                guarded.forecast.observed(kind, answer is None)
+                return answer
+        # :meth:`read` of the one key, inline: the same round trip and the same decisions,
+        # without the lists
+        now = time.monotonic()
+        read = guarded.read((kind,), (key,))
+        if read is not None:
+            (generation,), (raw,), (payload,) = read
+            answer = classify(kind, generation, payload, pk)
+            if answer is not None:
+                kind.stats.hits += 1
+                if self.pending:  # nothing to supersede on most hits: no call
+                    self._supersede(identity_key)
+                guarded.forecast.observed(kind, False)
+                return answer
+            kind.stats.misses += 1
+            may_fill, negative_ok = self._freshness_for(fill_rule, kind, context)
+            self._observe(
+                kind, key, identity_key, raw, payload, generation, now, may_fill, negative_ok
+            )
+        guarded.forecast.observed(kind, True)
+        return self.lease_or_wait(kind, pk, identity_key)
 
     def read_one_along(
         self,
@@ -358,25 +357,23 @@ class Lookups:
         :meth:`read_along`, as a read of them would settle them. Where a miss is forecast,
         nothing is read along: the lease is taken in the read's round trip, and rows read
         along would most likely serve nothing."""
+        if along_kind is None or not along:
+            return self.read_one(kind, key, pk, identity_key, fill_rule, context), None
         guarded = self.cache.guarded
         if self.cache.lease_wait > 0 and guarded.expects_miss(kind, key):
             answered, answer = self._read_leased(kind, key, pk, identity_key, fill_rule, context)
             if answered:
                 guarded.forecast.observed(kind, answer is None)
                 return answer, None
-        read_along = None
-        if along_kind is None or not along:
-            answer = self._read_single(kind, key, pk, identity_key, fill_rule, context)
-        else:
-            answers, read_along = self.read_kinds_along(
-                [kind],
-                [(key, pk, identity_key)],
-                fill_rule,
-                context,
-                [along_kind] * len(along),
-                along,
-            )
-            answer = answers[0]
+        answers, read_along = self.read_kinds_along(
+            [kind],
+            [(key, pk, identity_key)],
+            fill_rule,
+            context,
+            [along_kind] * len(along),
+            along,
+        )
+        answer = answers[0]
         guarded.forecast.observed(kind, answer is None)
         if answer is None:
             return self.lease_or_wait(kind, pk, identity_key), None

@@ -68,9 +68,12 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
     cache_sleep: Callable[[float], None] = staticmethod(_pause)
 
     def __init__(self, *args: Any, cache: IdentityCache | None = None, **kwargs: Any) -> None:
+        self._attach_cache(cache)
+        super().__init__(*args, **kwargs)
+
+    def _attach_cache(self, cache: IdentityCache | None) -> None:
         self.cache = cache
         self._sa_cache = None if cache is None else Lookups(cache, self.cache_sleep)
-        super().__init__(*args, **kwargs)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -94,9 +97,10 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
             return None
         if execution_options.get("populate_existing") or _orm.session_populates_existing(self):
             return None
-        if _orm.runs_in_outside_transaction(self) or (  # type: ignore[arg-type]
-            isinstance(self.bind, Connection)  # type: ignore[attr-defined]
-            and connections.written_by_others(self.bind, self)  # type: ignore[attr-defined]
+        bind = self.bind  # type: ignore[attr-defined]
+        if isinstance(bind, Connection) and (
+            _orm.runs_in_outside_transaction(self)  # type: ignore[arg-type]
+            or connections.written_by_others(bind, self)
         ):
             # its connection's transaction may have written (or read a snapshot) unseen: what
             # the cache holds and what the SELECT sees may differ either way
@@ -186,8 +190,9 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         return len(self.dispatch.do_orm_execute) > 1  # type: ignore[attr-defined]
 
     def lookup_done(self) -> None:
-        if self._sa_cache is not None:
-            self._sa_cache.done()
+        lookups = self._sa_cache
+        if lookups is not None and lookups.current is not None:  # a hit left nothing to end
+            lookups.done()
 
     def _fill_rule(self, model: Any, mapper: Mapper[Any]) -> tuple[Freshness, bool]:
         """What a miss's load will read, and whether it may cache an absence. Nothing may be
@@ -235,10 +240,8 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
         if type(answer) is not Hit or not eager.plan(
             lookups.cache.registry, answer.shape.mapper, context, path
         ):
-            return self._place_row(answer, mapper, identity_key, path, options=options)
-        instance = self._place_row(
-            answer, mapper, identity_key, path, refresh=False, options=options
-        )
+            return self._place_row(answer, mapper, identity_key, path, True, options)
+        instance = self._place_row(answer, mapper, identity_key, path, False, options)
         if instance is _orm.KNOWN_ABSENT:
             return instance
         if not eager.complete(
@@ -276,20 +279,13 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
             identity_key,
             answer.value,
             shape.expire_on_hit,
+            path or _orm.root_path(mapper),
+            options,
         )
-        _orm.set_load_path(instance_state(instance), path or _orm.root_path(mapper))
-        if options:
-            _orm.set_load_options(instance_state(instance), options)
+        if not refresh:
+            return instance
         plan = _orm.eager_plan(shape.mapper, shape.expire_on_hit)
-        if (
-            refresh
-            and plan.refresh
-            and not _orm.complete_like_a_load(
-                self,  # type: ignore[arg-type]
-                instance,
-                plan,
-            )
-        ):
+        if plan.refresh and not _orm.complete_like_a_load(self, instance, plan):  # type: ignore[arg-type]
             return _orm.KNOWN_ABSENT
         return instance
 
@@ -905,7 +901,10 @@ class CachingSession(CachingSessionMixin, Session):  # type: ignore[misc]
 
     def __init__(self, *args: Any, cache: IdentityCache | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("query_cls", CachingQuery)
-        super().__init__(*args, cache=cache, **kwargs)
+        # the mixin's __init__, without a second frame passing every argument on: a fresh
+        # session per request constructs one each time
+        self._attach_cache(cache)
+        super(CachingSessionMixin, self).__init__(*args, **kwargs)
 
 
 class CachingQuery(Query[T]):

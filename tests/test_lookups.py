@@ -42,6 +42,25 @@ def test_the_first_lookup_is_one_select_and_fills(Session, sql, cache):
 
 
 @pytest.mark.usefixtures("alice")
+def test_a_get_that_hits_forgets_an_earlier_miss_of_the_same_key(Session, cache):
+    """A key an earlier read of the session missed (an eager level's, remembered for its load)
+    and another session filled since: the ``get`` that hits it supersedes that observation, so
+    no later load of the key fills with the freshness judged at the earlier read."""
+    mapper = User.__mapper__
+    model = cache.model_for(mapper)
+    identity_key = mapper.identity_key_from_primary_key((1,))
+    with Session() as s:
+        lookups = s._sa_cache
+        (missed,) = lookups.read_kinds(
+            [model], [(model.keys.row_key((1,)), (1,), identity_key)], s._eager_fill_rule
+        )
+        assert missed is None and identity_key in lookups.pending
+        warm(Session, 1)
+        assert s.get(User, 1).name == "alice"
+        assert identity_key not in lookups.pending
+
+
+@pytest.mark.usefixtures("alice")
 def test_get_one_query_get_and_merge_are_served_from_the_cache(Session, sql):
     warm(Session, 1)
     with expect_sql(sql, 0):

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import sqlalchemy
 from sqlalchemy import and_, create_engine, event, inspect, select, update
-from sqlalchemy.orm import Session, aliased, defer, sessionmaker
+from sqlalchemy.orm import Session, aliased, defer, lazyload, sessionmaker
 from sqlalchemy.orm.base import PassiveFlag
 
 from sa_cache import _orm
@@ -123,6 +123,31 @@ def test_place_in_session_makes_a_persistent_clean_instance_and_fires_load(Sessi
             assert not state.modified and user not in s.dirty
             assert user.loaded_by_reconstructor is True
             assert loads == [None]
+    finally:
+        event.remove(User, "load", on_load)
+
+
+def test_a_load_records_its_load_path_and_options_before_its_load_event(Sessions):
+    """place_in_session records both where SQLAlchemy's load does: listeners see them."""
+    seen = []
+
+    def on_load(target: Any, context: Any) -> None:
+        state = inspect(target)
+        seen.append((state.load_path, tuple(state.load_options)))
+
+    options = (lazyload(User.addresses),)
+    event.listen(User, "load", on_load)
+    try:
+        with Sessions() as s:
+            s.get(User, 1, options=list(options))
+        with Sessions() as s:
+            mapper = inspect(User)
+            key = mapper.identity_key_from_primary_key((5,))
+            values = {"id": 5, "name": "n", "email": None, "active": True, "version": 1}
+            _orm.place_in_session(
+                s, mapper, key, values, frozenset(), _orm.root_path(mapper), options
+            )
+        assert seen == [(_orm.root_path(mapper), options)] * 2
     finally:
         event.remove(User, "load", on_load)
 
