@@ -57,7 +57,7 @@ changes one fails there first, by name.
 14. Eager relationships of a hit (:mod:`sa_cache.eager`): load paths are ``PathRegistry``
     objects (:func:`root_path` is ``Mapper._path_registry``, :func:`child_path` indexes it by
     relationship and target, :func:`path_mappers` reads ``PathRegistry.path``), recorded on
-    ``InstanceState.load_path`` (:func:`set_load_path`); :func:`load_along` is what
+    ``InstanceState.load_path`` (by :func:`place_in_session`); :func:`load_along` is what
     ``ImmediateLoader`` does (``LazyLoader._load_for_state`` with ``alternate_effective_path``);
     :func:`lazy_load_children_path` reads a lazy load's ``loader_strategy_path``;
     :func:`primary_key_attrs_of_target` reads ``LazyLoader.use_get``; :func:`set_loaded` is
@@ -509,12 +509,6 @@ def lazy_load_children_path(state: ORMExecuteState) -> Any:
     relationship's target."""
     path: Any = state.loader_strategy_path
     return path[path.path[-1].mapper]
-
-
-def set_load_path(state: InstanceState[Any], path: Any) -> None:
-    """Record the load path a load records (``InstanceState.load_path``): a later lazy load with
-    options resolves them along it."""
-    state.load_path = path
 
 
 def set_loaded(state: InstanceState[Any], key: str, value: Any) -> None:
