@@ -7,8 +7,10 @@ swings with it: the same code measures far closer to the GET on an idle machine 
 one, and the miss against an uncached lookup likewise.
 
 ``python -m benchmarks.awake`` measures a raw ``MGET`` round trip on one held connection both
-ways, side by side: as the machine is, and with :func:`cpus_kept_awake` (one process spinning
-at the lowest priority, which any runnable work preempts, so a vCPU never halts). The read
+ways: as the machine is, and with :func:`cpus_kept_awake` (one process spinning at the lowest
+priority, which any runnable work preempts, so a vCPU never halts). As the machine is, a round
+trip pays the wake-up only when the client and the server run on different vCPUs, which the
+scheduler decides: rounds of one run can differ tenfold. The read
 benchmarks take ``--awake`` to run with it (``benchmarks.readshapes``, ``benchmarks.missratio``),
 so both regimes can be reported.
 """
@@ -80,16 +82,15 @@ def halt_polling() -> str:
 
 
 def main() -> None:
-    idle = []
-    awake = []
-    for _ in range(3):  # alternate, so a change of the machine's load weighs on both
-        idle.append(round_trip_us())
-        with cpus_kept_awake():
-            awake.append(round_trip_us())
+    # the idle rounds first: a spinner can leave the client and the server scheduled on one
+    # vCPU after it ends, where a round trip wakes no other vCPU at all
+    idle = [round_trip_us() for _ in range(3)]
+    with cpus_kept_awake():
+        awake = [round_trip_us() for _ in range(3)]
     print(f"halt polling: {halt_polling()}; load average {os.getloadavg()[0]:.2f}")
-    print(f"{'raw MGET round trip, held connection':45} {'median us':>10}")
-    print(f"{'  as the machine is':45} {statistics.median(idle):10.1f}")
-    print(f"{'  CPUs kept awake':45} {statistics.median(awake):10.1f}")
+    print(f"{'raw MGET round trip, held connection':40} {'median us, 3 rounds':>30}")
+    for name, rounds in (("as the machine is", idle), ("CPUs kept awake", awake)):
+        print(f"{'  ' + name:40} {'  '.join(f'{us:8.1f}' for us in rounds):>30}")
 
 
 if __name__ == "__main__":
