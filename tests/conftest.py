@@ -201,6 +201,14 @@ def users(Session: sessionmaker[CachingSession]) -> None:  # noqa: N803
     warm(Session, 1, 2, 3)
 
 
+@pytest.fixture
+def uncached_users(engine: Engine) -> None:
+    """Users 1-3, named u1-u3 at version 1, written without any cache (nothing cached)."""
+    with sessionmaker(engine)() as s:
+        s.add_all([models.User(id=i, name=f"u{i}", version=1) for i in (1, 2, 3)])
+        s.commit()
+
+
 def new_cache(backend: str, counter: RedisCounter, **options: Any) -> IdentityCache:
     """A registered cache under a prefix of its own: ``backend`` "memory", "redis" (the tests'
     Redis, counted by ``counter``) or a Redis URL (a server of the test's own, not counted)."""

@@ -62,13 +62,6 @@ def server() -> Iterator[RedisServer]:
     server.stop()
 
 
-@pytest.fixture
-def rows(engine: Engine) -> None:
-    with sessionmaker(engine)() as s:
-        s.add_all([User(id=i, name=f"u{i}", version=1) for i in (1, 2, 3)])
-        s.commit()
-
-
 def sessions(engine: Engine, cache: IdentityCache | None) -> sessionmaker[CachingSession]:
     return sessionmaker(engine, class_=CachingSession, cache=cache)
 
@@ -86,7 +79,7 @@ def bump(Session: sessionmaker[CachingSession], pk: int) -> int:  # noqa: N803
         return user.version
 
 
-pytestmark = [pytest.mark.usefixtures("rows"), pytest.mark.parametrize("db", ["sqlite"])]
+pytestmark = [pytest.mark.usefixtures("uncached_users"), pytest.mark.parametrize("db", ["sqlite"])]
 
 
 # -- hits -----------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from .models import User
 from .redis_server import RedisServer, tls_options
 from .test_near_cache import bump, connected, near, sessions, version_of, wait_for
 
-pytestmark = [pytest.mark.usefixtures("rows"), pytest.mark.parametrize("db", ["sqlite"])]
+pytestmark = [pytest.mark.usefixtures("uncached_users"), pytest.mark.parametrize("db", ["sqlite"])]
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +62,6 @@ def mutual(tls_files: str) -> Iterator[RedisServer]:
     server = start_tls_server(tls_files, tls_auth_clients="yes")
     yield server
     server.stop()
-
-
-@pytest.fixture
-def rows(engine: Engine) -> None:
-    with sessionmaker(engine)() as s:
-        s.add_all([User(id=i, name=f"u{i}", version=1) for i in (1, 2, 3)])
-        s.commit()
 
 
 def _write(key: str, value: bytes) -> Write:
