@@ -93,6 +93,24 @@ def start_tls_server(folder: str, *extra_args: str, tls_auth_clients: str = "no"
         pytest.skip(message)
 
 
+def start_tls_cluster(folder: str) -> redis_cluster.RedisClusterServers:
+    """A private Redis Cluster of three TLS-only masters, no replicas (``folder``:
+    :func:`tls_files`), apart from the run's shared cluster; the caller stops it. Skipped or
+    failed as :func:`start_tls_server` is when the tools or TLS support are missing."""
+    if not redis_cluster.available():
+        message = "redis-server and redis-cli are needed for the Redis Cluster tests"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    start_tls_server(folder).stop()  # this redis-server build speaks TLS (or skip, as there)
+    servers = redis_cluster.RedisClusterServers(replicas=0, tls_dir=folder)
+    try:
+        return servers.start()
+    except BaseException:
+        servers.stop()
+        raise
+
+
 # -- counters (tests/counting.py) ---------------------------------------------------------------
 
 

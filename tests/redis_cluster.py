@@ -1,4 +1,5 @@
-"""A private Redis Cluster on loopback: 3 masters and 3 replicas, for the cluster store's tests.
+"""A private Redis Cluster on loopback: 3 masters and 3 replicas, for the cluster store's tests;
+or (``RedisClusterServers(replicas=0, tls_dir=...)``) a small TLS-only one for tests/test_tls.py.
 
 Six ``redis-server`` processes (cluster mode, each with its own temporary folder and its own
 client and cluster-bus ports from :func:`tests.redis_server.free_port`, so ``SA_CACHE_TEST_PORTS``
@@ -10,6 +11,7 @@ The shared Redis on 6379 is never touched.
 from __future__ import annotations
 
 import atexit
+import os
 import shutil
 import subprocess
 import threading
@@ -28,10 +30,17 @@ MASTERS = 3
 
 
 class ClusterNodeServer(RedisServer):
-    """One cluster-enabled ``redis-server``; its cluster bus on a spare port of its own."""
+    """One cluster-enabled ``redis-server``; its cluster bus on a spare port of its own. With
+    ``tls_dir`` (tests/redis_server.py ``make_tls_files``) it listens for TLS only, and its
+    cluster bus and replication speak TLS too (``--tls-cluster``, ``--tls-replication``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls_dir: str | None = None) -> None:
         self.bus_port = free_port()
+        tls: tuple[str, ...] = ()
+        if tls_dir is not None:  # a node is a TLS client of the others' buses: the client cert
+            tls = ("--tls-cluster", "yes", "--tls-replication", "yes")
+            tls += ("--tls-client-cert-file", os.path.join(tls_dir, "client.crt"))
+            tls += ("--tls-client-key-file", os.path.join(tls_dir, "client.key"))
         super().__init__(
             "--cluster-enabled", "yes",
             "--cluster-config-file", "nodes.conf",
@@ -40,6 +49,8 @@ class ClusterNodeServer(RedisServer):
             # a replica may take over whatever its replication offset (the failover test kills
             # masters with writes in flight)
             "--cluster-replica-validity-factor", "0",
+            *tls,
+            tls_dir=tls_dir,
         )  # fmt: skip
         while self.bus_port == self.port:
             self.bus_port = free_port()
@@ -51,30 +62,46 @@ class ClusterNodeServer(RedisServer):
 
 
 class RedisClusterServers:
-    """Six nodes; :meth:`start` creates the cluster and waits until every node says it is ok."""
+    """Three masters, each with ``replicas`` replicas (the shared cluster: one each); with
+    ``tls_dir``, every node TLS only (:class:`ClusterNodeServer`). :meth:`start` creates the
+    cluster and waits until every node says it is ok."""
 
-    def __init__(self) -> None:
+    def __init__(self, replicas: int = 1, tls_dir: str | None = None) -> None:
         self.nodes: list[ClusterNodeServer] = []
+        self.replicas = replicas
+        self.tls_dir = tls_dir
 
     @property
     def url(self) -> str:
-        """The documented sa_cache URL form, naming one node (the client discovers the rest)."""
+        """The documented sa_cache URL form, naming one node (the client discovers the rest);
+        for a TLS cluster ``rediss+cluster://`` trusting the test CA (:meth:`tls_url`)."""
+        if self.tls_dir is not None:
+            return self.tls_url(ssl_ca_certs=os.path.join(self.tls_dir, "ca.crt"))
         return f"redis+cluster://{self.nodes[0].address}/"
 
+    def tls_url(self, **query: str) -> str:
+        """``rediss+cluster://`` naming one node, ``query``: redis-py's ``ssl_*`` options."""
+        options = "&".join(f"{name}={value}" for name, value in query.items())
+        return f"rediss+cluster://{self.nodes[0].address}/" + (f"?{options}" if options else "")
+
     def start(self) -> RedisClusterServers:
-        for _ in range(MASTERS * 2):  # each started before the next picks its ports
-            node = ClusterNodeServer()
+        for _ in range(MASTERS * (1 + self.replicas)):  # each started before the next picks
+            node = ClusterNodeServer(tls_dir=self.tls_dir)
             self.nodes.append(node)
             node.start()
         cli = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+        tls = []
+        if self.tls_dir is not None:
+            tls = ["--tls", "--cacert", os.path.join(self.tls_dir, "ca.crt")]
         subprocess.run(
-            [cli, "--cluster", "create", *(n.address for n in self.nodes)]
-            + ["--cluster-replicas", "1", "--cluster-yes"],
+            [cli, *tls, "--cluster", "create", *(n.address for n in self.nodes)]
+            + ["--cluster-replicas", str(self.replicas), "--cluster-yes"],
             check=True,
             capture_output=True,
             timeout=60,
         )
-        self._write_to_every_master()
+        if self.replicas:
+            self._write_to_every_master()
         self.wait_ok()
         return self
 
@@ -116,8 +143,7 @@ class RedisClusterServers:
                 raise RuntimeError("the test cluster did not become ok")
             time.sleep(0.05)
 
-    @staticmethod
-    def _node_ok(node: ClusterNodeServer, replicas: bool = True) -> bool:
+    def _node_ok(self, node: ClusterNodeServer, replicas: bool = True) -> bool:
         """The node sees every slot served; with ``replicas``, it lists a replica for every
         master in CLUSTER SLOTS, and, itself a replica, is in sync with its master."""
         try:
@@ -130,7 +156,7 @@ class RedisClusterServers:
         if not isinstance(info, dict):
             return False
         ok = info.get("cluster_state") == "ok" and int(info.get("cluster_slots_ok", 0)) == 16384
-        if replicas:
+        if replicas and self.replicas:
             ok = ok and all(len(entry) > 3 for entry in slots)
             if replication["role"] == "slave":
                 ok = ok and replication.get("master_link_status") == "up"

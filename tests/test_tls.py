@@ -38,9 +38,12 @@ from sqlalchemy.orm import sessionmaker
 from sa_cache import IdentityCache, NearCache
 from sa_cache.store import Write
 
-from .conftest import RUN_ID, register_all, start_tls_server
+from sa_cache.stores.redis_cluster import RedisClusterStore
+
+from .conftest import RUN_ID, register_all, start_tls_cluster, start_tls_server
 from .counting import RedisCounter, counted_redis_region, expect_commands, expect_sql
 from .models import User
+from .redis_cluster import RedisClusterServers
 from .redis_server import RedisServer, tls_options
 from .test_near_cache import bump, connected, near, sessions, version_of, wait_for
 
@@ -62,6 +65,15 @@ def mutual(tls_files: str) -> Iterator[RedisServer]:
     server = start_tls_server(tls_files, tls_auth_clients="yes")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def tls_cluster(tls_files: str) -> Iterator[RedisClusterServers]:
+    """Three TLS-only masters (no replicas), their cluster bus TLS too; the module's own, never
+    the run's shared cluster."""
+    servers = start_tls_cluster(tls_files)
+    yield servers
+    servers.stop()
 
 
 def _write(key: str, value: bytes) -> Write:
@@ -267,6 +279,91 @@ def test_a_tls_links_already_decrypted_bytes_are_applied_before_an_answer(
         assert not poller.poll(0)  # and nothing left at the socket
         assert store.get_many([key]) == [b"new"]
     assert store.stats.invalidations >= 1
+
+
+# -- Redis Cluster over TLS ---------------------------------------------------------------------
+
+
+def _cluster_connections_are_tls(store: RedisClusterStore) -> None:
+    """Every primary's connection the store's client makes is a TLS socket."""
+    for node in store.client.get_primaries():
+        pool = store.client.get_redis_connection(node).connection_pool
+        connection = pool.get_connection()
+        try:
+            assert isinstance(connection._sock, ssl.SSLSocket), node.name
+        finally:
+            pool.release(connection)
+
+
+def test_a_rediss_cluster_url_serves_the_cluster_store_as_plain_sqlalchemy(
+    engine: Engine, sql: Any, tls_cluster: RedisClusterServers
+) -> None:
+    """``rediss+cluster://node/?ssl_ca_certs=...``: a miss fills, a hit reads no SQL, a commit
+    evicts and the next read answers the new row; every answer plain SQLAlchemy's."""
+    cache = register_all(IdentityCache(tls_cluster.url, prefix=f"{RUN_ID}_tlscl_{uuid.uuid4().hex[:8]}",
+                                       exit_flush_timeout=0))  # fmt: skip
+    store = cache.store
+    assert isinstance(store, RedisClusterStore)
+    cached, plain = sessions(engine, cache), sessions(engine, None)
+    try:
+        with expect_sql(sql, selects=1):
+            assert version_of(cached, 1) == 1
+        assert version_of(plain, 1) == 1
+        assert _keys(tls_cluster, cache.prefix) >= 2  # the row and its model's generation
+        with expect_sql(sql, 0):
+            assert version_of(cached, 1) == 1
+        assert bump(cached, 1) == 2
+        with expect_sql(sql, selects=1):
+            assert version_of(cached, 1) == 2
+        assert version_of(plain, 1) == 2
+        with expect_sql(sql, 0):
+            assert version_of(cached, 1) == 2
+        stats = cache.stats()
+        assert (stats["hits"], stats["fills"], stats["errors"], stats["bypassed"]) == (3, 2, 0, 0)
+        _cluster_connections_are_tls(store)
+    finally:
+        store.delete_prefix(cache.prefix + ":")
+
+
+def test_a_near_cache_over_a_tls_cluster_answers_from_memory_and_sees_another_caches_commits(
+    engine: Engine, sql: Any, caches: Any, tls_cluster: RedisClusterServers
+) -> None:
+    """One TLS tracking connection per primary, trusting what the store's connections trust; a
+    near hit asks neither SQL nor Redis, and a commit through another cache (connections of its
+    own) is seen once a ping sent after it is answered: 0 stale."""
+    a = caches(tls_cluster.url)
+    b = caches(tls_cluster.url, prefix=a.prefix, near_cache=False)
+    connected(a)
+    listener = near(a).invalidations
+    assert sorted(e.port for e in listener._endpoints) == sorted(n.port for n in tls_cluster.nodes)
+    assert len(listener._links) == 3
+    for link in listener._links:
+        assert isinstance(link.sock, ssl.SSLSocket) and link.sock.version() is not None
+    SessionA, SessionB = sessions(engine, a), sessions(engine, b)  # noqa: N806
+    with expect_sql(sql, selects=1):
+        assert version_of(SessionA, 1) == 1  # a miss: loaded and filled
+    with expect_sql(sql, 0):
+        assert version_of(SessionA, 1) == 1  # a Redis hit, kept in memory
+    hits = a.stats()["near"]["hits"]
+    with expect_sql(sql, 0):
+        assert version_of(SessionA, 1) == 1
+    assert a.stats()["near"]["hits"] == hits + 2  # the generation and the row, from memory
+    stale = 0
+    for _ in range(5):
+        committed = bump(SessionB, 1)
+        returned = time.monotonic()
+        wait_for(lambda r=returned: listener.confirmed() > r, "a ping after it on every link")
+        stale += version_of(SessionA, 1) != committed
+        assert version_of(SessionA, 1) == committed
+    assert stale == 0
+    assert version_of(sessions(engine, None), 1) == 6
+    stats = a.stats()["near"]
+    assert stats["invalidations"] >= 5 and stats["hits"] > hits + 2
+    assert listener.last_error is None and a.stats()["errors"] == 0
+
+
+def _keys(cluster: RedisClusterServers, prefix: str) -> int:
+    return sum(len(node.client().keys(prefix + "*")) for node in cluster.masters())
 
 
 # -- verification -------------------------------------------------------------------------------
