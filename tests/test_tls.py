@@ -31,13 +31,13 @@ from typing import Any
 
 import pytest
 import redis
+from redis.exceptions import RedisClusterException
 from sqlalchemy import update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
 
 from sa_cache import IdentityCache, NearCache
 from sa_cache.store import Write
-
 from sa_cache.stores.redis_cluster import RedisClusterStore
 
 from .conftest import RUN_ID, register_all, start_tls_cluster, start_tls_server
@@ -300,8 +300,8 @@ def test_a_rediss_cluster_url_serves_the_cluster_store_as_plain_sqlalchemy(
 ) -> None:
     """``rediss+cluster://node/?ssl_ca_certs=...``: a miss fills, a hit reads no SQL, a commit
     evicts and the next read answers the new row; every answer plain SQLAlchemy's."""
-    cache = register_all(IdentityCache(tls_cluster.url, prefix=f"{RUN_ID}_tlscl_{uuid.uuid4().hex[:8]}",
-                                       exit_flush_timeout=0))  # fmt: skip
+    prefix = f"{RUN_ID}_tlscl_{uuid.uuid4().hex[:8]}"
+    cache = register_all(IdentityCache(tls_cluster.url, prefix=prefix, exit_flush_timeout=0))
     store = cache.store
     assert isinstance(store, RedisClusterStore)
     cached, plain = sessions(engine, cache), sessions(engine, None)
@@ -360,6 +360,31 @@ def test_a_near_cache_over_a_tls_cluster_answers_from_memory_and_sees_another_ca
     stats = a.stats()["near"]
     assert stats["invalidations"] >= 5 and stats["hits"] > hits + 2
     assert listener.last_error is None and a.stats()["errors"] == 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=RedisClusterException,
+    reason="redis-py's RedisCluster connects in its constructor (NodesManager.initialize), so a "
+    "cluster that cannot be reached when the IdentityCache is made (here: its certificate does "
+    "not verify) raises RedisClusterException at construction, unlike a rediss:// URL",
+)
+def test_a_tls_cluster_that_does_not_verify_leaves_the_cache_to_the_database(
+    engine: Engine, sql: Any, tls_cluster: RedisClusterServers, tls_files: str
+) -> None:
+    """A client trusting another CA: no exception to the caller, every answer plain
+    SQLAlchemy's loaded from the database, nothing cached, nothing written."""
+    url = tls_cluster.tls_url(ssl_ca_certs=os.path.join(tls_files, "other-ca.crt"))
+    prefix = f"{RUN_ID}_tlscl_{uuid.uuid4().hex[:8]}"
+    cache = register_all(IdentityCache(url, prefix=prefix, exit_flush_timeout=0, socket_timeout=1))
+    cached, plain = sessions(engine, cache), sessions(engine, None)
+    for _ in range(3):
+        with expect_sql(sql, selects=1):
+            answer = version_of(cached, 2)
+        assert answer == version_of(plain, 2) == 1
+    stats = cache.stats()
+    assert stats["errors"] >= 1 and stats["hits"] == stats["fills"] == 0
+    assert _keys(tls_cluster, prefix) == 0
 
 
 def _keys(cluster: RedisClusterServers, prefix: str) -> int:
