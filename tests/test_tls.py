@@ -359,7 +359,8 @@ def test_a_near_cache_over_a_tls_cluster_answers_from_memory_and_sees_another_ca
     assert version_of(sessions(engine, None), 1) == 6
     stats = a.stats()["near"]
     assert stats["invalidations"] >= 5 and stats["hits"] > hits + 2
-    assert listener.last_error is None and a.stats()["errors"] == 0
+    assert listener.last_error is None and a.stats()["errors"] == b.stats()["errors"] == 0
+    assert b.stats()["journal"] == {"keys": 0, "models": 0}  # every eviction written
 
 
 @pytest.mark.xfail(
