@@ -31,6 +31,8 @@ from typing import Any
 
 import pytest
 import redis
+from dogpile.cache import make_region
+from redis.cluster import ClusterNode
 from redis.exceptions import RedisClusterException
 from sqlalchemy import update
 from sqlalchemy.engine import Engine
@@ -325,14 +327,37 @@ def test_a_rediss_cluster_url_serves_the_cluster_store_as_plain_sqlalchemy(
         store.delete_prefix(cache.prefix + ":")
 
 
+def _tls_cluster_backend(cluster: RedisClusterServers, form: str, folder: str) -> Any:
+    """The documented forms: the ``rediss+cluster://`` URL, or a dogpile ``redis_cluster``
+    region whose client has ``ssl=True`` (a fresh one per call: connections of its own)."""
+    if form == "url":
+        return cluster.url
+    return make_region().configure(
+        "dogpile.cache.redis_cluster",
+        arguments={
+            "startup_nodes": [ClusterNode("127.0.0.1", cluster.nodes[0].port)],
+            "connection_kwargs": {"ssl": True, "ssl_ca_certs": os.path.join(folder, "ca.crt"),
+                                  "socket_timeout": 1.0, "socket_connect_timeout": 1.0},
+        },
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("form", ["url", "region"])
 def test_a_near_cache_over_a_tls_cluster_answers_from_memory_and_sees_another_caches_commits(
-    engine: Engine, sql: Any, caches: Any, tls_cluster: RedisClusterServers
+    engine: Engine,
+    sql: Any,
+    caches: Any,
+    tls_cluster: RedisClusterServers,
+    tls_files: str,
+    form: str,
 ) -> None:
     """One TLS tracking connection per primary, trusting what the store's connections trust; a
     near hit asks neither SQL nor Redis, and a commit through another cache (connections of its
     own) is seen once a ping sent after it is answered: 0 stale."""
-    a = caches(tls_cluster.url)
-    b = caches(tls_cluster.url, prefix=a.prefix, near_cache=False)
+    a = caches(_tls_cluster_backend(tls_cluster, form, tls_files))
+    b = caches(
+        _tls_cluster_backend(tls_cluster, form, tls_files), prefix=a.prefix, near_cache=False
+    )
     connected(a)
     listener = near(a).invalidations
     assert sorted(e.port for e in listener._endpoints) == sorted(n.port for n in tls_cluster.nodes)
