@@ -548,8 +548,7 @@ def place_in_session(
     state = instance_state(instance)
     state_dict = state.dict
     state_dict.update(values)
-    noloads = _noloads.get(mapper)  # the memo first: no call on every hit
-    for key, uselist in _noload_relationships(mapper) if noloads is None else noloads:
+    for key, uselist in _noload_relationships(mapper):
         if uselist:
             init_state_collection(state, state_dict, key)
         else:

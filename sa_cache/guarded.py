@@ -321,10 +321,7 @@ class GuardedStore:
         self, kinds: Sequence[CachedKind], keys: Sequence[str]
     ) -> tuple[list[bytes], list[bytes | None], list[bytes | None]]:
         count = len(kinds)
-        if count == 1:  # a single-kind read (every ``get``): no comprehension
-            gen_keys = [kinds[0].keys.generation_key]
-        else:
-            gen_keys = [kind.keys.generation_key for kind in kinds]
+        gen_keys = [kind.keys.generation_key for kind in kinds]
         store_keys = gen_keys + list(keys)
         if self._mangle is not None:  # the hit path of most applications skips this
             store_keys = [self._mangle(key) for key in store_keys]
@@ -387,10 +384,7 @@ class GuardedStore:
         """Whether a read of ``key`` should take its lease along (see
         :mod:`sa_cache.forecast`): never while the journal waits, which only :meth:`read`
         replays before reading."""
-        # the journal's emptiness (:meth:`_journal_empty`) inline: asked on every ``get``
-        if self._journal or self._journal_kinds:
-            return False
-        return self.forecast.expects_miss(kind, key)
+        return self._journal_empty() and self.forecast.expects_miss(kind, key)
 
     def acquire(
         self,

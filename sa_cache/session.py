@@ -68,12 +68,9 @@ class CachingSessionMixin(_orm.IdentityLookupHooks):
     cache_sleep: Callable[[float], None] = staticmethod(_pause)
 
     def __init__(self, *args: Any, cache: IdentityCache | None = None, **kwargs: Any) -> None:
-        self._attach_cache(cache)
-        super().__init__(*args, **kwargs)
-
-    def _attach_cache(self, cache: IdentityCache | None) -> None:
         self.cache = cache
         self._sa_cache = None if cache is None else Lookups(cache, self.cache_sleep)
+        super().__init__(*args, **kwargs)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -901,10 +898,7 @@ class CachingSession(CachingSessionMixin, Session):  # type: ignore[misc]
 
     def __init__(self, *args: Any, cache: IdentityCache | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("query_cls", CachingQuery)
-        # the mixin's __init__, without a second frame passing every argument on: a fresh
-        # session per request constructs one each time
-        self._attach_cache(cache)
-        super(CachingSessionMixin, self).__init__(*args, **kwargs)
+        super().__init__(*args, cache=cache, **kwargs)
 
 
 class CachingQuery(Query[T]):

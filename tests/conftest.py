@@ -53,13 +53,18 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     redis_sentinel.stop_shared()  # the private Sentinel deployment, likewise
 
 
-def require_redis_cluster() -> redis_cluster.RedisClusterServers:
-    """The run's private Redis Cluster (tests/redis_cluster.py), started on first use."""
+def _require_cluster_tools() -> None:
+    """redis-server and redis-cli, which a Redis Cluster of the tests' own needs."""
     if not redis_cluster.available():
         message = "redis-server and redis-cli are needed for the Redis Cluster tests"
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
+
+
+def require_redis_cluster() -> redis_cluster.RedisClusterServers:
+    """The run's private Redis Cluster (tests/redis_cluster.py), started on first use."""
+    _require_cluster_tools()
     return redis_cluster.shared()
 
 
@@ -97,11 +102,7 @@ def start_tls_cluster(folder: str) -> redis_cluster.RedisClusterServers:
     """A private Redis Cluster of three TLS-only masters, no replicas (``folder``:
     :func:`tls_files`), apart from the run's shared cluster; the caller stops it. Skipped or
     failed as :func:`start_tls_server` is when the tools or TLS support are missing."""
-    if not redis_cluster.available():
-        message = "redis-server and redis-cli are needed for the Redis Cluster tests"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+    _require_cluster_tools()
     start_tls_server(folder).stop()  # this redis-server build speaks TLS (or skip, as there)
     servers = redis_cluster.RedisClusterServers(replicas=0, tls_dir=folder)
     try:
